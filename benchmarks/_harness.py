@@ -1,0 +1,58 @@
+"""Side-by-side timing: interleaved repeats after warm-up, median per-pair ratio."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+
+def compiled(fn, *args):
+    """``fn`` jitted and compiled for ``args``, and its temp memory in bytes."""
+    exe = jax.jit(fn).lower(*args).compile()
+    memory = exe.memory_analysis()
+    return exe, (memory.temp_size_in_bytes if memory is not None else float("nan"))
+
+
+def _seconds(exe, args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(exe(*args))
+    return time.perf_counter() - start
+
+
+def compare(ours, theirs, args, repeats: int) -> dict:
+    """Times two functions on the same args as A B A B ...; returns the medians and ratios."""
+    exe_a, mem_a = compiled(ours, *args)
+    exe_b, mem_b = compiled(theirs, *args)
+    for _ in range(2):  # warm-up
+        _seconds(exe_a, args), _seconds(exe_b, args)
+    pairs = [(_seconds(exe_a, args), _seconds(exe_b, args)) for _ in range(repeats)]
+    a, b = np.array(pairs).T
+    return {
+        "ours_ms": 1e3 * np.median(a),
+        "theirs_ms": 1e3 * np.median(b),
+        "time_ratio": float(np.median(a / b)),
+        "ours_temp": mem_a,
+        "theirs_temp": mem_b,
+        "mem_ratio": mem_a / mem_b if mem_b else float("nan"),
+    }
+
+
+def device() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform} ({d.device_kind}), {jax.device_count()} device(s), jax {jax.__version__}"
+
+
+def table(rows: list[tuple[str, dict]], theirs: str) -> str:
+    head = (
+        f"| case | jsoftmax ms | {theirs} ms | time ratio | jsoftmax temp MiB "
+        f"| {theirs} temp MiB |\n|---|---:|---:|---:|---:|---:|"
+    )
+    lines = [head]
+    for name, r in rows:
+        lines.append(
+            f"| {name} | {r['ours_ms']:.1f} | {r['theirs_ms']:.1f} | {r['time_ratio']:.2f}x "
+            f"| {r['ours_temp'] / 2**20:.1f} | {r['theirs_temp'] / 2**20:.1f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Argument validation shared by every jsoftmax function.
+
+Checks run at trace time on shapes and dtypes, and on values only when those
+are concrete (not tracers): under ``jax.jit`` a bad value cannot raise, and
+each function documents what it returns instead.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+Axis = int | tuple[int, ...]
+
+
+def is_traced(value: object) -> bool:
+    """Whether ``value`` is a tracer, whose contents are unknown at trace time."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def floating(fname: str, name: str, x: ArrayLike) -> jax.Array:
+    """Returns ``x`` as an array, raising ``TypeError`` unless it is real floating."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{fname}: {name} must be floating, got dtype {x.dtype}")
+    return x
+
+
+def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype jsoftmax computes in: at least float32 (float16/bfloat16 upcast)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def axes(fname: str, axis: Axis, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Normalises ``axis`` (int or tuple, negative allowed) to sorted non-negative ints."""
+    raw = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+    ndim = len(shape)
+    out = []
+    for a in raw:
+        if not isinstance(a, int | np.integer):
+            raise TypeError(f"{fname}: axis must be an int or a tuple of ints, got {axis!r}")
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{fname}: axis {a} is out of range for an array of shape {shape}")
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{fname}: axis {axis!r} repeats an axis")
+    return tuple(sorted(out))
+
+
+def mask(fname: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
+    """Returns ``where`` as a boolean array broadcast to ``shape`` (or None)."""
+    if where is None:
+        return None
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(f"{fname}: where must be a boolean mask, got dtype {where.dtype}")
+    try:
+        broadcast = np.broadcast_shapes(where.shape, shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != tuple(shape):
+        raise ValueError(
+            f"{fname}: where has shape {where.shape}, which does not broadcast to {tuple(shape)}"
+        )
+    return jnp.broadcast_to(where, shape)
+
+
+def temperature(
+    fname: str, value: ArrayLike, shape: tuple[int, ...], reduced: tuple[int, ...]
+) -> jax.Array:
+    """Validates a temperature for an array of ``shape`` reduced over ``reduced``.
+
+    It must broadcast to ``shape`` with size 1 along the reduced axes (one
+    temperature per row). Concrete values must be positive and finite; traced
+    ones that are not become NaN, so the affected rows come out NaN.
+    """
+    t = jnp.asarray(value)
+    if not (jnp.issubdtype(t.dtype, jnp.floating) or jnp.issubdtype(t.dtype, jnp.integer)):
+        raise TypeError(f"{fname}: temperature must be real, got dtype {t.dtype}")
+    if t.ndim > len(shape):
+        raise ValueError(f"{fname}: temperature has shape {t.shape}, more axes than x {shape}")
+    padded = (1,) * (len(shape) - t.ndim) + t.shape
+    bad_broadcast = any(p not in (1, s) for p, s in zip(padded, shape, strict=True))
+    if bad_broadcast or any(padded[a] != 1 for a in reduced):
+        raise ValueError(
+            f"{fname}: temperature has shape {t.shape}; it must broadcast to x's shape "
+            f"{shape} with size 1 along the reduced axes {reduced}"
+        )
+    if not is_traced(value):
+        concrete = np.asarray(value, dtype=np.float64)
+        if not np.all(np.isfinite(concrete) & (concrete > 0)):
+            raise ValueError(
+                f"{fname}: temperature must be positive and finite, got {concrete.ravel()[:8]}"
+            )
+    return jnp.where((t > 0) & jnp.isfinite(t), t, jnp.nan)

@@ -1,0 +1,368 @@
+"""Specification of softmax, log_softmax and logsumexp."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import jsoftmax
+from tests import reference
+from tests.conftest import TRANSFORMS
+
+inf, nan = np.inf, np.nan
+FUNCS = {
+    "softmax": (jsoftmax.softmax, reference.softmax),
+    "log_softmax": (jsoftmax.log_softmax, reference.log_softmax),
+    "logsumexp": (jsoftmax.logsumexp, reference.logsumexp),
+}
+ALL = pytest.mark.parametrize("name", list(FUNCS))
+NORMALISERS = pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+
+
+def close(actual, expected, rtol=2e-6, atol=1e-6):
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------- textbook values
+
+
+@pytest.mark.parametrize("tx", TRANSFORMS)
+def test_textbook_values(tx):
+    close(tx(jsoftmax.softmax)(jnp.array([1.0, 2.0, 3.0])), [0.09003057, 0.24472847, 0.66524096])
+    y = tx(jsoftmax.softmax)(jnp.array([5.0, 1.0, -2.0]))
+    assert np.all(np.asarray(y) > 0)
+    close(y.sum(), 1.0)
+    close(tx(jsoftmax.log_softmax)(jnp.array([5.0, 1.0, -2.0])), np.log(np.asarray(y)), rtol=1e-5)
+    close(tx(jsoftmax.logsumexp)(jnp.array([1.0, 2.0, 3.0])), np.log(np.exp([1, 2, 3]).sum()))
+
+
+# ---------------------------------------------------------------- random references
+
+
+@st.composite
+def problems(draw):
+    """A random array, an int or tuple axis (negative allowed) and maybe a mask."""
+    ndim = draw(st.integers(1, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * draw(st.sampled_from([0.1, 1.0, 30.0]))).astype(np.float32)
+    axes = draw(
+        st.lists(
+            st.integers(-ndim, ndim - 1), min_size=1, max_size=ndim, unique_by=lambda a: a % ndim
+        )
+    )
+    axis = axes[0] if draw(st.booleans()) else tuple(axes)
+    where = None
+    if draw(st.booleans()):
+        mask_shape = tuple(s if draw(st.booleans()) else 1 for s in shape)
+        where = rng.random(mask_shape) < 0.7
+    return x, axis, where
+
+
+@ALL
+@pytest.mark.parametrize("tx", TRANSFORMS)
+@given(problem=problems())
+def test_matches_float64_reference(name, tx, problem):
+    x, axis, where = problem
+    ours, ref = FUNCS[name]
+    close(tx(functools.partial(ours, axis=axis))(x, where=where), ref(x, axis, where), atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@given(problem=problems(), scale=st.floats(0.05, 20.0))
+def test_temperature_equals_scaled_input(name, problem, scale):
+    x, axis, where = problem
+    ours, ref = FUNCS[name]
+    close(ours(x, axis, where, temperature=scale), ref(x, axis, where, temperature=scale))
+    close(
+        ours(x, axis, where, temperature=scale), ours(x / np.float32(scale), axis, where), atol=1e-5
+    )
+
+
+def test_per_row_temperature():
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    t = np.array([[0.5], [1.0], [4.0]], np.float32)
+    close(jsoftmax.softmax(x, temperature=t), reference.softmax(x, temperature=t))
+    close(
+        jsoftmax.softmax(x, axis=0, temperature=t.T[:, :3].reshape(1, 3)[:, :1]),
+        reference.softmax(x, 0, temperature=0.5),
+    )
+
+
+@ALL
+def test_axis_equals_moveaxis(name):
+    x = np.random.default_rng(1).standard_normal((3, 4, 5)).astype(np.float32)
+    ours, _ = FUNCS[name]
+    moved = ours(np.moveaxis(x, 1, -1), axis=-1)
+    direct = ours(x, axis=1)
+    expect = moved if name == "logsumexp" else np.moveaxis(np.asarray(moved), -1, 1)
+    close(direct, expect)
+
+
+@ALL
+def test_where_equals_slicing(name):
+    x = np.random.default_rng(2).standard_normal((4, 6)).astype(np.float32)
+    keep = np.array([True, False, True, True, False, True])
+    ours, _ = FUNCS[name]
+    masked = np.asarray(ours(x, where=keep))
+    sliced = np.asarray(ours(x[:, keep]))
+    close(masked if name == "logsumexp" else masked[:, keep], sliced)
+    if name != "logsumexp":
+        assert np.all(masked[:, ~keep] == (0.0 if name == "softmax" else -inf))
+
+
+# ---------------------------------------------------------------- edges
+
+FULLY_MASKED = {"softmax": 0.0, "log_softmax": -inf, "logsumexp": -inf}
+
+
+@ALL
+@pytest.mark.parametrize("tx", TRANSFORMS)
+def test_fully_masked_row_is_not_nan(name, tx):
+    x = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    where = jnp.array([[True, True, False], [False, False, False]])
+    ours, ref = FUNCS[name]
+    out = np.asarray(tx(ours)(x, where=where))
+    assert np.all(out[1] == FULLY_MASKED[name])
+    close(out[0], ref(x, where=where)[0])
+
+
+@ALL
+def test_all_neg_inf_row_equals_fully_masked(name):
+    ours, _ = FUNCS[name]
+    x = jnp.array([[-inf, -inf, -inf], [1.0, -inf, 2.0]])
+    np.testing.assert_array_equal(ours(x)[0], FULLY_MASKED[name])
+    np.testing.assert_array_equal(ours(x), ours(jnp.where(x > -inf, x, 0.0), where=x > -inf))
+
+
+@ALL
+def test_gradient_is_exactly_zero_through_masks(name):
+    ours, _ = FUNCS[name]
+    x = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [-inf, 1.0, -inf]])
+    where = jnp.array([[True, False, True], [False, False, False], [True, True, True]])
+    cot = jnp.arange(1.0, 10.0).reshape(3, 3)[:, : 1 if name == "logsumexp" else 3].squeeze()
+
+    def loss(x, t):
+        out = ours(x, where=where) if t is None else ours(x, where=where, temperature=t)
+        finite = jnp.where(jnp.isfinite(out), out, 0.0)
+        return jnp.sum(finite * cot)
+
+    for t in (None, 2.0) if name != "logsumexp" else (None,):
+        g = np.asarray(jax.grad(loss)(x, t))
+        assert not np.isnan(g).any()
+        assert np.all(g[0, 1] == 0) and np.all(g[1] == 0) and g[2, 0] == 0 and g[2, 2] == 0
+        assert np.any(g[0] != 0)
+    if name != "logsumexp":
+        assert jax.grad(loss, argnums=1)(x, 2.0) != 0
+        assert np.isfinite(jax.grad(loss, argnums=1)(x, 2.0))
+
+
+@pytest.mark.parametrize("tx", TRANSFORMS)
+def test_pos_inf_shares_the_mass(tx):
+    x = jnp.array([[inf, 1.0, inf, -inf], [inf, 3e38, 0.0, 1.0]])
+    np.testing.assert_array_equal(tx(jsoftmax.softmax)(x), [[0.5, 0, 0.5, 0], [1, 0, 0, 0]])
+    lsm = np.asarray(tx(jsoftmax.log_softmax)(x))
+    close(lsm[:, 0], [-np.log(2), 0.0])
+    assert np.all(np.exp(lsm[0, [1, 3]]) == 0) and lsm[0, 3] == -inf
+    np.testing.assert_array_equal(tx(jsoftmax.logsumexp)(x), [inf, inf])
+    assert np.isnan(np.asarray(jax.nn.softmax(x))).all()  # what jsoftmax improves on
+
+
+@ALL
+@pytest.mark.parametrize("tx", TRANSFORMS)
+def test_nan_poisons_its_row_only(name, tx):
+    x = jnp.array([[1.0, nan, 2.0], [1.0, 2.0, 3.0], [inf, nan, 0.0], [-inf, nan, -inf]])
+    ours, ref = FUNCS[name]
+    out = np.asarray(tx(ours)(x))
+    assert np.isnan(out[[0, 2, 3]]).all()
+    close(out[1], ref(x[1]))
+    masked = np.asarray(ours(x, where=~jnp.isnan(x)))
+    assert not np.isnan(masked).any()  # a masked NaN is not in the row
+
+
+@ALL
+def test_nan_gradient_stays_in_its_row(name):
+    ours, _ = FUNCS[name]
+    x = jnp.array([[1.0, nan, 2.0], [1.0, 2.0, 3.0]])
+    g = np.asarray(
+        jax.grad(lambda x: jnp.sum(ours(x)[..., 0] if name != "logsumexp" else ours(x)))(x)
+    )
+    assert np.isnan(g[0]).all() and np.isfinite(g[1]).all()
+
+
+@ALL
+def test_huge_finite_values(name):
+    x = np.array([[1e30, 0.0, -1e30], [3e38, -3e38, 3e38], [-3e38, -3e38, 1.0]], np.float32)
+    ours, ref = FUNCS[name]
+    out = np.asarray(ours(x))
+    assert not np.isnan(out).any()
+    # shift in float64 first: at 3e38 a float64 ulp is larger than log(2)
+    shift = 0.0 if name == "logsumexp" else np.max(x.astype(np.float64), -1, keepdims=True)
+    # -6e38 rounds to -inf in float32, as it should
+    with np.errstate(over="ignore"):
+        close(out, ref(x - shift).astype(np.float32), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- dtypes
+
+
+@ALL
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_is_one_rounding_of_float32(name, dtype):
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((8, 33)) * 4, dtype)
+    ours, _ = FUNCS[name]
+    out = ours(x)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, ours(x.astype(jnp.float32)).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_over_65504_classes(dtype):
+    k = 70_000
+    x = jnp.zeros((2, k), dtype)
+    close(jsoftmax.softmax(x).astype(jnp.float32).sum(-1), [1.0, 1.0], rtol=1e-2)
+    assert np.all(np.asarray(jsoftmax.softmax(x), np.float32) > 0)
+    lse = jsoftmax.logsumexp(x)
+    close(lse.astype(jnp.float32), [np.log(k)] * 2, rtol=1e-2)
+    g = jax.grad(lambda x: jsoftmax.logsumexp(x).astype(jnp.float32).sum())(x)
+    assert g.dtype == dtype and np.isfinite(np.asarray(g, np.float32)).all()
+    g = jax.grad(lambda x: jsoftmax.log_softmax(x)[:, 0].astype(jnp.float32).sum())(x)
+    assert np.isfinite(np.asarray(g, np.float32)).all()
+
+
+@ALL
+def test_float64_stays_float64(name, x64):
+    x = np.random.default_rng(4).standard_normal((3, 5))
+    ours, ref = FUNCS[name]
+    out = ours(jnp.asarray(x, jnp.float64))
+    assert out.dtype == jnp.float64
+    close(out, ref(x), rtol=1e-13, atol=1e-14)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@ALL
+@pytest.mark.parametrize("x", [jnp.arange(3), jnp.array([True, False]), np.arange(3)])
+def test_non_floating_logits_raise_type_error(name, x):
+    with pytest.raises(TypeError, match="must be floating"):
+        FUNCS[name][0](x)
+
+
+@NORMALISERS
+@pytest.mark.parametrize("t", [0.0, -1.0, nan, inf, np.array([[1.0], [0.0]])])
+def test_bad_concrete_temperature_raises(name, t):
+    with pytest.raises(ValueError, match="temperature must be positive and finite"):
+        FUNCS[name][0](jnp.ones((2, 3)), temperature=t)
+
+
+@NORMALISERS
+def test_temperature_shape_must_keep_reduced_axes_size_one(name):
+    with pytest.raises(ValueError, match=r"temperature has shape \(2, 3\)"):
+        FUNCS[name][0](jnp.ones((2, 3)), temperature=jnp.ones((2, 3)))
+
+
+@NORMALISERS
+def test_traced_bad_temperature_gives_nan_rows(name):
+    f = jax.jit(lambda x, t: FUNCS[name][0](x, temperature=t))
+    out = np.asarray(f(jnp.ones((3, 2)), jnp.array([[1.0], [0.0], [-2.0]])))
+    assert np.isfinite(out[0]).all() and np.isnan(out[1:]).all()
+
+
+@ALL
+@pytest.mark.parametrize("axis", [2, -3, (0, 2)])
+def test_axis_out_of_range(name, axis):
+    with pytest.raises(ValueError, match=r"out of range for an array of shape \(2, 3\)"):
+        FUNCS[name][0](jnp.ones((2, 3)), axis=axis)
+
+
+@ALL
+def test_where_must_broadcast(name):
+    with pytest.raises(ValueError, match=r"where has shape \(3, 2\).*\(2, 3\)"):
+        FUNCS[name][0](jnp.ones((2, 3)), where=jnp.ones((3, 2), bool))
+    with pytest.raises(TypeError, match="boolean"):
+        FUNCS[name][0](jnp.ones((2, 3)), where=jnp.ones((2, 3)))
+
+
+# ---------------------------------------------------------------- derivatives
+
+
+def _wrapped(name, axis, where, with_t):
+    ours = FUNCS[name][0]
+    if with_t:
+        return jax.jit(lambda x, t: ours(x, axis, where, temperature=t))
+    return jax.jit(lambda x: ours(x, axis, where))
+
+
+@ALL
+@pytest.mark.parametrize(("axis", "masked"), [(-1, False), (0, True), ((0, 2), True)])
+def test_check_grads_order_two(name, axis, masked, x64):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((3, 4, 2)))
+    where = jnp.asarray(rng.random((3, 4, 2)) < 0.7).at[0].set(False) if masked else None
+    if name == "logsumexp":
+        f = _wrapped(name, axis, where, False)
+        check_grads(f, (x,), order=2, modes=("fwd", "rev"))
+        return
+    check_grads(_wrapped(name, axis, where, False), (x,), order=2, modes=("fwd", "rev"))
+    # one temperature per row: size 1 along the reduced axes
+    t_shape = tuple(
+        1 if i in np.atleast_1d(np.asarray(axis)) % 3 else s for i, s in enumerate(x.shape)
+    )
+    t = jnp.asarray(rng.uniform(0.5, 2.0, t_shape))
+    check_grads(_wrapped(name, axis, where, True), (x, t), order=2, modes=("fwd", "rev"))
+
+
+@ALL
+def test_check_grads_with_neg_inf_entries(name, x64):
+    x = jnp.array([[1.0, -inf, 0.5], [-inf, -inf, -inf]])
+    f = FUNCS[name][0]
+    check_grads(lambda v: jnp.where(jnp.isfinite(f(v)), f(v), 0.0), (x,), order=2, modes=("rev",))
+
+
+@ALL
+def test_transforms_compose(name):
+    ours, _ = FUNCS[name]
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((4, 5)), jnp.float32)
+
+    def scalar(v):
+        return jnp.sum(jnp.sin(ours(v)))
+
+    g = jax.grad(scalar)(x)
+    close(jax.jit(jax.grad(scalar))(x), g, rtol=1e-5)
+    close(jax.jacfwd(scalar)(x), g, rtol=1e-5)
+    close(jax.jacrev(scalar)(x), g, rtol=1e-5)
+    h = jax.hessian(scalar)(x)
+    assert h.shape == (4, 5, 4, 5) and np.isfinite(np.asarray(h)).all()
+    close(h.reshape(20, 20), h.reshape(20, 20).T, atol=1e-5)
+
+
+@ALL
+def test_vmap_matches_python_loop(name):
+    ours, _ = FUNCS[name]
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((6, 3, 5)), jnp.float32)
+    where = jnp.asarray(np.random.default_rng(8).random((6, 3, 5)) < 0.6)
+    batched = jax.vmap(lambda v, w: ours(v, where=w))(x, where)
+    looped = jnp.stack([ours(v, where=w) for v, w in zip(x, where, strict=True)])
+    np.testing.assert_array_equal(batched, looped)
+
+
+@ALL
+def test_second_jitted_call_does_not_retrace(name):
+    traces = []
+
+    @jax.jit
+    def f(x, where):
+        traces.append(1)
+        return FUNCS[name][0](x, where=where)
+
+    x = jnp.ones((3, 4))
+    f(x, x > 0)
+    f(x + 1, x < 0)
+    assert len(traces) == 1
