@@ -60,8 +60,9 @@ def _log_softmax(z: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 def _log_softmax_jvp(axes, primals, tangents):
     (z,), (t,) = primals, tangents
     out = _log_softmax(z, axes)
-    # No select for -inf outputs: it would double the backward's cost, and
-    # their inputs already get exactly 0 whenever the loss is finite.
+    # No select for -inf outputs: it would double the backward's cost. Masked
+    # entries are refilled by the caller; an unmasked -inf input's gradient
+    # is exactly 0 whenever the loss is finite.
     return out, t - jnp.sum(jnp.exp(out) * t, axes, keepdims=True)
 
 
@@ -90,25 +91,32 @@ def _scale(x: jax.Array, temperature: jax.Array) -> jax.Array:
     return jnp.where(finite, jnp.where(finite, x, 0.0) / temperature, x)
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", "axes"))
-def _apply(kernel, x, where, temperature, axes):
-    """Upcasts, scales by the temperature, masks, reduces with ``kernel``, casts back."""
+@functools.partial(jax.jit, static_argnames=("kernel", "axes", "refill"))
+def _apply(kernel, x, where, temperature, axes, refill):
+    """Upcasts, scales by the temperature, masks, reduces with ``kernel``, casts back.
+
+    With ``refill``, masked outputs are set to ``-inf`` again, so that their
+    forward-mode tangent is 0 too (the kernel's jvp leaves that to the mask).
+    """
     z = x.astype(_checks.compute_dtype(x.dtype))
     if temperature is not None:
         z = _scale(z, temperature.astype(z.dtype))
     if where is not None:
         z = jnp.where(where, z, -jnp.inf)
-    return kernel(z, axes).astype(x.dtype)
+    out = kernel(z, axes)
+    if refill and where is not None:
+        out = jnp.where(where, out, -jnp.inf)
+    return out.astype(x.dtype)
 
 
-def _call(kernel, fname, x, axis, where, temperature=None):
+def _call(kernel, fname, x, axis, where, temperature=None, refill=False):
     """Validates the arguments at trace time, then runs ``kernel`` under one jit."""
     x = _checks.floating(fname, "x (the logits)", x)
     axes = _checks.axes(fname, axis, x.shape)
     where = _checks.mask(fname, where, x.shape)
     if temperature is not None:
         temperature = _checks.temperature(fname, temperature, x.shape, axes)
-    return _apply(kernel, x, where, temperature, axes)
+    return _apply(kernel, x, where, temperature, axes, refill)
 
 
 def softmax(
@@ -194,7 +202,7 @@ def log_softmax(
       ``v - finfo.max`` (at most ``-2e31`` in float32: its ``exp`` is exactly
       0, as in the limit). Dtypes and temperature as in :func:`softmax`.
     """
-    return _call(_log_softmax, "log_softmax", x, axis, where, temperature)
+    return _call(_log_softmax, "log_softmax", x, axis, where, temperature, refill=True)
 
 
 def logsumexp(

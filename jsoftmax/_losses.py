@@ -1,0 +1,425 @@
+r"""Cross-entropy losses on dense and integer labels, built on the softmax family.
+
+Both losses reduce through one kernel, :func:`_cross_entropy`. Per row, with
+``d = z - m`` and ``s = sum(exp(d))`` from :func:`jsoftmax._softmax._normalizer`
+(so ``log p_k = d_k - log s``) and a target ``c`` over the classes,
+
+.. math::
+    \ell = \sum_k c_k (\log s - d_k) + \lambda\, \mathrm{lse}^2,
+    \qquad c = (1 - \alpha)\, t + \tfrac{\alpha}{K} w \odot v,
+
+where ``t`` is the primary target (``w_y`` on the label's class for integer
+labels, the given probabilities for dense ones), ``v`` marks the ``K`` kept
+classes and ``w`` are the class weights (1 without them). ``c`` is never built
+for integer labels: its two terms are a gather and a row sum.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from jsoftmax import _checks
+from jsoftmax._checks import Axis
+from jsoftmax._softmax import _normalizer
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def _row_terms(z, target, weights, dense, smooth):
+    """The per-row sums the loss and its derivative need, besides the normalizer."""
+    d, m, s = _normalizer(z, (-1,))
+    kept = z != -jnp.inf
+    if dense:
+        t0 = jnp.sum(target, -1)
+        # 0 * -inf is 0 here: probability on a masked class is caught by t_d's -inf.
+        t_d = jnp.sum(jnp.where(target == 0, 0.0, target * d), -1)
+    else:
+        t0 = jnp.ones(z.shape[:-1], z.dtype) if weights is None else weights[target]
+        z_y = jnp.take_along_axis(z, target[..., None], -1, mode="clip")[..., 0]
+        t_d = t0 * (jnp.minimum(z_y, jnp.finfo(z.dtype).max) - m[..., 0])
+    count = jnp.sum(kept, -1).astype(z.dtype) if smooth else None
+    w = jnp.ones_like(z) if weights is None else weights
+    w_sum = (count if weights is None else jnp.sum(jnp.where(kept, w, 0.0), -1)) if smooth else None
+    w_d = jnp.sum(jnp.where(kept, w * d, 0.0), -1) if smooth else None
+    return d, m[..., 0], s[..., 0], t0, t_d, count, w_sum, w_d
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7))
+def _cross_entropy(z, target, weights, alpha, z_loss, dense, smooth, with_z_loss):
+    """Per-row loss over the last axis; NaN rows, masks and the label's class as documented."""
+    _, m, s, t0, t_d, count, w_sum, w_d = _row_terms(z, target, weights, dense, smooth)
+    log_s = jnp.log(jnp.maximum(s, 1.0))
+    loss = t0 * log_s - t_d
+    if smooth:
+        uniform = (w_sum * log_s - w_d) / jnp.maximum(count, 1.0)
+        loss = jnp.where(alpha == 1, 0.0, (1 - alpha) * loss) + alpha * uniform
+    if with_z_loss:
+        loss = loss + z_loss * _lse(m, s) ** 2
+    return loss
+
+
+def _lse(m, s):
+    """logsumexp from the normalizer; finite (-finfo.max) for a fully masked row."""
+    return m + jnp.log(jnp.maximum(s, 1.0))
+
+
+@_cross_entropy.defjvp
+def _cross_entropy_jvp(dense, smooth, with_z_loss, primals, tangents):
+    z, target, weights, alpha, z_loss = primals
+    t_z, t_target = tangents[0], tangents[1]
+    loss = _cross_entropy(z, target, weights, alpha, z_loss, dense, smooth, with_z_loss)
+    d, m, s, t0, _, count, w_sum, _ = _row_terms(z, target, weights, dense, smooth)
+    p = jnp.exp(d) / jnp.maximum(s, 1.0)[..., None]
+    # d loss / d z_k = A p_k - B t_k - C w_k v_k, with row coefficients A, B, C.
+    keep = 1 - alpha if smooth else 1.0
+    a = keep * t0
+    if smooth:
+        c = alpha / jnp.maximum(count, 1.0)
+        a = a + c * w_sum
+    if with_z_loss:
+        a = a + 2 * z_loss * _lse(m, s)
+    out = jnp.sum(p * t_z, -1) * a
+    if dense:
+        out = out - keep * jnp.sum(target * t_z, -1)
+        log_s = jnp.log(jnp.maximum(s, 1.0))[..., None]
+        # Labels on masked classes are outside the support: no gradient there.
+        out = out + keep * jnp.sum(jnp.where(z != -jnp.inf, log_s - d, 0.0) * t_target, -1)
+    else:
+        hit = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == target[..., None]
+        out = out - keep * t0 * jnp.sum(jnp.where(hit, t_z, 0.0), -1)
+    if smooth:
+        w = 1.0 if weights is None else weights
+        out = out - c * jnp.sum(jnp.where(z != -jnp.inf, w * t_z, 0.0), -1)
+    return loss, out
+
+
+def _reduce(loss, counts, weight, reduction):
+    """Applies ``reduction``; "mean" divides by ``sum(weight)`` over counting rows, or 0."""
+    if reduction == "none":
+        return loss
+    total = jnp.sum(loss)
+    if reduction == "sum":
+        return total
+    denominator = jnp.sum(jnp.where(counts, weight, 0.0))
+    return total / jnp.where(denominator == 0, 1.0, denominator)
+
+
+def _check_reduction(fname, reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fname}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _hyper(fname, name, value, low, high=np.inf):
+    """A scalar hyperparameter: range-checked when concrete, NaN when traced and out of range."""
+    value = jnp.asarray(value)
+    if value.ndim:
+        raise ValueError(f"{fname}: {name} must be a scalar, got shape {value.shape}")
+    inside = (value >= low) & (value <= high)
+    if not _checks.is_traced(value) and not bool(inside):
+        bounds = f"[{low}, {high}{']' if high < np.inf else ')'}"
+        raise ValueError(f"{fname}: {name} must be in {bounds}, got {float(value)}")
+    return jnp.where(inside, value, jnp.nan)
+
+
+def _is_zero(value) -> bool:
+    """True when ``value`` is a concrete 0: the term it scales can be skipped."""
+    return not _checks.is_traced(value) and float(np.asarray(value)) == 0.0
+
+
+def _class_last(fname, logits, axis, where):
+    """Moves the class axes to the end and flattens them (one class axis), as optax does."""
+    logits = _checks.floating(fname, "logits", logits)
+    axes = _checks.axes(fname, axis, logits.shape)
+    where = _checks.mask(fname, where, logits.shape)
+    batch = tuple(a for a in range(logits.ndim) if a not in axes)
+
+    def flat(x):
+        x = jnp.transpose(x, batch + axes)
+        return x.reshape(x.shape[: len(batch)] + (-1,))
+
+    return flat(logits), (None if where is None else flat(where)), axes
+
+
+def _prepared(z, where, logit_softcap):
+    """Upcasts, soft-caps and masks logits: ``-inf`` logits stay masked through the cap."""
+    z = z.astype(_checks.compute_dtype(z.dtype))
+    kept = z != -jnp.inf if where is None else where & (z != -jnp.inf)
+    if logit_softcap is not None:
+        z = logit_softcap * jnp.tanh(z / logit_softcap)
+    return jnp.where(kept, z, -jnp.inf)
+
+
+def softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Cross-entropy between logits and probability labels (drop-in for optax's).
+
+    .. math::
+        \ell_i = -\sum_k q_{ik} \log \mathrm{softmax}(x_i)_k + \lambda\,
+        \mathrm{logsumexp}(x_i)^2, \qquad
+        q_i = (1 - \alpha)\, \mathrm{labels}_i + \alpha / K_i
+
+    where the uniform part is spread over the ``K_i`` classes of row ``i`` that
+    are kept (not masked by ``where``, logit not ``-inf``).
+
+    Args:
+      logits: floating ``[..., K]`` (the class axes are ``axis``).
+      labels: floating, ``logits``' shape: probabilities (rows summing to 1).
+      axis: the class axis or axes.
+      where: boolean mask broadcastable to ``logits``; ``[..., 1]`` masks rows.
+      label_smoothing: ``alpha`` in [0, 1].
+      z_loss: ``lambda >= 0``, the weight of PaLM's auxiliary ``logsumexp**2``.
+      reduction: "none" (per row), "sum", or "mean" over the rows that count
+        (not fully masked), as PyTorch's probability targets do.
+
+    Returns:
+      float32 (float64 for float64 logits): per row for "none", else a scalar.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+      >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+      >>> jsoftmax.softmax_cross_entropy(logits, labels)
+      Array([0.40760595, 1.0986123 ], dtype=float32)
+
+    Note:
+      Probability on a masked class, or one whose logit is ``-inf``, costs
+      ``+inf`` (``-log 0``); zero probability there costs nothing. A fully
+      masked row costs 0 with zero gradient and does not count in "mean"; if
+      no row counts, "mean" is 0 (PyTorch gives NaN). The gradient with
+      respect to ``labels`` is ``-log_softmax`` on kept classes and 0 on
+      masked ones.
+
+    References:
+      Müller et al., `When does label smoothing help?
+      <https://arxiv.org/abs/1906.02629>`_, 2019.
+      Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss).
+    """
+    fname = "softmax_cross_entropy"
+    logits_arr = _checks.floating(fname, "logits", logits)
+    labels = _checks.floating(fname, "labels", labels)
+    if labels.shape != logits_arr.shape:
+        raise ValueError(
+            f"{fname}: labels has shape {labels.shape} but logits {logits_arr.shape}; "
+            "dense labels must match the logits"
+        )
+    z, where, axes = _class_last(fname, logits_arr, axis, where)
+    batch = tuple(a for a in range(labels.ndim) if a not in axes)
+    labels = jnp.transpose(labels, batch + axes).reshape(z.shape)
+    _check_reduction(fname, reduction)
+    alpha = _hyper(fname, "label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss_ = _hyper(fname, "z_loss", z_loss, 0.0)
+    return _dense_loss(
+        z,
+        labels,
+        where,
+        alpha,
+        z_loss_,
+        not _is_zero(label_smoothing),
+        not _is_zero(z_loss),
+        reduction,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _dense_loss(z, labels, where, alpha, z_loss, smooth, with_z_loss, reduction):
+    z = _prepared(z, where, None)
+    alpha, z_loss = lax.stop_gradient(alpha), lax.stop_gradient(z_loss)
+    labels = labels.astype(z.dtype)
+    loss = _cross_entropy(z, labels, None, alpha, z_loss, True, smooth, with_z_loss)
+    counts = jnp.any(z != -jnp.inf, -1)
+    loss = jnp.where(counts, loss, 0.0)
+    return _reduce(loss, counts, 1.0, reduction)
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    label_smoothing: ArrayLike = 0.0,
+    class_weights: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    z_loss: ArrayLike = 0.0,
+    logit_softcap: float | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Cross-entropy with integer labels, PyTorch's options, no one-hot.
+
+    Per row, with ``lp = log_softmax(x)``, label ``y``, class weights ``w``
+    (all 1 by default) and the ``K`` kept classes (not masked, logit not
+    ``-inf``):
+
+    .. math::
+        \ell = -(1 - \alpha)\, w_y\, lp_y - \frac{\alpha}{K} \sum_{k\ \mathrm{kept}} w_k\, lp_k
+        + \lambda\, \mathrm{logsumexp}(x)^2
+
+    computed in closed form from the logsumexp, the label's logit and a row
+    sum, never from a dense target. "mean" divides the sum of the rows' losses
+    by the sum of ``w_y`` over the rows that count (not ignored, not fully
+    masked): ``torch.nn.functional.cross_entropy(weight=, ignore_index=,
+    label_smoothing=, reduction=)`` exactly, and optax's numbers without options.
+
+    Args:
+      logits: floating ``[..., K]`` (the class axes are ``axis``; a tuple is
+        flattened row-major, as optax does).
+      labels: integers, ``logits``' shape without ``axis``.
+      axis: the class axis or axes.
+      where: boolean mask broadcastable to ``logits``; ``[..., 1]`` masks rows.
+      label_smoothing: ``alpha`` in [0, 1].
+      class_weights: ``[K]`` non-negative weights ``w`` (not differentiated).
+      ignore_index: a label value whose rows cost 0 and do not count.
+      z_loss: ``lambda >= 0`` (PaLM's auxiliary loss).
+      logit_softcap: ``c > 0`` replaces logits by ``c * tanh(logits / c)``
+        first (Gemma 2); ``-inf`` logits stay masked.
+      reduction: "none", "sum" or "mean".
+
+    Returns:
+      float32 (float64 for float64 logits): per row for "none", else a scalar.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+      >>> jsoftmax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 2]))
+      Array([0.40760595, 1.0986123 ], dtype=float32)
+      >>> jsoftmax.softmax_cross_entropy_with_integer_labels(
+      ...     logits, jnp.array([0, -100]), ignore_index=-100, reduction="mean")
+      Array(0.40760595, dtype=float32)
+
+    Note:
+      A label whose class is masked or has logit ``-inf`` costs ``+inf``. A
+      fully masked row or an ignored label costs exactly 0 with zero gradient;
+      if no row counts, "mean" is 0 with zero gradient (PyTorch gives NaN).
+      Labels out of range (other than ``ignore_index``) raise ``ValueError``
+      when concrete; traced ones make that row's loss and gradient NaN. Under
+      ``jax.jit`` an out-of-range traced hyperparameter (``label_smoothing``,
+      ``z_loss``) gives NaN.
+
+    References:
+      Müller et al., `When does label smoothing help?
+      <https://arxiv.org/abs/1906.02629>`_, 2019.
+      Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss).
+      Gemma Team, `Gemma 2 <https://arxiv.org/abs/2408.00118>`_, 2024 (soft-capping).
+    """
+    fname = "softmax_cross_entropy_with_integer_labels"
+    z, where, axes = _class_last(fname, logits, axis, where)
+    labels = _integer_labels(fname, labels, z, axes, ignore_index)
+    num_classes = z.shape[-1]
+    if class_weights is not None:
+        class_weights = _checks.floating(fname, "class_weights", class_weights)
+        if class_weights.shape != (num_classes,):
+            raise ValueError(
+                f"{fname}: class_weights has shape {class_weights.shape} but the logits "
+                f"have {num_classes} classes; it needs ({num_classes},)"
+            )
+    if logit_softcap is not None and not float(logit_softcap) > 0:  # static: a Python number
+        raise ValueError(f"{fname}: logit_softcap must be in (0.0, inf), got {logit_softcap}")
+    _check_reduction(fname, reduction)
+    alpha = _hyper(fname, "label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss_ = _hyper(fname, "z_loss", z_loss, 0.0)
+    return _integer_loss(
+        z,
+        labels,
+        where,
+        class_weights,
+        alpha,
+        z_loss_,
+        ignore_index,
+        logit_softcap,
+        not _is_zero(label_smoothing),
+        not _is_zero(z_loss),
+        reduction,
+    )
+
+
+def _integer_labels(fname, labels, z, axes, ignore_index):
+    """Checks integer labels' dtype, shape and (when concrete) range."""
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"{fname}: labels must be integers, got dtype {labels.dtype}")
+    if labels.shape != z.shape[:-1]:
+        raise ValueError(
+            f"{fname}: labels has shape {labels.shape} but logits {z.shape[:-1]} + classes "
+            f"with axis={axes} needs {z.shape[:-1]}"
+        )
+    if not _checks.is_traced(labels):
+        values = np.asarray(labels)
+        bad = ((values < 0) | (values >= z.shape[-1])) & (values != ignore_index)
+        if bad.any():
+            position = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{fname}: label {int(values[position])} at position {position} is out of "
+                f"range for {z.shape[-1]} classes"
+                + ("" if ignore_index is None else f" (ignore_index={ignore_index})")
+            )
+    return labels
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7, 8, 9, 10))
+def _integer_loss(
+    z, labels, where, weights, alpha, z_loss, ignore, softcap, smooth, with_z_loss, reduction
+):
+    z = _prepared(z, where, softcap)
+    alpha, z_loss = lax.stop_gradient(alpha), lax.stop_gradient(z_loss)
+    if weights is not None:
+        weights = lax.stop_gradient(weights.astype(z.dtype))
+    ignored = (labels == ignore) if ignore is not None else jnp.zeros(labels.shape, bool)
+    bad = ((labels < 0) | (labels >= z.shape[-1])) & ~ignored
+    safe_labels = jnp.where(ignored | bad, 0, labels)
+    loss = _cross_entropy(z, safe_labels, weights, alpha, z_loss, False, smooth, with_z_loss)
+    counts = jnp.any(z != -jnp.inf, -1) & ~ignored
+    loss = jnp.where(counts, loss, 0.0)
+    loss = loss * jnp.where(bad, jnp.nan, 1.0)  # NaN with a NaN gradient, this row only
+    weight = 1.0 if weights is None else weights[safe_labels]
+    return _reduce(loss, counts, weight, reduction)
+
+
+def smooth_labels(
+    labels: ArrayLike, alpha: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None
+) -> jax.Array:
+    r"""Label smoothing: ``(1 - alpha) * labels + alpha / K`` over the kept classes.
+
+    Args:
+      labels: floating probabilities ``[..., K]``.
+      alpha: in [0, 1].
+      axis: the class axis or axes.
+      where: boolean mask broadcastable to ``labels``: the uniform part is
+        spread over the ``K`` kept classes only; masked ones keep
+        ``(1 - alpha) * labels``.
+
+    Returns:
+      An array of ``labels``' shape and dtype. Without ``where``, optax's
+      ``smooth_labels``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> jsoftmax.smooth_labels(jnp.array([0.0, 1.0, 0.0, 0.0]), 0.2)
+      Array([0.05, 0.85, 0.05, 0.05], dtype=float32)
+    """
+    fname = "smooth_labels"
+    labels = _checks.floating(fname, "labels", labels)
+    axes = _checks.axes(fname, axis, labels.shape)
+    where = _checks.mask(fname, where, labels.shape)
+    alpha = _hyper(fname, "alpha", alpha, 0.0, 1.0).astype(labels.dtype)
+    if where is None:
+        return (1 - alpha) * labels + alpha / np.prod([labels.shape[a] for a in axes])
+    count = jnp.sum(where, axes, keepdims=True)
+    uniform = jnp.where(where, alpha / jnp.maximum(count, 1), 0.0)
+    return ((1 - alpha) * labels + uniform).astype(labels.dtype)

@@ -1,0 +1,388 @@
+"""Specification of the cross-entropy losses and smooth_labels."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.test_util import check_grads
+
+import jsoftmax
+from tests import reference
+from tests.conftest import TRANSFORMS
+
+inf, nan = np.inf, np.nan
+ce_int = jsoftmax.softmax_cross_entropy_with_integer_labels
+ce_dense = jsoftmax.softmax_cross_entropy
+N, K = 6, 5
+
+
+def close(actual, expected, rtol=1e-5, atol=1e-6):
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
+
+
+def data(seed=0, n=N, k=K):
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((n, k)) * 2).astype(np.float32)
+    labels = rng.integers(0, k, n).astype(np.int32)
+    return logits, labels
+
+
+def mask(seed=1, n=N, k=K):
+    where = np.random.default_rng(seed).random((n, k)) < 0.75
+    where[np.arange(n), data()[1][:n]] = True  # labels stay kept; row 2 fully masked
+    where[2] = False
+    return where
+
+
+WEIGHTS = np.array([0.5, 1.0, 2.0, 1.5, 0.25], np.float32)
+OPTIONS = [
+    dict(zip(("alpha", "weights", "ignore_index", "z_loss", "softcap", "where"), combo))
+    for combo in itertools.product(
+        [0.0, 0.1, 1.0], [None, WEIGHTS], [None, 3], [0.0, 1e-3], [None, 2.0], [False, True]
+    )
+]
+
+
+def option_id(o):
+    return "-".join(f"{k}={'w' if k == 'weights' and v is not None else v}" for k, v in o.items())
+
+
+def int_kwargs(o):
+    return dict(
+        where=mask() if o["where"] else None,
+        label_smoothing=o["alpha"],
+        class_weights=o["weights"],
+        ignore_index=o["ignore_index"],
+        z_loss=o["z_loss"],
+        logit_softcap=o["softcap"],
+    )
+
+
+def ref_kwargs(o):
+    return dict(
+        where=mask() if o["where"] else None,
+        alpha=o["alpha"],
+        weights=o["weights"],
+        ignore_index=o["ignore_index"],
+        z_loss=o["z_loss"],
+        softcap=o["softcap"],
+    )
+
+
+# ---------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=option_id)
+def test_integer_matches_pytorch_rules_in_float64(opts):
+    logits, labels = data()
+    for reduction in ("none", "sum", "mean"):
+        ours = ce_int(logits, labels, **int_kwargs(opts), reduction=reduction)
+        ref = reference.integer_cross_entropy(
+            logits, labels, **ref_kwargs(opts), reduction=reduction
+        )
+        close(ours, ref)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_dense_matches_float64_reference(alpha, z_loss, masked):
+    logits, _ = data()
+    labels = np.random.default_rng(3).dirichlet(np.ones(K), N).astype(np.float32)
+    where = mask() if masked else None
+    if masked:
+        labels = np.where(where, labels, 0.0)
+    for reduction in ("none", "sum", "mean"):
+        kwargs = dict(label_smoothing=alpha, z_loss=z_loss, reduction=reduction)
+        ours = ce_dense(logits, labels, where=where, **kwargs)
+        ref = reference.dense_cross_entropy(logits, labels, where, alpha, z_loss, reduction)
+        close(ours, ref)
+
+
+def test_textbook_value():
+    # -log softmax([2, 1, 0])[0] = log(1 + e^-1 + e^-2)
+    close(
+        ce_int(jnp.array([[2.0, 1.0, 0.0]]), jnp.array([0])), [np.log(1 + np.exp(-1) + np.exp(-2))]
+    )
+
+
+# ---------------------------------------------------------------- optax and consistency
+
+
+@pytest.mark.parametrize("axis", [-1, 0, 1, (1, 2)])
+def test_equals_optax_where_optax_is_right(axis):
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    dense = rng.dirichlet(np.ones(4 * 5 if axis == (1, 2) else logits.shape[axis]), 60)
+    axes = (axis,) if isinstance(axis, int) else axis
+    batch_shape = tuple(s for i, s in enumerate(logits.shape) if i not in np.array(axes) % 3)
+    k = int(np.prod([logits.shape[a] for a in axes]))
+    labels = rng.integers(0, k, batch_shape)
+    close(
+        ce_int(logits, labels, axis),
+        optax.softmax_cross_entropy_with_integer_labels(logits, labels, axis),
+    )
+    if isinstance(axis, int):
+        q = np.moveaxis(dense[: int(np.prod(batch_shape))].reshape(*batch_shape, k), -1, axis)
+        close(ce_dense(logits, q, axis), optax.softmax_cross_entropy(logits, q, axis))
+        close(jsoftmax.smooth_labels(q, 0.3, axis), optax.smooth_labels(q, 0.3, axis=axis))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
+@pytest.mark.parametrize("masked", [False, True])
+def test_integer_equals_one_hot(alpha, masked):
+    logits, labels = data()
+    where = mask() if masked else None
+    one_hot = jax.nn.one_hot(labels, K)
+    kwargs = dict(where=where, label_smoothing=alpha)
+    close(ce_int(logits, labels, **kwargs), ce_dense(logits, one_hot, **kwargs))
+    g_int = jax.grad(lambda x: ce_int(x, labels, **kwargs, reduction="mean"))(logits)
+    g_dense = jax.grad(lambda x: ce_dense(x, one_hot, **kwargs, reduction="mean"))(logits)
+    close(g_int, g_dense)
+
+
+def test_smoothing_equals_optax_one_hot_route():
+    logits, labels = data()
+    route = optax.softmax_cross_entropy(logits, optax.smooth_labels(jax.nn.one_hot(labels, K), 0.1))
+    close(ce_int(logits, labels, label_smoothing=0.1), route)
+
+
+def test_smooth_labels_with_mask():
+    labels = jnp.array([[0.0, 1.0, 0.0, 0.0]])
+    where = jnp.array([[True, True, False, True]])
+    close(jsoftmax.smooth_labels(labels, 0.3, where=where), [[0.1, 0.8, 0.0, 0.1]])
+
+
+# ---------------------------------------------------------------- edges
+
+
+@pytest.mark.parametrize("tx", TRANSFORMS)
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
+def test_masked_rows_and_ignored_labels_cost_zero(tx, alpha):
+    logits, labels = data()
+    labels[4] = -100
+    where = np.ones((N, 1), bool)
+    where[1] = False
+    f = tx(lambda x: ce_int(x, labels, where=where, ignore_index=-100, label_smoothing=alpha))
+    loss = np.asarray(f(logits))
+    assert loss[1] == 0 and loss[4] == 0 and np.all(loss[[0, 2, 3, 5]] > 0)
+    g = np.asarray(jax.grad(lambda x: f(x).sum())(logits))
+    assert np.all(g[[1, 4]] == 0) and np.all(np.isfinite(g))
+    mean = ce_int(
+        logits, labels, where=where, ignore_index=-100, label_smoothing=alpha, reduction="mean"
+    )
+    close(mean, loss[[0, 2, 3, 5]].mean())
+
+
+@pytest.mark.parametrize("fn", ["int", "dense"])
+def test_empty_mean_is_zero_with_zero_gradient(fn):
+    logits, labels = data()
+    where = np.zeros((N, 1), bool)
+    if fn == "int":
+        f = lambda x: ce_int(x, labels, where=where, reduction="mean")  # noqa: E731
+    else:
+        f = lambda x: ce_dense(x, jax.nn.one_hot(labels, K), where=where, reduction="mean")  # noqa: E731
+    value, grad = jax.value_and_grad(f)(logits)
+    assert value == 0 and np.all(np.asarray(grad) == 0)
+    ignored = ce_int(logits, np.full(N, -1), ignore_index=-1, reduction="mean")
+    assert ignored == 0
+
+
+def test_masked_label_class_costs_inf():
+    logits = jnp.array([[1.0, 5.0, 3.0], [1.0, -inf, 3.0], [1.0, 2.0, 3.0]])
+    where = jnp.array([[True, False, True], [True, True, True], [True, True, True]])
+    labels = jnp.array([1, 1, 1])
+    loss = np.asarray(ce_int(logits, labels, where=where))
+    assert loss[0] == inf and loss[1] == inf and np.isfinite(loss[2])
+    assert (
+        np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, labels, where=where))[0]
+        < 0
+    )
+    dense = np.asarray(ce_dense(logits, jax.nn.one_hot(labels, 3), where=where))
+    assert dense[0] == inf and dense[1] == inf
+    smoothed = np.asarray(ce_int(logits, labels, where=where, label_smoothing=0.1))
+    assert smoothed[0] == inf
+    only_uniform = np.asarray(ce_int(logits, labels, where=where, label_smoothing=1.0))
+    assert np.isfinite(only_uniform).all()
+
+
+def test_concrete_out_of_range_label_raises_with_position():
+    logits, labels = data()
+    labels[3] = K
+    with pytest.raises(
+        ValueError, match=rf"label {K} at position \(3,\) is out of range for {K} classes"
+    ):
+        ce_int(logits, labels)
+    labels[3] = -1
+    with pytest.raises(ValueError, match=r"label -1 at position \(3,\)"):
+        ce_int(logits, labels)
+
+
+def test_traced_out_of_range_label_is_nan_in_its_row_only():
+    logits, labels = data()
+    labels[3] = K + 2
+
+    def f(x, y):
+        return ce_int(x, y)
+
+    loss = np.asarray(jax.jit(f)(logits, labels))
+    assert np.isnan(loss[3]) and np.isfinite(np.delete(loss, 3)).all()
+    g = np.asarray(jax.jit(jax.grad(lambda x, y: f(x, y).sum()))(logits, labels))
+    assert np.isnan(g[3]).all() and np.isfinite(np.delete(g, 3, 0)).all()
+    mean = jax.jit(lambda x, y: ce_int(x, y, reduction="mean"))(logits, labels)
+    assert np.isnan(mean)
+
+
+@pytest.mark.parametrize("fn", ["int", "dense"])
+def test_nan_logit_poisons_its_row_only(fn):
+    logits, labels = data()
+    logits[2, 1] = nan
+    loss = ce_int(logits, labels) if fn == "int" else ce_dense(logits, jax.nn.one_hot(labels, K))
+    loss = np.asarray(loss)
+    assert np.isnan(loss[2]) and np.isfinite(np.delete(loss, 2)).all()
+
+
+def test_pos_inf_logit():
+    logits = jnp.array([[inf, 0.0, inf], [inf, 0.0, 1.0]])
+    loss = np.asarray(ce_int(logits, jnp.array([0, 1])))
+    close(loss[0], np.log(2))
+    assert loss[1] > 1e30
+
+
+def test_z_loss_and_softcap_formulas():
+    logits, labels = data()
+    lse = jax.scipy.special.logsumexp(logits, -1)
+    close(
+        ce_int(logits, labels, z_loss=0.5) - ce_int(logits, labels),
+        0.5 * lse**2,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    capped = 1.5 * np.tanh(logits / 1.5)
+    close(ce_int(logits, labels, logit_softcap=1.5), ce_int(capped, labels))
+
+
+# ---------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_loss_is_float32_for_low_precision(dtype):
+    logits, labels = data()
+    x = jnp.asarray(logits, dtype)
+    loss = ce_int(x, labels, label_smoothing=0.1)
+    assert loss.dtype == jnp.float32
+    close(loss, ce_int(x.astype(jnp.float32), labels, label_smoothing=0.1))
+    assert ce_dense(x, jax.nn.one_hot(labels, K, dtype=dtype)).dtype == jnp.float32
+    g = jax.grad(lambda v: ce_int(v, labels, reduction="sum"))(x)
+    assert g.dtype == dtype
+
+
+def test_float64_stays_float64(x64):
+    logits, labels = data()
+    loss = ce_int(
+        jnp.asarray(logits, jnp.float64), labels, label_smoothing=0.1, class_weights=WEIGHTS
+    )
+    assert loss.dtype == jnp.float64
+    ref = reference.integer_cross_entropy(logits, labels, alpha=0.1, weights=WEIGHTS)
+    close(loss, ref, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_errors_name_the_argument():
+    logits, labels = data()
+    with pytest.raises(TypeError, match="logits must be floating"):
+        ce_int(labels[:, None] * np.ones(K, np.int32), labels)
+    with pytest.raises(TypeError, match="labels must be integers"):
+        ce_int(logits, labels.astype(np.float32))
+    with pytest.raises(ValueError, match=r"labels has shape \(5,\) but logits \(6,\)"):
+        ce_int(logits, labels[:5])
+    with pytest.raises(ValueError, match=r"labels has shape \(6, 4\) but logits \(6, 5\)"):
+        ce_dense(logits, np.ones((6, 4), np.float32))
+    with pytest.raises(ValueError, match=r"class_weights has shape \(4,\).*needs \(5,\)"):
+        ce_int(logits, labels, class_weights=np.ones(4, np.float32))
+    for alpha in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"label_smoothing must be in \[0.0, 1.0\]"):
+            ce_int(logits, labels, label_smoothing=alpha)
+        with pytest.raises(ValueError, match=r"alpha must be in \[0.0, 1.0\]"):
+            jsoftmax.smooth_labels(logits, alpha)
+    with pytest.raises(ValueError, match="z_loss must be in"):
+        ce_dense(logits, logits, z_loss=-1.0)
+    for cap in (0.0, -2.0):
+        with pytest.raises(ValueError, match=r"logit_softcap must be in \(0.0, inf\)"):
+            ce_int(logits, labels, logit_softcap=cap)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ce_int(logits, labels, reduction="average")
+
+
+# ---------------------------------------------------------------- derivatives and transforms
+
+GRAD_OPTIONS = [
+    dict(alpha=0.0, weights=None, ignore_index=None, z_loss=0.0, softcap=None, where=False),
+    dict(alpha=0.1, weights=WEIGHTS, ignore_index=3, z_loss=1e-2, softcap=None, where=True),
+    dict(alpha=0.3, weights=None, ignore_index=None, z_loss=0.0, softcap=3.0, where=True),
+    dict(alpha=1.0, weights=WEIGHTS, ignore_index=None, z_loss=1e-2, softcap=2.0, where=False),
+]
+
+
+@pytest.mark.parametrize("opts", GRAD_OPTIONS, ids=option_id)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_integer_check_grads(opts, reduction, x64):
+    logits, labels = data(n=4, k=K)
+    kwargs = int_kwargs(opts)
+    if kwargs["where"] is not None:
+        kwargs["where"] = kwargs["where"][:4]
+    f = jax.jit(lambda x: ce_int(x, labels, **kwargs, reduction=reduction))
+    check_grads(f, (jnp.asarray(logits, jnp.float64),), order=2, modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2])
+def test_dense_check_grads_logits_and_labels(alpha, x64):
+    logits, _ = data(n=4)
+    labels = jnp.asarray(np.random.default_rng(5).dirichlet(np.ones(K), 4))
+    kwargs = dict(label_smoothing=alpha, z_loss=1e-2, reduction="mean")
+    f = jax.jit(lambda x, q: ce_dense(x, q, **kwargs))
+    check_grads(f, (jnp.asarray(logits, jnp.float64), labels), order=2, modes=("fwd", "rev"))
+    # with a mask, labels must be 0 on masked classes (else the loss is +inf)
+    where = mask()[:4]
+    masked = jnp.where(where, labels, 0.0)
+    g = jax.jit(lambda x: ce_dense(x, masked, where=where, **kwargs))
+    check_grads(g, (jnp.asarray(logits, jnp.float64),), order=2, modes=("fwd", "rev"))
+
+
+def test_vmap_matches_loop():
+    logits, labels = data()
+    batched = jax.vmap(lambda x, y: ce_int(x, y, label_smoothing=0.1))(logits, labels)
+    looped = [
+        ce_int(x[None], y[None], label_smoothing=0.1)[0]
+        for x, y in zip(logits, labels, strict=True)
+    ]
+    close(batched, looped, rtol=1e-6)
+
+
+def test_optax_training_step_lowers_the_loss():
+    rng = np.random.default_rng(6)
+    features = jnp.asarray(rng.standard_normal((64, 8)), jnp.float32)
+    labels = jnp.argmax(features @ jnp.asarray(rng.standard_normal((8, 4)), jnp.float32), -1)
+    params = {"w": jnp.zeros((8, 4)), "b": jnp.zeros(4)}
+    optimizer = optax.adam(0.1)
+    state = optimizer.init(params)
+
+    def loss_fn(p):
+        logits = features @ p["w"] + p["b"]
+        return ce_int(logits, labels, label_smoothing=0.1, z_loss=1e-4, reduction="mean")
+
+    @jax.jit
+    def step(p, s):
+        value, grads = jax.value_and_grad(loss_fn)(p)
+        updates, s = optimizer.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, value
+
+    first = loss_fn(params)
+    for _ in range(20):
+        params, state, _ = step(params, state)
+    assert loss_fn(params) < 0.8 * first
