@@ -39,7 +39,9 @@ def mask(seed=1, n=N, k=K):
 
 WEIGHTS = np.array([0.5, 1.0, 2.0, 1.5, 0.25], np.float32)
 OPTIONS = [
-    dict(zip(("alpha", "weights", "ignore_index", "z_loss", "softcap", "where"), combo))
+    dict(
+        zip(("alpha", "weights", "ignore_index", "z_loss", "softcap", "where"), combo, strict=True)
+    )
     for combo in itertools.product(
         [0.0, 0.1, 1.0], [None, WEIGHTS], [None, 3], [0.0, 1e-3], [None, 2.0], [False, True]
     )
