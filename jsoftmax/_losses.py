@@ -32,9 +32,9 @@ REDUCTIONS = ("none", "sum", "mean")
 
 
 def _row_terms(z, target, weights, dense, smooth):
-    """The per-row sums the loss and its derivative need, besides the normalizer."""
+    """The per-row sums the loss and its derivative need: ``m``, ``s`` and the target's."""
     d, m, s = _normalizer(z, (-1,))
-    kept = z != -jnp.inf
+    m, s = m[..., 0], s[..., 0]
     if dense:
         t0 = jnp.sum(target, -1)
         # 0 * -inf is 0 here: probability on a masked class is caught by t_d's -inf.
@@ -42,26 +42,14 @@ def _row_terms(z, target, weights, dense, smooth):
     else:
         t0 = jnp.ones(z.shape[:-1], z.dtype) if weights is None else weights[target]
         z_y = jnp.take_along_axis(z, target[..., None], -1, mode="clip")[..., 0]
-        t_d = t0 * (jnp.minimum(z_y, jnp.finfo(z.dtype).max) - m[..., 0])
-    count = jnp.sum(kept, -1).astype(z.dtype) if smooth else None
-    w = jnp.ones_like(z) if weights is None else weights
-    w_sum = (count if weights is None else jnp.sum(jnp.where(kept, w, 0.0), -1)) if smooth else None
-    w_d = jnp.sum(jnp.where(kept, w * d, 0.0), -1) if smooth else None
-    return d, m[..., 0], s[..., 0], t0, t_d, count, w_sum, w_d
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7))
-def _cross_entropy(z, target, weights, alpha, z_loss, dense, smooth, with_z_loss):
-    """Per-row loss over the last axis; NaN rows, masks and the label's class as documented."""
-    _, m, s, t0, t_d, count, w_sum, w_d = _row_terms(z, target, weights, dense, smooth)
-    log_s = jnp.log(jnp.maximum(s, 1.0))
-    loss = t0 * log_s - t_d
-    if smooth:
-        uniform = (w_sum * log_s - w_d) / jnp.maximum(count, 1.0)
-        loss = jnp.where(alpha == 1, 0.0, (1 - alpha) * loss) + alpha * uniform
-    if with_z_loss:
-        loss = loss + z_loss * _lse(m, s) ** 2
-    return loss
+        t_d = t0 * (jnp.minimum(z_y, jnp.finfo(z.dtype).max) - m)
+    if not smooth:
+        return m, s, t0, t_d, None, None, None
+    kept = z != -jnp.inf
+    count = jnp.sum(kept, -1).astype(z.dtype)
+    w_sum = count if weights is None else jnp.sum(jnp.where(kept, weights, 0.0), -1)
+    w_d = jnp.sum(jnp.where(kept, d if weights is None else weights * d, 0.0), -1)
+    return m, s, t0, t_d, count, w_sum, w_d
 
 
 def _lse(m, s):
@@ -69,34 +57,54 @@ def _lse(m, s):
     return m + jnp.log(jnp.maximum(s, 1.0))
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7))
+def _cross_entropy(z, target, weights, alpha, z_loss, dense, smooth, with_z_loss):
+    """Per-row loss over the last axis, and whether the row has a kept class."""
+    m, s, t0, t_d, count, w_sum, w_d = _row_terms(z, target, weights, dense, smooth)
+    log_s = jnp.log(jnp.maximum(s, 1.0))
+    loss = t0 * log_s - t_d
+    if smooth:
+        uniform = (w_sum * log_s - w_d) / jnp.maximum(count, 1.0)
+        loss = jnp.where(alpha == 1, 0.0, (1 - alpha) * loss) + alpha * uniform
+    if with_z_loss:
+        loss = loss + z_loss * _lse(m, s) ** 2
+    kept = s != 0  # NaN rows are kept, and their loss is NaN
+    return jnp.where(kept, loss, 0.0), kept
+
+
 @_cross_entropy.defjvp
 def _cross_entropy_jvp(dense, smooth, with_z_loss, primals, tangents):
     z, target, weights, alpha, z_loss = primals
     t_z, t_target = tangents[0], tangents[1]
-    loss = _cross_entropy(z, target, weights, alpha, z_loss, dense, smooth, with_z_loss)
-    d, m, s, t0, _, count, w_sum, _ = _row_terms(z, target, weights, dense, smooth)
+    loss, kept = _cross_entropy(z, target, weights, alpha, z_loss, dense, smooth, with_z_loss)
+    m, s, t0, _, count, w_sum, _ = _row_terms(z, target, weights, dense, smooth)
+    # The barrier keeps XLA from sharing exp(z - m) with the forward pass: shared,
+    # it would be written out whole ([..., K]); recomputed, it fuses into the gradient.
+    z, m, s = lax.optimization_barrier((z, m, s))
+    d = jnp.minimum(z, jnp.finfo(z.dtype).max) - m[..., None]
     p = jnp.exp(d) / jnp.maximum(s, 1.0)[..., None]
-    # d loss / d z_k = A p_k - B t_k - C w_k v_k, with row coefficients A, B, C.
-    keep = 1 - alpha if smooth else 1.0
-    a = keep * t0
+    # d loss / d z_k = A p_k - B t_k - C w_k v_k, with row coefficients A, B, C
+    # (0 for rows without a kept class).
+    b = jnp.where(kept, 1 - alpha if smooth else 1.0, 0.0)
+    a = b * t0
     if smooth:
-        c = alpha / jnp.maximum(count, 1.0)
+        c = jnp.where(kept, alpha / jnp.maximum(count, 1.0), 0.0)
         a = a + c * w_sum
     if with_z_loss:
-        a = a + 2 * z_loss * _lse(m, s)
+        a = a + jnp.where(kept, 2 * z_loss * _lse(m, s), 0.0)
     out = jnp.sum(p * t_z, -1) * a
     if dense:
-        out = out - keep * jnp.sum(target * t_z, -1)
+        out = out - b * jnp.sum(target * t_z, -1)
         log_s = jnp.log(jnp.maximum(s, 1.0))[..., None]
         # Labels on masked classes are outside the support: no gradient there.
-        out = out + keep * jnp.sum(jnp.where(z != -jnp.inf, log_s - d, 0.0) * t_target, -1)
+        out = out + b * jnp.sum(jnp.where(z != -jnp.inf, log_s - d, 0.0) * t_target, -1)
     else:
         hit = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == target[..., None]
-        out = out - keep * t0 * jnp.sum(jnp.where(hit, t_z, 0.0), -1)
+        out = out - b * t0 * jnp.sum(jnp.where(hit, t_z, 0.0), -1)
     if smooth:
         w = 1.0 if weights is None else weights
         out = out - c * jnp.sum(jnp.where(z != -jnp.inf, w * t_z, 0.0), -1)
-    return loss, out
+    return (loss, kept), (out, np.zeros(kept.shape, jax.dtypes.float0))
 
 
 def _reduce(loss, counts, weight, reduction):
@@ -149,10 +157,9 @@ def _class_last(fname, logits, axis, where):
 def _prepared(z, where, logit_softcap):
     """Upcasts, soft-caps and masks logits: ``-inf`` logits stay masked through the cap."""
     z = z.astype(_checks.compute_dtype(z.dtype))
-    kept = z != -jnp.inf if where is None else where & (z != -jnp.inf)
     if logit_softcap is not None:
-        z = logit_softcap * jnp.tanh(z / logit_softcap)
-    return jnp.where(kept, z, -jnp.inf)
+        z = jnp.where(z == -jnp.inf, z, logit_softcap * jnp.tanh(z / logit_softcap))
+    return z if where is None else jnp.where(where, z, -jnp.inf)
 
 
 def softmax_cross_entropy(
@@ -240,9 +247,7 @@ def _dense_loss(z, labels, where, alpha, z_loss, smooth, with_z_loss, reduction)
     z = _prepared(z, where, None)
     alpha, z_loss = lax.stop_gradient(alpha), lax.stop_gradient(z_loss)
     labels = labels.astype(z.dtype)
-    loss = _cross_entropy(z, labels, None, alpha, z_loss, True, smooth, with_z_loss)
-    counts = jnp.any(z != -jnp.inf, -1)
-    loss = jnp.where(counts, loss, 0.0)
+    loss, counts = _cross_entropy(z, labels, None, alpha, z_loss, True, smooth, with_z_loss)
     return _reduce(loss, counts, 1.0, reduction)
 
 
@@ -382,8 +387,8 @@ def _integer_loss(
     ignored = (labels == ignore) if ignore is not None else jnp.zeros(labels.shape, bool)
     bad = ((labels < 0) | (labels >= z.shape[-1])) & ~ignored
     safe_labels = jnp.where(ignored | bad, 0, labels)
-    loss = _cross_entropy(z, safe_labels, weights, alpha, z_loss, False, smooth, with_z_loss)
-    counts = jnp.any(z != -jnp.inf, -1) & ~ignored
+    loss, kept = _cross_entropy(z, safe_labels, weights, alpha, z_loss, False, smooth, with_z_loss)
+    counts = kept & ~ignored
     loss = jnp.where(counts, loss, 0.0)
     loss = loss * jnp.where(bad, jnp.nan, 1.0)  # NaN with a NaN gradient, this row only
     weight = 1.0 if weights is None else weights[safe_labels]

@@ -19,13 +19,13 @@ from jsoftmax._checks import Axis
 
 
 def _normalizer(z: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Returns ``(d, m, s)``: ``z - m``, the row shift, and ``sum(exp(d))``, kept >= 1.
+    """Returns ``(d, m, s)``: ``z - m``, the row shift, and ``sum(exp(d))``.
 
     ``+inf`` is clamped to the largest finite value, so a row's ``+inf``
     entries share its mass and every finite entry gets ``exp(d) == 0``; the
     shift is clamped to be finite, so an all ``-inf`` row gives ``d = -inf``
-    and ``s = 0``, which is raised to 1 so that nothing divides 0 by 0. In a
-    row with a finite max, ``s >= 1`` already. NaN propagates through ``max``.
+    and ``s = 0``: callers divide by ``max(s, 1)``, which is ``s`` in every
+    row that keeps an entry (``s >= 1`` there). NaN propagates through ``max``.
     Clamps rather than selects: XLA's CPU backend fuses this whole chain into
     one pass, as it does for ``jax.nn.softmax``, where a ``where`` would split it.
     """
@@ -33,14 +33,14 @@ def _normalizer(z: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Arr
     z = jnp.minimum(z, big)
     m = jnp.maximum(jnp.max(z, axes, keepdims=True), -big)
     d = z - m
-    s = jnp.maximum(jnp.sum(jnp.exp(d), axes, keepdims=True), 1.0)
+    s = jnp.sum(jnp.exp(d), axes, keepdims=True)
     return d, m, s
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _softmax(z: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     d, _, s = _normalizer(z, axes)
-    return jnp.exp(d) / s
+    return jnp.exp(d) / jnp.maximum(s, 1.0)
 
 
 @_softmax.defjvp
@@ -53,7 +53,7 @@ def _softmax_jvp(axes, primals, tangents):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _log_softmax(z: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     d, _, s = _normalizer(z, axes)
-    return d - jnp.log(s)
+    return d - jnp.log(jnp.maximum(s, 1.0))
 
 
 @_log_softmax.defjvp
