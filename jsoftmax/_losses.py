@@ -151,7 +151,15 @@ def _class_last(fname, logits, axis, where):
         x = jnp.transpose(x, batch + axes)
         return x.reshape(x.shape[: len(batch)] + (-1,))
 
-    return flat(logits), (None if where is None else flat(where)), axes
+    return flat(logits), (None if where is None else flat(where)), axes, flat
+
+
+def _options(fname, reduction, label_smoothing, z_loss):
+    """Validates the options both losses share; returns them with their static on-flags."""
+    _check_reduction(fname, reduction)
+    alpha = _hyper(fname, "label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss_ = _hyper(fname, "z_loss", z_loss, 0.0)
+    return alpha, z_loss_, not _is_zero(label_smoothing), not _is_zero(z_loss)
 
 
 def _prepared(z, where, logit_softcap):
@@ -224,22 +232,9 @@ def softmax_cross_entropy(
             f"{fname}: labels has shape {labels.shape} but logits {logits_arr.shape}; "
             "dense labels must match the logits"
         )
-    z, where, axes = _class_last(fname, logits_arr, axis, where)
-    batch = tuple(a for a in range(labels.ndim) if a not in axes)
-    labels = jnp.transpose(labels, batch + axes).reshape(z.shape)
-    _check_reduction(fname, reduction)
-    alpha = _hyper(fname, "label_smoothing", label_smoothing, 0.0, 1.0)
-    z_loss_ = _hyper(fname, "z_loss", z_loss, 0.0)
-    return _dense_loss(
-        z,
-        labels,
-        where,
-        alpha,
-        z_loss_,
-        not _is_zero(label_smoothing),
-        not _is_zero(z_loss),
-        reduction,
-    )
+    z, where, _, flat = _class_last(fname, logits_arr, axis, where)
+    options = _options(fname, reduction, label_smoothing, z_loss)
+    return _dense_loss(z, flat(labels), where, *options, reduction)
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6, 7))
@@ -323,7 +318,7 @@ def softmax_cross_entropy_with_integer_labels(
       Gemma Team, `Gemma 2 <https://arxiv.org/abs/2408.00118>`_, 2024 (soft-capping).
     """
     fname = "softmax_cross_entropy_with_integer_labels"
-    z, where, axes = _class_last(fname, logits, axis, where)
+    z, where, axes, _ = _class_last(fname, logits, axis, where)
     labels = _integer_labels(fname, labels, z, axes, ignore_index)
     num_classes = z.shape[-1]
     if class_weights is not None:
@@ -335,9 +330,7 @@ def softmax_cross_entropy_with_integer_labels(
             )
     if logit_softcap is not None and not float(logit_softcap) > 0:  # static: a Python number
         raise ValueError(f"{fname}: logit_softcap must be in (0.0, inf), got {logit_softcap}")
-    _check_reduction(fname, reduction)
-    alpha = _hyper(fname, "label_smoothing", label_smoothing, 0.0, 1.0)
-    z_loss_ = _hyper(fname, "z_loss", z_loss, 0.0)
+    alpha, z_loss_, smooth, with_z_loss = _options(fname, reduction, label_smoothing, z_loss)
     return _integer_loss(
         z,
         labels,
@@ -345,10 +338,10 @@ def softmax_cross_entropy_with_integer_labels(
         class_weights,
         alpha,
         z_loss_,
+        smooth,
+        with_z_loss,
         ignore_index,
         logit_softcap,
-        not _is_zero(label_smoothing),
-        not _is_zero(z_loss),
         reduction,
     )
 
@@ -378,7 +371,7 @@ def _integer_labels(fname, labels, z, axes, ignore_index):
 
 @functools.partial(jax.jit, static_argnums=(6, 7, 8, 9, 10))
 def _integer_loss(
-    z, labels, where, weights, alpha, z_loss, ignore, softcap, smooth, with_z_loss, reduction
+    z, labels, where, weights, alpha, z_loss, smooth, with_z_loss, ignore, softcap, reduction
 ):
     z = _prepared(z, where, softcap)
     alpha, z_loss = lax.stop_gradient(alpha), lax.stop_gradient(z_loss)
