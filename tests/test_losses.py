@@ -388,3 +388,34 @@ def test_optax_training_step_lowers_the_loss():
     for _ in range(20):
         params, state, _ = step(params, state)
     assert loss_fn(params) < 0.8 * first
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_equals_pytorch_when_installed(reduction):
+    """The rules the float64 reference encodes, checked against PyTorch itself (if installed)."""
+    torch = pytest.importorskip("torch")
+    logits, labels = data(n=8)
+    labels[3] = -100
+    probs = np.random.default_rng(7).dirichlet(np.ones(K), 8).astype(np.float32)
+    for alpha, weights in itertools.product([0.0, 0.1, 1.0], [None, WEIGHTS]):
+        theirs = torch.nn.functional.cross_entropy(
+            torch.tensor(logits),
+            torch.tensor(labels, dtype=torch.long),
+            weight=None if weights is None else torch.tensor(weights),
+            ignore_index=-100,
+            label_smoothing=alpha,
+            reduction=reduction,
+        )
+        ours = ce_int(
+            logits,
+            labels,
+            label_smoothing=alpha,
+            class_weights=weights,
+            ignore_index=-100,
+            reduction=reduction,
+        )
+        close(ours, theirs.numpy())
+        theirs = torch.nn.functional.cross_entropy(
+            torch.tensor(logits), torch.tensor(probs), label_smoothing=alpha, reduction=reduction
+        )
+        close(ce_dense(logits, probs, label_smoothing=alpha, reduction=reduction), theirs.numpy())
