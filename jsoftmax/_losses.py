@@ -32,9 +32,13 @@ REDUCTIONS = ("none", "sum", "mean")
 
 
 def _row_terms(z, target, weights, dense, smooth):
-    """The per-row sums the loss and its derivative need: ``m``, ``s`` and the target's."""
+    """The per-row sums the loss and its derivative need: ``m``, ``s`` and the target's.
+
+    ``has_class`` marks rows with a kept class (``s > 0``; NaN rows too), and ``s``
+    comes back raised to at least 1, its value in every such row.
+    """
     d, m, s = _normalizer(z, (-1,))
-    m, s = m[..., 0], s[..., 0]
+    m, has_class, s = m[..., 0], s[..., 0] != 0, jnp.maximum(s[..., 0], 1.0)
     if dense:
         t0 = jnp.sum(target, -1)
         # 0 * -inf is 0 here: probability on a masked class is caught by t_d's -inf.
@@ -44,32 +48,31 @@ def _row_terms(z, target, weights, dense, smooth):
         z_y = jnp.take_along_axis(z, target[..., None], -1, mode="clip")[..., 0]
         t_d = t0 * (jnp.minimum(z_y, jnp.finfo(z.dtype).max) - m)
     if not smooth:
-        return m, s, t0, t_d, None, None, None
+        return m, s, has_class, t0, t_d, None, None, None
     kept = z != -jnp.inf
     count = jnp.sum(kept, -1).astype(z.dtype)
     w_sum = count if weights is None else jnp.sum(jnp.where(kept, weights, 0.0), -1)
     w_d = jnp.sum(jnp.where(kept, d if weights is None else weights * d, 0.0), -1)
-    return m, s, t0, t_d, count, w_sum, w_d
+    return m, s, has_class, t0, t_d, count, w_sum, w_d
 
 
 def _lse(m, s):
-    """logsumexp from the normalizer; finite (-finfo.max) for a fully masked row."""
-    return m + jnp.log(jnp.maximum(s, 1.0))
+    """logsumexp from :func:`_row_terms`; finite (-finfo.max) for a fully masked row."""
+    return m + jnp.log(s)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7))
 def _cross_entropy(z, target, weights, alpha, z_loss, dense, smooth, with_z_loss):
     """Per-row loss over the last axis, and whether the row has a kept class."""
-    m, s, t0, t_d, count, w_sum, w_d = _row_terms(z, target, weights, dense, smooth)
-    log_s = jnp.log(jnp.maximum(s, 1.0))
+    m, s, has_class, t0, t_d, count, w_sum, w_d = _row_terms(z, target, weights, dense, smooth)
+    log_s = jnp.log(s)
     loss = t0 * log_s - t_d
     if smooth:
         uniform = (w_sum * log_s - w_d) / jnp.maximum(count, 1.0)
         loss = jnp.where(alpha == 1, 0.0, (1 - alpha) * loss) + alpha * uniform
     if with_z_loss:
         loss = loss + z_loss * _lse(m, s) ** 2
-    kept = s != 0  # NaN rows are kept, and their loss is NaN
-    return jnp.where(kept, loss, 0.0), kept
+    return jnp.where(has_class, loss, 0.0), has_class
 
 
 @_cross_entropy.defjvp
@@ -77,12 +80,12 @@ def _cross_entropy_jvp(dense, smooth, with_z_loss, primals, tangents):
     z, target, weights, alpha, z_loss = primals
     t_z, t_target = tangents[0], tangents[1]
     loss, kept = _cross_entropy(z, target, weights, alpha, z_loss, dense, smooth, with_z_loss)
-    m, s, t0, _, count, w_sum, _ = _row_terms(z, target, weights, dense, smooth)
+    m, s, _, t0, _, count, w_sum, _ = _row_terms(z, target, weights, dense, smooth)
     # The barrier keeps XLA from sharing exp(z - m) with the forward pass: shared,
     # it would be written out whole ([..., K]); recomputed, it fuses into the gradient.
     z, m, s = lax.optimization_barrier((z, m, s))
     d = jnp.minimum(z, jnp.finfo(z.dtype).max) - m[..., None]
-    p = jnp.exp(d) / jnp.maximum(s, 1.0)[..., None]
+    p = jnp.exp(d) / s[..., None]
     # d loss / d z_k = A p_k - B t_k - C w_k v_k, with row coefficients A, B, C
     # (0 for rows without a kept class).
     b = jnp.where(kept, 1 - alpha if smooth else 1.0, 0.0)
@@ -95,7 +98,7 @@ def _cross_entropy_jvp(dense, smooth, with_z_loss, primals, tangents):
     out = jnp.sum(p * t_z, -1) * a
     if dense:
         out = out - b * jnp.sum(target * t_z, -1)
-        log_s = jnp.log(jnp.maximum(s, 1.0))[..., None]
+        log_s = jnp.log(s)[..., None]
         # Labels on masked classes are outside the support: no gradient there.
         out = out + b * jnp.sum(jnp.where(z != -jnp.inf, log_s - d, 0.0) * t_target, -1)
     else:

@@ -64,14 +64,8 @@ def int_kwargs(o):
 
 
 def ref_kwargs(o):
-    return dict(
-        where=mask() if o["where"] else None,
-        alpha=o["alpha"],
-        weights=o["weights"],
-        ignore_index=o["ignore_index"],
-        z_loss=o["z_loss"],
-        softcap=o["softcap"],
-    )
+    """The options under the reference's own names, which OPTIONS uses."""
+    return {**o, "where": mask() if o["where"] else None}
 
 
 # ---------------------------------------------------------------- references
