@@ -15,24 +15,30 @@ def compiled(fn, *args):
     return exe, (memory.temp_size_in_bytes if memory is not None else float("nan"))
 
 
-def _seconds(exe, args) -> float:
+def _seconds(run) -> float:
     start = time.perf_counter()
-    jax.block_until_ready(exe(*args))
+    jax.block_until_ready(run())
     return time.perf_counter() - start
 
 
-def compare(ours, theirs, args, repeats: int) -> dict:
-    """Times two functions on the same args as A B A B ...; returns the medians and ratios."""
-    exe_a, mem_a = compiled(ours, *args)
-    exe_b, mem_b = compiled(theirs, *args)
+def interleaved(run_a, run_b, repeats: int) -> dict:
+    """Times two zero-argument callables as A B A B ... after warm-up; medians and ratio."""
     for _ in range(2):  # warm-up
-        _seconds(exe_a, args), _seconds(exe_b, args)
-    pairs = [(_seconds(exe_a, args), _seconds(exe_b, args)) for _ in range(repeats)]
-    a, b = np.array(pairs).T
+        _seconds(run_a), _seconds(run_b)
+    a, b = np.array([(_seconds(run_a), _seconds(run_b)) for _ in range(repeats)]).T
     return {
         "ours_ms": 1e3 * np.median(a),
         "theirs_ms": 1e3 * np.median(b),
         "time_ratio": float(np.median(a / b)),
+    }
+
+
+def compare(ours, theirs, args, repeats: int) -> dict:
+    """Compiles two functions of the same args, times them interleaved; adds temp memory."""
+    exe_a, mem_a = compiled(ours, *args)
+    exe_b, mem_b = compiled(theirs, *args)
+    return {
+        **interleaved(lambda: exe_a(*args), lambda: exe_b(*args), repeats),
         "ours_temp": mem_a,
         "theirs_temp": mem_b,
         "mem_ratio": mem_a / mem_b if mem_b else float("nan"),

@@ -2,6 +2,16 @@
 
 from importlib.metadata import version as _version
 
+from jsoftmax import plot as plot
+from jsoftmax._calibration import ReliabilityDiagram as ReliabilityDiagram
+from jsoftmax._calibration import adaptive_calibration_error as adaptive_calibration_error
+from jsoftmax._calibration import brier_score as brier_score
+from jsoftmax._calibration import classwise_calibration_error as classwise_calibration_error
+from jsoftmax._calibration import expected_calibration_error as expected_calibration_error
+from jsoftmax._calibration import fit_temperature as fit_temperature
+from jsoftmax._calibration import maximum_calibration_error as maximum_calibration_error
+from jsoftmax._calibration import reliability_diagram as reliability_diagram
+from jsoftmax._calibration import temperature_scale as temperature_scale
 from jsoftmax._losses import smooth_labels as smooth_labels
 from jsoftmax._losses import softmax_cross_entropy as softmax_cross_entropy
 from jsoftmax._losses import (

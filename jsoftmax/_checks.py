@@ -67,6 +67,39 @@ def mask(fname: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Arr
     return jnp.broadcast_to(where, shape)
 
 
+def integer_labels(
+    fname: str,
+    labels: ArrayLike,
+    shape: tuple[int, ...],
+    num_classes: int,
+    what: str,
+    ignore_index: int | None = None,
+) -> jax.Array:
+    """Checks integer labels' dtype, their ``shape`` (which ``what`` needs) and concrete range.
+
+    Traced labels cannot be range-checked; each caller documents what an
+    out-of-range traced label gives (NaN in its row, never a wrapped class).
+    """
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"{fname}: labels must be integers, got dtype {labels.dtype}")
+    if labels.shape != tuple(shape):
+        raise ValueError(
+            f"{fname}: labels has shape {labels.shape} but {what} needs {tuple(shape)}"
+        )
+    if not is_traced(labels):
+        values = np.asarray(labels)
+        bad = ((values < 0) | (values >= num_classes)) & (values != ignore_index)
+        if bad.any():
+            position = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{fname}: label {int(values[position])} at position {position} is out of "
+                f"range for {num_classes} classes"
+                + ("" if ignore_index is None else f" (ignore_index={ignore_index})")
+            )
+    return labels
+
+
 def temperature(
     fname: str, value: ArrayLike, shape: tuple[int, ...], reduced: tuple[int, ...]
 ) -> jax.Array:

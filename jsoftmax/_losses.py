@@ -322,7 +322,14 @@ def softmax_cross_entropy_with_integer_labels(
     """
     fname = "softmax_cross_entropy_with_integer_labels"
     z, where, axes, _ = _class_last(fname, logits, axis, where)
-    labels = _integer_labels(fname, labels, z, axes, ignore_index)
+    labels = _checks.integer_labels(
+        fname,
+        labels,
+        z.shape[:-1],
+        z.shape[-1],
+        f"logits {z.shape[:-1]} + classes with axis={axes}",
+        ignore_index,
+    )
     num_classes = z.shape[-1]
     if class_weights is not None:
         class_weights = _checks.floating(fname, "class_weights", class_weights)
@@ -347,29 +354,6 @@ def softmax_cross_entropy_with_integer_labels(
         logit_softcap,
         reduction,
     )
-
-
-def _integer_labels(fname, labels, z, axes, ignore_index):
-    """Checks integer labels' dtype, shape and (when concrete) range."""
-    labels = jnp.asarray(labels)
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(f"{fname}: labels must be integers, got dtype {labels.dtype}")
-    if labels.shape != z.shape[:-1]:
-        raise ValueError(
-            f"{fname}: labels has shape {labels.shape} but logits {z.shape[:-1]} + classes "
-            f"with axis={axes} needs {z.shape[:-1]}"
-        )
-    if not _checks.is_traced(labels):
-        values = np.asarray(labels)
-        bad = ((values < 0) | (values >= z.shape[-1])) & (values != ignore_index)
-        if bad.any():
-            position = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(
-                f"{fname}: label {int(values[position])} at position {position} is out of "
-                f"range for {z.shape[-1]} classes"
-                + ("" if ignore_index is None else f" (ignore_index={ignore_index})")
-            )
-    return labels
 
 
 @functools.partial(jax.jit, static_argnums=(6, 7, 8, 9, 10))

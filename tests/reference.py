@@ -98,3 +98,106 @@ def dense_cross_entropy(logits, labels, where=None, alpha=0.0, z_loss=0.0, reduc
     if reduction == "sum":
         return losses.sum()
     return losses.sum() / rows if rows else 0.0
+
+
+def bin_edges(num_bins):
+    """Calibration bin edges m / M rounded once to float32, as jsoftmax documents."""
+    return np.array([np.float32(m) / np.float32(num_bins) for m in range(num_bins + 1)], np.float64)
+
+
+def equal_width_bins(values, num_bins):
+    """0-based bin of each value: (e_{m-1}, e_m], 0 in the first, clamped to [0, 1]."""
+    edges = bin_edges(num_bins)
+    out = np.empty(len(values), int)
+    for i, v in enumerate(values):
+        m = 0
+        while m < num_bins - 1 and v > edges[m + 1]:
+            m += 1
+        out[i] = m
+    return out
+
+
+def _gap_sum(bins, hits, values, num_bins):
+    """sum over bins of |sum(hit - value)| and the largest per-bin |acc - conf|."""
+    total, largest = 0.0, 0.0
+    for m in range(num_bins):
+        members = bins == m
+        if members.any():
+            gap = np.sum(hits[members]) - np.sum(values[members])
+            total += abs(gap)
+            largest = max(largest, abs(gap) / members.sum())
+    return total, largest
+
+
+def _top1(probs, labels, where):
+    probs = np.asarray(probs, np.float64)
+    labels = np.asarray(labels)
+    if where is not None:
+        probs, labels = probs[np.asarray(where)], labels[np.asarray(where)]
+    return np.max(probs, axis=1), (np.argmax(probs, axis=1) == labels).astype(np.float64)
+
+
+def expected_calibration_error(probs, labels, num_bins, where=None):
+    c, hit = _top1(probs, labels, where)
+    return _gap_sum(equal_width_bins(c, num_bins), hit, c, num_bins)[0] / max(len(c), 1)
+
+
+def maximum_calibration_error(probs, labels, num_bins, where=None):
+    c, hit = _top1(probs, labels, where)
+    return _gap_sum(equal_width_bins(c, num_bins), hit, c, num_bins)[1]
+
+
+def adaptive_calibration_error(probs, labels, num_bins, where=None):
+    """Equal-mass bins over the stably sorted confidences (Nixon et al. 2019)."""
+    c, hit = _top1(probs, labels, where)
+    n = len(c)
+    order = np.argsort(c, kind="stable")
+    bins = np.empty(n, int)
+    for rank in range(n):
+        bins[rank] = max(m for m in range(num_bins) if -(-m * n // num_bins) <= rank)
+    return _gap_sum(bins, hit[order], c[order], num_bins)[0] / max(n, 1)
+
+
+def classwise_calibration_error(probs, labels, num_bins, where=None):
+    probs = np.asarray(probs, np.float64)
+    labels = np.asarray(labels)
+    if where is not None:
+        probs, labels = probs[np.asarray(where)], labels[np.asarray(where)]
+    n, k = probs.shape
+    per_class = [
+        _gap_sum(
+            equal_width_bins(probs[:, j], num_bins),
+            (labels == j).astype(float),
+            probs[:, j],
+            num_bins,
+        )[0]
+        for j in range(k)
+    ]
+    return np.mean(per_class) / max(n, 1)
+
+
+def brier_score(probs, labels, where=None):
+    probs = np.asarray(probs, np.float64)
+    onehot = np.eye(probs.shape[1])[np.asarray(labels)]
+    per_row = np.sum((probs - onehot) ** 2, axis=1)
+    if where is not None:
+        per_row = per_row[np.asarray(where)]
+    return per_row.mean() if per_row.size else 0.0
+
+
+def fit_temperature(logits, labels, bounds=(0.01, 100.0)):
+    """argmin over T of the float64 mean NLL, by scipy's bounded scalar search on log T."""
+    from scipy import optimize
+
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+
+    def nll(log_t):
+        z = logits / np.exp(log_t)
+        return np.mean(special.logsumexp(z, axis=1) - z[np.arange(len(z)), labels])
+
+    low, high = np.log(bounds[0]), np.log(bounds[1])
+    best = optimize.minimize_scalar(
+        nll, bounds=(low, high), method="bounded", options={"xatol": 1e-12}
+    )
+    return float(np.exp(best.x))

@@ -1,0 +1,527 @@
+r"""Temperature scaling and calibration metrics.
+
+Every metric takes probabilities ``[N, K]``, integer labels ``[N]`` and an
+optional row mask ``where`` ``[N]`` (False rows are padding: they are not
+binned and not counted in ``N``). Binned metrics share one rule for the bins:
+
+.. math::
+    B_m = \{i : e_{m-1} < c_i \le e_m\},\qquad e_m = m / M,\ m = 1..M,
+
+with a confidence of exactly 0 in the first bin, the edges ``e_m`` rounded
+once to the computation dtype (``float32(m) / float32(M)``) and confidences
+outside [0, 1] clamped to the first or last bin. A bin's calibration gap is
+``|sum_{i in B_m} (hit_i - c_i)| / N``, which is ``(n_m / N) * |acc_m - conf_m|``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from jsoftmax import _checks
+from jsoftmax._softmax import _scale
+
+_MAX_NEWTON_STEPS = 100
+
+
+def temperature_scale(logits: ArrayLike, temperature: ArrayLike) -> jax.Array:
+    """Divides logits by a temperature: ``logits / temperature``.
+
+    Args:
+      logits: floating ``[..., K]``.
+      temperature: a positive scalar, or one per row (``[..., 1]``),
+        validated as :func:`jsoftmax.softmax`'s.
+
+    Returns:
+      ``logits / temperature`` in ``logits``' dtype; ``-inf`` logits stay
+      ``-inf`` and their temperature gradient is 0.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> jsoftmax.temperature_scale(jnp.array([3.0, -1.5]), 1.5)
+      Array([ 2., -1.], dtype=float32)
+
+    Note:
+      A concrete temperature that is not positive and finite raises
+      ``ValueError``; under ``jax.jit`` it gives NaN rows.
+    """
+    fname = "temperature_scale"
+    logits = _checks.floating(fname, "logits", logits)
+    if logits.ndim == 0:
+        raise ValueError(f"{fname}: logits must have a class axis, got shape ()")
+    t = _checks.temperature(fname, temperature, logits.shape, (logits.ndim - 1,))
+    return _scale(logits, t).astype(logits.dtype)
+
+
+def fit_temperature(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    bounds: tuple[float, float] = (0.01, 100.0),
+) -> jax.Array:
+    r"""Fits the temperature that minimises the mean NLL of ``softmax(logits / T)``.
+
+    .. math::
+        T^\star = \arg\min_{T \in [T_{lo}, T_{hi}]} \frac{1}{N} \sum_i
+        \big(\mathrm{logsumexp}(x_i / T) - x_{i y_i} / T\big)
+
+    The NLL is convex in ``beta = 1 / T`` with derivative
+    ``mean_i(E_p[x_i] - x_{i y_i})`` and second derivative ``mean_i Var_p[x_i]``,
+    so a safeguarded Newton iteration on ``beta`` (Newton steps kept inside a
+    bracket that shrinks every step, geometric bisection when Newton leaves it
+    or stalls) converges to float precision in a fixed budget of steps. The
+    logits are first divided by a power of two bounding them, exactly, so that
+    no value overflows.
+
+    Args:
+      logits: floating ``[N, K]``, the uncalibrated model's (validation) logits.
+        ``-inf`` marks an impossible class.
+      labels: integers ``[N]`` in ``[0, K)``.
+      where: boolean ``[N]``; False rows are padding and ignored.
+      bounds: ``(T_lo, T_hi)`` with ``0 < T_lo < T_hi < inf``. When the optimum
+        lies beyond a bound, that bound is returned.
+
+    Returns:
+      The scalar temperature ``T`` (float32, float64 for float64 logits);
+      ``T < 1`` sharpens (underconfident models), ``T > 1`` softens.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jax.random.normal(jax.random.key(0), (2000, 5))
+      >>> labels = jax.random.categorical(jax.random.key(1), logits)
+      >>> t = jsoftmax.fit_temperature(3.0 * logits, labels)  # overconfident by 3
+      >>> bool(2.7 < t < 3.3)
+      True
+
+    Note:
+      It works under ``jax.jit`` and ``jax.vmap`` (stacked problems run as one
+      batched iteration). With no unmasked row it returns 1 clipped to
+      ``bounds``. A row whose label has logit ``-inf`` has infinite NLL at
+      every ``T`` and pushes the fit to ``T_hi``; NaN logits give NaN. Traced
+      out-of-range labels give NaN.
+
+    References:
+      Guo et al., `On Calibration of Modern Neural Networks
+      <https://arxiv.org/abs/1706.04599>`_, ICML 2017.
+    """
+    fname = "fit_temperature"
+    logits, labels, where = _rows(fname, logits, labels, where, "logits")
+    low, high = _bounds(fname, bounds)
+    return _fit(logits, labels, where, low, high)
+
+
+def _bounds(fname, bounds):
+    try:
+        low, high = bounds
+    except (TypeError, ValueError):
+        raise ValueError(f"{fname}: bounds must be a pair (low, high), got {bounds!r}") from None
+    for value in (low, high):
+        if _checks.is_traced(value):
+            raise TypeError(f"{fname}: bounds must be concrete numbers, got a tracer")
+    if not 0 < float(low) < float(high) < np.inf:
+        raise ValueError(f"{fname}: bounds must satisfy 0 < low < high < inf, got {bounds!r}")
+    return float(low), float(high)
+
+
+@jax.jit
+def _fit(logits, labels, where, low, high):
+    dtype = _checks.compute_dtype(logits.dtype)
+    x = logits.astype(dtype)
+    # A power of two c ~ max |x| makes u = x / c exact and |u| <= 2, so beta * u
+    # cannot overflow where beta * x would.
+    amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), initial=0.0)
+    exponent = jnp.minimum(jnp.ceil(jnp.log2(amax)), jnp.finfo(dtype).maxexp - 1)
+    c = jnp.where(amax > 0, jnp.exp2(exponent), 1.0).astype(dtype)
+    u = x / c
+    d = u - jnp.max(u, axis=1, keepdims=True)  # <= 0; -inf for impossible classes
+    d_label = jnp.take_along_axis(d, labels[:, None], axis=1, mode="clip")
+    spread = jnp.where(jnp.isfinite(d), d - d_label, 0.0)  # u_k - u_y, 0 where p_k = 0
+    rows = where & (labels >= 0) & (labels < x.shape[1])
+    bad_label = jnp.any(where & ((labels < 0) | (labels >= x.shape[1])))
+    n = jnp.sum(where.astype(dtype))
+
+    def derivatives(beta):
+        """First and second derivative of the mean NLL with respect to beta * c."""
+        e = jnp.exp(beta * d)
+        p = e / jnp.sum(e, axis=1, keepdims=True)
+        mean = jnp.sum(p * spread, axis=1, keepdims=True)
+        var = jnp.sum(p * (spread - mean) ** 2, axis=1)
+        return jnp.sum(jnp.where(rows, mean[:, 0], 0.0)) / n, jnp.sum(jnp.where(rows, var, 0.0)) / n
+
+    # Fit beta * c, u's inverse temperature; the bounds move with it.
+    beta_lo, beta_hi = c / high, jnp.minimum(c / low, jnp.finfo(dtype).max)
+    g_lo, _ = derivatives(beta_lo)
+    g_hi, _ = derivatives(beta_hi)
+    tol = 8 * jnp.finfo(dtype).eps
+
+    def evaluated(x, a, b):
+        g, h = derivatives(x)
+        return x, g, h, jnp.where(g < 0, x, a), jnp.where(g > 0, x, b)
+
+    def step(state):
+        # Numerical Recipes' rtsafe with geometric bisection: Newton unless it
+        # leaves the bracket or its step exceeds half the step before last.
+        i, x, g, h, a, b, dx, dx_before, _ = state
+        newton = x - g / h
+        bisect = ~((newton > a) & (newton < b)) | (jnp.abs(2 * g) > jnp.abs(dx_before * h))
+        x_next = jnp.where(bisect, jnp.sqrt(a * b), newton)
+        done = (jnp.abs(x_next - x) <= tol * x) | (g == 0)
+        x_next = jnp.where(g == 0, x, x_next)
+        return i + 1, *evaluated(x_next, a, b), x - x_next, dx, done
+
+    def running(state):
+        return (state[0] < _MAX_NEWTON_STEPS) & ~state[-1]
+
+    width = beta_hi - beta_lo
+    start = evaluated(jnp.clip(c, beta_lo, beta_hi), beta_lo, beta_hi)
+    beta = lax.while_loop(running, step, (0, *start, width, width, False))[1]
+    t = jnp.clip(c / beta, low, high)
+    t = jnp.where(g_lo >= 0, high, jnp.where(g_hi <= 0, low, t))
+    t = jnp.where(n > 0, t, jnp.clip(1.0, low, high))
+    return jnp.where(bad_label, jnp.nan, t).astype(dtype)
+
+
+def _rows(fname, values, labels, where, name):
+    """Validates ``[N, K]`` floating values, ``[N]`` labels and a ``[N]`` row mask."""
+    values = _checks.floating(fname, name, values)
+    if values.ndim != 2:
+        raise ValueError(f"{fname}: {name} must have shape [N, K], got {values.shape}")
+    num_rows, num_classes = values.shape
+    labels = _checks.integer_labels(
+        fname, labels, (num_rows,), num_classes, f"{name} {values.shape}"
+    )
+    where = _checks.mask(fname, where, (num_rows,))
+    return values, labels, (jnp.ones(num_rows, bool) if where is None else where)
+
+
+def _num_bins(fname, num_bins):
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int | np.integer) or num_bins < 1:
+        raise ValueError(f"{fname}: num_bins must be an integer >= 1, got {num_bins!r}")
+    return int(num_bins)
+
+
+def _bin_index(c, num_bins):
+    """The bin of each confidence under the module's edge rule."""
+    m = jnp.asarray(num_bins, c.dtype)
+    guess = jnp.clip(jnp.ceil(c * m), 1, num_bins).astype(jnp.int32) - 1
+    # c * M may round across an edge: compare with the edges themselves.
+    upper = (guess + 1).astype(c.dtype) / m
+    lower = guess.astype(c.dtype) / m
+    index = guess + (c > upper) - ((c <= lower) & (guess > 0))
+    return jnp.clip(index, 0, num_bins - 1)
+
+
+def _bin_sums(index, kept, hit, value, num_segments):
+    """Per bin: the count, ``sum(hit - value)`` and ``sum(value)`` over the ``kept`` entries."""
+    stats = jnp.stack([jnp.ones_like(value), hit - value, value], axis=-1).reshape(-1, 3)
+    stats = jnp.where(kept.reshape(-1, 1), stats, 0.0)
+    # A scatter-add accumulates sequentially (error ~ size * eps); partial sums
+    # over blocks of ~sqrt(size) entries, added afterwards, keep it ~ sqrt(size) * eps.
+    size = stats.shape[0]
+    block = max(1, math.isqrt(size))
+    blocks = -(-size // block)
+    index = index.reshape(-1) + num_segments * (jnp.arange(size) // block)
+    sums = jax.ops.segment_sum(stats, index, num_segments * blocks, indices_are_sorted=False)
+    sums = jnp.sum(sums.reshape(blocks, num_segments, 3), axis=0)
+    return sums[:, 0], sums[:, 1], sums[:, 2]
+
+
+def _top1(probs, labels, where):
+    """Top-1 confidence, whether it is right, ``N`` and a NaN flag for bad labels."""
+    dtype = _checks.compute_dtype(probs.dtype)
+    p = probs.astype(dtype)
+    confidence = jnp.max(p, axis=1)
+    hit = (jnp.argmax(p, axis=1) == labels).astype(dtype)
+    return confidence, hit, *_count(p, labels, where)
+
+
+def _count(p, labels, where):
+    """``N``, the number of kept rows, and a factor that is NaN when a kept label is bad."""
+    bad = jnp.any(where & ((labels < 0) | (labels >= p.shape[1])))
+    return jnp.sum(where.astype(p.dtype)), jnp.where(bad, jnp.nan, 1.0).astype(p.dtype)
+
+
+def _empty_is_zero(total, n, nan_if_bad):
+    return jnp.where(n > 0, total / jnp.maximum(n, 1), 0.0) * nan_if_bad
+
+
+@functools.partial(jax.jit, static_argnames=("num_bins", "kind"))
+def _top1_metric(probs, labels, where, num_bins, kind):
+    confidence, hit, n, nan_if_bad = _top1(probs, labels, where)
+    if kind == "adaptive":
+        # Equal-mass bins: rank r of the n kept rows (sorted by confidence) goes to
+        # bin m when start_m <= r < start_{m+1}, start_m = ceil(m * n / M), which
+        # is m * (n // M) + ceil(m * (n % M) / M) in int32 without overflow.
+        order = jnp.argsort(jnp.where(where, confidence, jnp.inf))
+        confidence, hit, where = confidence[order], hit[order], where[order]
+        kept = jnp.sum(where.astype(jnp.int32))
+        m = jnp.arange(1, num_bins, dtype=jnp.int32)
+        starts = m * (kept // num_bins) + (m * (kept % num_bins) + num_bins - 1) // num_bins
+        index = jnp.searchsorted(starts, jnp.arange(confidence.shape[0]), side="right")
+    else:
+        index = _bin_index(confidence, num_bins)
+    count, gap, _ = _bin_sums(index, where, hit, confidence, num_bins)
+    if kind == "max":
+        gaps = jnp.where(count > 0, jnp.abs(gap) / jnp.maximum(count, 1), 0.0)
+        return jnp.max(gaps) * nan_if_bad
+    return _empty_is_zero(jnp.sum(jnp.abs(gap)), n, nan_if_bad)
+
+
+def expected_calibration_error(
+    probs: ArrayLike, labels: ArrayLike, *, num_bins: int = 15, where: ArrayLike | None = None
+) -> jax.Array:
+    r"""Expected calibration error (ECE) of the top-1 prediction, equal-width bins.
+
+    .. math::
+        \mathrm{ECE} = \sum_{m=1}^{M} \frac{n_m}{N}\, |\mathrm{acc}_m - \mathrm{conf}_m|
+
+    with the confidence ``c_i = max_k p_ik``, a hit when ``argmax_k p_ik = y_i``,
+    and bins ``(e_{m-1}, e_m]``, ``e_m = m / M`` (a confidence of exactly 0
+    in the first bin; see the module docstring for the rounding of edges).
+
+    Args:
+      probs: floating ``[N, K]`` predicted probabilities.
+      labels: integers ``[N]`` in ``[0, K)``.
+      num_bins: ``M >= 1`` (static).
+      where: boolean ``[N]``; False rows are padding.
+
+    Returns:
+      A scalar in [0, 1] (float32, float64 for float64 ``probs``); 0 when no
+      row is kept; NaN for traced out-of-range labels or NaN probabilities.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> probs = jnp.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+      >>> jsoftmax.expected_calibration_error(probs, jnp.array([0, 1, 1]), num_bins=5)
+      Array(0.2, dtype=float32)
+
+    References:
+      Guo et al., `On Calibration of Modern Neural Networks
+      <https://arxiv.org/abs/1706.04599>`_, ICML 2017.
+    """
+    fname = "expected_calibration_error"
+    probs, labels, where = _rows(fname, probs, labels, where, "probs")
+    return _top1_metric(probs, labels, where, _num_bins(fname, num_bins), "equal")
+
+
+def maximum_calibration_error(
+    probs: ArrayLike, labels: ArrayLike, *, num_bins: int = 15, where: ArrayLike | None = None
+) -> jax.Array:
+    r"""Maximum calibration error (MCE): the largest gap over non-empty bins.
+
+    .. math::
+        \mathrm{MCE} = \max_{m:\ n_m > 0} |\mathrm{acc}_m - \mathrm{conf}_m|
+
+    with the bins of :func:`expected_calibration_error`.
+
+    Args:
+      probs: floating ``[N, K]`` predicted probabilities.
+      labels: integers ``[N]`` in ``[0, K)``.
+      num_bins: ``M >= 1`` (static).
+      where: boolean ``[N]``; False rows are padding.
+
+    Returns:
+      A scalar in [0, 1]; 0 when no row is kept.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> probs = jnp.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+      >>> jsoftmax.maximum_calibration_error(probs, jnp.array([0, 1, 1]), num_bins=5)
+      Array(0.25, dtype=float32)
+    """
+    fname = "maximum_calibration_error"
+    probs, labels, where = _rows(fname, probs, labels, where, "probs")
+    return _top1_metric(probs, labels, where, _num_bins(fname, num_bins), "max")
+
+
+def adaptive_calibration_error(
+    probs: ArrayLike, labels: ArrayLike, *, num_bins: int = 15, where: ArrayLike | None = None
+) -> jax.Array:
+    r"""Adaptive ECE: the ECE over equal-mass bins of the sorted confidences.
+
+    The ``N`` kept rows are sorted by top-1 confidence (stably) and rank ``r``
+    (0-based) goes to bin ``m`` (0-based) with
+    ``ceil(m N / M) <= r < ceil((m + 1) N / M)``, so bin sizes differ by at
+    most one; then ``sum_m (n_m / N) |acc_m - conf_m|``. Tied confidences
+    may fall in neighbouring bins.
+
+    Args:
+      probs: floating ``[N, K]`` predicted probabilities.
+      labels: integers ``[N]`` in ``[0, K)``.
+      num_bins: ``M >= 1`` (static).
+      where: boolean ``[N]``; False rows are padding.
+
+    Returns:
+      A scalar in [0, 1]; 0 when no row is kept.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> probs = jnp.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+      >>> jsoftmax.adaptive_calibration_error(probs, jnp.array([0, 1, 1, 0]), num_bins=2)
+      Array(0.35, dtype=float32)
+
+    References:
+      Nixon et al., `Measuring Calibration in Deep Learning
+      <https://arxiv.org/abs/1904.01685>`_, CVPR Workshops 2019.
+    """
+    fname = "adaptive_calibration_error"
+    probs, labels, where = _rows(fname, probs, labels, where, "probs")
+    return _top1_metric(probs, labels, where, _num_bins(fname, num_bins), "adaptive")
+
+
+def classwise_calibration_error(
+    probs: ArrayLike, labels: ArrayLike, *, num_bins: int = 15, where: ArrayLike | None = None
+) -> jax.Array:
+    r"""Classwise ECE (Nixon et al.'s static calibration error, SCE).
+
+    .. math::
+        \mathrm{SCE} = \frac{1}{K} \sum_{k=1}^{K} \sum_{m=1}^{M}
+        \frac{n_{mk}}{N}\, |\mathrm{freq}_{mk} - \mathrm{conf}_{mk}|
+
+    where bin ``m`` of class ``k`` holds the rows whose ``p_ik`` falls in the
+    equal-width bin ``m`` (edges as in :func:`expected_calibration_error`),
+    ``conf_mk`` is their mean ``p_ik`` and ``freq_mk`` the fraction with
+    ``y_i = k``.
+
+    Args:
+      probs: floating ``[N, K]`` predicted probabilities.
+      labels: integers ``[N]`` in ``[0, K)``.
+      num_bins: ``M >= 1`` (static).
+      where: boolean ``[N]``; False rows are padding.
+
+    Returns:
+      A scalar in [0, 1]; 0 when no row is kept.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> probs = jnp.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+      >>> jsoftmax.classwise_calibration_error(probs, jnp.array([0, 1, 1]), num_bins=5)
+      Array(0.36666667, dtype=float32)
+
+    References:
+      Nixon et al., `Measuring Calibration in Deep Learning
+      <https://arxiv.org/abs/1904.01685>`_, CVPR Workshops 2019.
+    """
+    fname = "classwise_calibration_error"
+    probs, labels, where = _rows(fname, probs, labels, where, "probs")
+    return _classwise(probs, labels, where, _num_bins(fname, num_bins))
+
+
+@functools.partial(jax.jit, static_argnames=("num_bins",))
+def _classwise(probs, labels, where, num_bins):
+    dtype = _checks.compute_dtype(probs.dtype)
+    p = probs.astype(dtype)
+    n, nan_if_bad = _count(p, labels, where)
+    classes = jnp.arange(p.shape[1])
+    hit = (labels[:, None] == classes).astype(dtype)
+    index = _bin_index(p, num_bins) + num_bins * classes
+    kept = jnp.broadcast_to(where[:, None], p.shape)
+    _, gap, _ = _bin_sums(index, kept, hit, p, num_bins * p.shape[1])
+    return _empty_is_zero(jnp.sum(jnp.abs(gap)) / p.shape[1], n, nan_if_bad)
+
+
+def brier_score(probs: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None):
+    r"""Brier score: the mean squared distance to the one-hot label.
+
+    .. math::
+        \mathrm{BS} = \frac{1}{N} \sum_i \sum_k (p_{ik} - [y_i = k])^2
+        = \frac{1}{N} \sum_i \Big(\sum_k p_{ik}^2 - 2 p_{i y_i} + 1\Big)
+
+    computed from the second form, without a one-hot.
+
+    Args:
+      probs: floating ``[N, K]`` predicted probabilities.
+      labels: integers ``[N]`` in ``[0, K)``.
+      where: boolean ``[N]``; False rows are padding.
+
+    Returns:
+      A scalar in [0, 2]; 0 when no row is kept.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> jsoftmax.brier_score(jnp.array([[0.75, 0.25], [0.5, 0.5]]), jnp.array([0, 1]))
+      Array(0.3125, dtype=float32)
+    """
+    fname = "brier_score"
+    probs, labels, where = _rows(fname, probs, labels, where, "probs")
+    return _brier(probs, labels, where)
+
+
+@jax.jit
+def _brier(probs, labels, where):
+    p = probs.astype(_checks.compute_dtype(probs.dtype))
+    n, nan_if_bad = _count(p, labels, where)
+    p_label = jnp.take_along_axis(p, labels[:, None], axis=1, mode="clip")[:, 0]
+    per_row = jnp.sum(p * p, axis=1) - 2 * p_label + 1
+    return _empty_is_zero(jnp.sum(jnp.where(where, per_row, 0.0)), n, nan_if_bad)
+
+
+class ReliabilityDiagram(NamedTuple):
+    """Per-bin statistics of a reliability diagram (equal-width bins).
+
+    Attributes:
+      confidence: ``[M]`` mean top-1 confidence of each bin (NaN when empty).
+      accuracy: ``[M]`` fraction of hits in each bin (NaN when empty).
+      count: ``[M]`` number of (kept) rows in each bin.
+      edges: ``[M + 1]`` bin edges ``m / M``.
+    """
+
+    confidence: jax.Array
+    accuracy: jax.Array
+    count: jax.Array
+    edges: jax.Array
+
+
+def reliability_diagram(
+    probs: ArrayLike, labels: ArrayLike, *, num_bins: int = 15, where: ArrayLike | None = None
+) -> ReliabilityDiagram:
+    """The per-bin statistics behind :func:`expected_calibration_error`.
+
+    Args:
+      probs: floating ``[N, K]`` predicted probabilities.
+      labels: integers ``[N]`` in ``[0, K)``.
+      num_bins: ``M >= 1`` (static).
+      where: boolean ``[N]``; False rows are padding.
+
+    Returns:
+      A :class:`ReliabilityDiagram`; the mean of an empty bin is NaN (there is
+      none), its count 0. ``sum(count * |accuracy - confidence|) / sum(count)``
+      over non-empty bins is the ECE. Plot it with
+      :func:`jsoftmax.plot.reliability_diagram`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> probs = jnp.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+      >>> jsoftmax.reliability_diagram(probs, jnp.array([0, 1, 1]), num_bins=2).count
+      Array([0., 3.], dtype=float32)
+    """
+    fname = "reliability_diagram"
+    probs, labels, where = _rows(fname, probs, labels, where, "probs")
+    return _diagram(probs, labels, where, _num_bins(fname, num_bins))
+
+
+@functools.partial(jax.jit, static_argnames=("num_bins",))
+def _diagram(probs, labels, where, num_bins):
+    confidence, hit, _, nan_if_bad = _top1(probs, labels, where)
+    index = _bin_index(confidence, num_bins)
+    count, gap, total = _bin_sums(index, where, hit, confidence, num_bins)
+    mean = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan) * nan_if_bad
+    accuracy = mean + jnp.where(count > 0, gap / jnp.maximum(count, 1), jnp.nan)
+    edges = jnp.arange(num_bins + 1, dtype=confidence.dtype) / num_bins
+    return ReliabilityDiagram(mean, accuracy, count, edges)

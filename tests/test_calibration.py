@@ -1,0 +1,379 @@
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsoftmax
+from tests import reference
+from tests.conftest import TRANSFORMS
+
+BINNED = {
+    "expected_calibration_error": reference.expected_calibration_error,
+    "maximum_calibration_error": reference.maximum_calibration_error,
+    "adaptive_calibration_error": reference.adaptive_calibration_error,
+    "classwise_calibration_error": reference.classwise_calibration_error,
+}
+METRICS = [*BINNED, "brier_score"]
+
+
+def calibrated(n, k, seed, scale=2.0):
+    """Logits of a perfectly calibrated model and labels drawn from its softmax."""
+    rng = np.random.default_rng(seed)
+    logits = scale * rng.standard_normal((n, k))
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    labels = (rng.random((n, 1)) > np.cumsum(p, axis=1)).sum(1)
+    return logits.astype(np.float32), np.minimum(labels, k - 1).astype(np.int32)
+
+
+def probabilities(n, k, seed, scale=3.0):
+    logits, labels = calibrated(n, k, seed)
+    return np.asarray(jax.nn.softmax(scale * logits)), labels
+
+
+def call(name, probs, labels, num_bins=15, where=None, tx=lambda f: f):
+    fn = getattr(jsoftmax, name)
+    if name == "brier_score":
+        return tx(lambda p, y, w: fn(p, y, where=w))(probs, labels, where)
+    return tx(lambda p, y, w: fn(p, y, num_bins=num_bins, where=w))(probs, labels, where)
+
+
+def expected(name, probs, labels, num_bins=15, where=None):
+    if name == "brier_score":
+        return reference.brier_score(probs, labels, where)
+    return BINNED[name](probs, labels, num_bins, where)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+@pytest.mark.parametrize("tx", TRANSFORMS)
+@pytest.mark.parametrize("name", METRICS)
+@pytest.mark.parametrize(
+    ("n", "k", "num_bins"), [(500, 10, 15), (97, 3, 7), (40, 2, 1), (5, 4, 10)]
+)
+def test_metric_equals_float64_reference(tx, name, n, k, num_bins):
+    probs, labels = probabilities(n, k, seed=n + k)
+    got = call(name, probs, labels, num_bins, tx=tx)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected(name, probs, labels, num_bins), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", METRICS)
+def test_where_equals_dropping_the_rows(name):
+    probs, labels = probabilities(300, 6, seed=1)
+    where = np.random.default_rng(2).random(300) < 0.6
+    got = call(name, probs, labels, 10, where)
+    np.testing.assert_allclose(got, expected(name, probs[where], labels[where], 10), rtol=1e-5)
+    # Padding rows may hold anything, even NaN probabilities.
+    padded = np.where(where[:, None], probs, np.nan).astype(np.float32)
+    np.testing.assert_allclose(call(name, padded, labels, 10, where), got, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", METRICS)
+def test_no_kept_row_gives_zero(name):
+    probs, labels = probabilities(8, 3, seed=0)
+    assert call(name, probs, labels, 5, np.zeros(8, bool)) == 0.0
+    assert call(name, probs[:0], labels[:0], 5) == 0.0
+
+
+def test_textbook_values():
+    # Confidences 0.9 (hit), 0.8 (miss), 0.7 (hit); 5 bins: 0.8 and 0.7 share (0.6, 0.8].
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]], np.float32)
+    labels = np.array([0, 1, 1])
+    ece = jsoftmax.expected_calibration_error(probs, labels, num_bins=5)
+    np.testing.assert_allclose(ece, (2 * abs(0.5 - 0.75) + abs(1 - 0.9)) / 3, rtol=1e-6)
+    np.testing.assert_allclose(jsoftmax.maximum_calibration_error(probs, labels, num_bins=5), 0.25)
+    brier = jsoftmax.brier_score(probs, labels)
+    np.testing.assert_allclose(brier, (2 * 0.1**2 + 2 * 0.8**2 + 2 * 0.3**2) / 3, rtol=1e-6)
+
+
+def test_bin_edges_are_right_closed_and_zero_is_in_the_first_bin():
+    # Confidences exactly on the float32 edges m / M belong to bin m, 0 to bin 1.
+    edges = reference.bin_edges(5)
+    conf = np.array([0.0, *edges[1:], 0.3], np.float32)
+    probs = np.stack([conf, np.zeros_like(conf)], axis=1)
+    diagram = jsoftmax.reliability_diagram(probs, np.zeros(len(conf), int), num_bins=5)
+    np.testing.assert_array_equal(diagram.count, [2, 2, 1, 1, 1])
+    np.testing.assert_array_equal(diagram.edges, edges.astype(np.float32))
+    # Just above an edge moves to the next bin.
+    above = np.nextafter(np.float32(edges[2]), np.float32(1))
+    diagram = jsoftmax.reliability_diagram([[above, 0.0]], [0], num_bins=5)
+    np.testing.assert_array_equal(diagram.count, [0, 0, 1, 0, 0])
+
+
+def test_every_bin_rule_matches_the_reference_on_dense_edges():
+    # Many confidences on and next to edges, for several bin counts.
+    values = np.concatenate([reference.bin_edges(m) for m in (3, 7, 10, 15, 20)])
+    values = np.concatenate([values, np.nextafter(values, 2), np.nextafter(values, -1)])
+    conf = np.clip(values, 0, 1).astype(np.float32)
+    probs = np.stack([conf, np.zeros_like(conf)], axis=1)
+    labels = (np.arange(len(conf)) % 2).astype(np.int32)
+    for num_bins in (3, 7, 10, 15, 20):
+        np.testing.assert_allclose(
+            jsoftmax.expected_calibration_error(probs, labels, num_bins=num_bins),
+            reference.expected_calibration_error(probs, labels, num_bins),
+            rtol=1e-5,
+        )
+
+
+def test_reliability_diagram_statistics_and_ece():
+    probs, labels = probabilities(400, 5, seed=3)
+    diagram = jax.jit(lambda p, y: jsoftmax.reliability_diagram(p, y, num_bins=10))(probs, labels)
+    c, hit = reference._top1(probs, labels, None)
+    bins = reference.equal_width_bins(c, 10)
+    for m in range(10):
+        members = bins == m
+        assert diagram.count[m] == members.sum()
+        if members.any():
+            np.testing.assert_allclose(diagram.confidence[m], c[members].mean(), rtol=1e-5)
+            np.testing.assert_allclose(diagram.accuracy[m], hit[members].mean(), atol=1e-6)
+        else:
+            assert np.isnan(diagram.confidence[m]) and np.isnan(diagram.accuracy[m])
+    full = diagram.count > 0
+    ece = np.sum(diagram.count[full] * np.abs(diagram.accuracy - diagram.confidence)[full]) / 400
+    np.testing.assert_allclose(
+        ece, jsoftmax.expected_calibration_error(probs, labels, num_bins=10), rtol=1e-5
+    )
+
+
+def test_perfectly_calibrated_predictions_score_near_zero_and_overconfident_ones_do_not():
+    logits, labels = calibrated(20000, 5, seed=4)
+    calibrated_ece = jsoftmax.expected_calibration_error(jax.nn.softmax(logits), labels)
+    overconfident_ece = jsoftmax.expected_calibration_error(jax.nn.softmax(3 * logits), labels)
+    assert calibrated_ece < 0.015 < 0.05 < overconfident_ece
+
+
+@pytest.mark.parametrize("name", METRICS)
+def test_vmap_equals_a_loop(name):
+    probs = np.stack([probabilities(64, 4, seed=s)[0] for s in range(3)])
+    labels = np.stack([probabilities(64, 4, seed=s)[1] for s in range(3)])
+    where = np.random.default_rng(0).random((3, 64)) < 0.8
+    got = jax.vmap(lambda p, y, w: call(name, p, y, 6, w))(probs, labels, where)
+    np.testing.assert_allclose(
+        got, [call(name, *a, 6, w) for *a, w in zip(probs, labels, where, strict=True)]
+    )
+
+
+@pytest.mark.parametrize("name", METRICS)
+def test_dtypes(name, x64):
+    probs, labels = probabilities(50, 4, seed=5)
+    assert call(name, probs.astype(np.float16), labels).dtype == jnp.float32
+    assert call(name, probs.astype(jnp.bfloat16), labels).dtype == jnp.float32
+    got = call(name, probs.astype(np.float64), labels)
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, expected(name, probs, labels), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", METRICS)
+def test_nan_probabilities_and_traced_bad_labels_give_nan(name):
+    probs, labels = probabilities(20, 3, seed=6)
+    assert np.isnan(call(name, np.where(np.arange(20)[:, None] == 4, np.nan, probs), labels))
+    bad = labels.copy()
+    bad[7] = 3
+    assert np.isnan(call(name, probs, bad, tx=jax.jit))
+    # ... unless the bad row is padding.
+    where = np.arange(20) != 7
+    np.testing.assert_allclose(
+        call(name, probs, bad, where=where, tx=jax.jit), call(name, probs, labels, where=where)
+    )
+
+
+@pytest.mark.parametrize("name", METRICS)
+def test_errors(name):
+    probs, labels = probabilities(6, 3, seed=0)
+    with pytest.raises(TypeError, match="probs must be floating"):
+        call(name, probs.round().astype(int), labels)
+    with pytest.raises(TypeError, match="labels must be integers"):
+        call(name, probs, labels.astype(float))
+    with pytest.raises(ValueError, match=r"probs must have shape \[N, K\], got \(6,\)"):
+        call(name, probs[:, 0], labels)
+    with pytest.raises(
+        ValueError, match=r"labels has shape \(5,\) but probs \(6, 3\) needs \(6,\)"
+    ):
+        call(name, probs, labels[:5])
+    with pytest.raises(ValueError, match=r"label 3 at position \(2,\) is out of range for 3"):
+        call(name, probs, np.array([0, 1, 3, 0, 0, 0]))
+    with pytest.raises(ValueError, match=r"where has shape \(5,\)"):
+        call(name, probs, labels, where=np.ones(5, bool))
+    if name != "brier_score":
+        for num_bins in (0, -1, 2.5, True):
+            with pytest.raises(ValueError, match="num_bins must be an integer >= 1"):
+                call(name, probs, labels, num_bins)
+
+
+def test_metrics_do_not_retrace():
+    probs, labels = probabilities(30, 3, seed=0)
+    jsoftmax.expected_calibration_error(probs, labels)
+    before = jsoftmax._calibration._top1_metric._cache_size()
+    jsoftmax.expected_calibration_error(probs + 1e-3, labels)
+    assert jsoftmax._calibration._top1_metric._cache_size() == before
+
+
+# ---------------------------------------------------------------- temperature
+
+
+@pytest.mark.parametrize("tx", TRANSFORMS)
+@pytest.mark.parametrize("factor", [3.0, 0.6, 1.0, 12.0])
+def test_fit_temperature_recovers_the_miscalibration(tx, factor):
+    logits, labels = calibrated(4000, 10, seed=7)
+    t = tx(jsoftmax.fit_temperature)(factor * logits, labels)
+    assert t.dtype == jnp.float32
+    assert abs(t / factor - 1) < 0.1
+    optimum = reference.fit_temperature(factor * logits, labels)
+    np.testing.assert_allclose(t, optimum, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fit_temperature_is_the_optimum_on_awkward_data(seed):
+    rng = np.random.default_rng(seed)
+    n, k = rng.integers(1, 300), rng.integers(2, 30)
+    logits = (rng.standard_normal((n, k)) * 10.0 ** rng.uniform(-2, 2)).astype(np.float32)
+    labels = rng.integers(0, k, n)
+    t = jsoftmax.fit_temperature(logits, labels, bounds=(1e-3, 1e3))
+    np.testing.assert_allclose(t, reference.fit_temperature(logits, labels, (1e-3, 1e3)), rtol=1e-4)
+
+
+def test_fit_temperature_in_float64(x64):
+    logits, labels = calibrated(1000, 5, seed=8)
+    t = jsoftmax.fit_temperature(2.5 * logits.astype(np.float64), labels)
+    assert t.dtype == jnp.float64
+    np.testing.assert_allclose(t, reference.fit_temperature(2.5 * logits, labels), rtol=1e-7)
+
+
+def test_fit_temperature_returns_the_bound_beyond_it():
+    logits, labels = calibrated(1000, 5, seed=9)
+    assert jsoftmax.fit_temperature(3 * logits, labels, bounds=(0.1, 2.0)) == 2.0
+    assert jsoftmax.fit_temperature(0.2 * logits, labels, bounds=(0.5, 10.0)) == 0.5
+    # A perfect, separable classifier wants T -> 0; a useless one T -> inf.
+    assert jsoftmax.fit_temperature(np.eye(4, dtype=np.float32), np.arange(4)) == 0.01
+    assert jsoftmax.fit_temperature(np.eye(4, dtype=np.float32), [1, 2, 3, 0]) == 100.0
+
+
+def test_fit_temperature_scales_with_the_logits_and_never_overflows():
+    logits, labels = calibrated(500, 4, seed=10)
+    base = jsoftmax.fit_temperature(2 * logits, labels)
+    for scale in (1e-30, 1e30, 1e36):
+        t = jsoftmax.fit_temperature(scale * 2 * logits, labels, bounds=(1e-3 * scale, 1e3 * scale))
+        assert np.isfinite(t)
+        np.testing.assert_allclose(t / scale, base, rtol=1e-5)
+    extreme = np.array([[3e38, -3e38], [-3e38, 3e38]], np.float32)
+    # Right with margin 6e38: the NLL is exp(-6e38 / T) ~ 0 at every T in the bounds.
+    assert 0.01 <= jsoftmax.fit_temperature(extreme, [0, 1]) <= 100.0
+    assert jsoftmax.fit_temperature(extreme, [0, 0]) == 100.0
+
+
+def test_fit_temperature_where_and_impossible_classes():
+    logits, labels = calibrated(600, 5, seed=11)
+    where = np.random.default_rng(0).random(600) < 0.5
+    garbage = np.where(where[:, None], 2 * logits, np.nan)
+    np.testing.assert_allclose(
+        jsoftmax.fit_temperature(garbage, labels, where=where),
+        jsoftmax.fit_temperature(2 * logits[where], labels[where]),
+        rtol=1e-5,
+    )
+    # A -inf class has probability 0 at every temperature: like a missing column.
+    padded = np.concatenate([2 * logits, np.full((600, 2), -np.inf, np.float32)], axis=1)
+    np.testing.assert_allclose(
+        jsoftmax.fit_temperature(padded, labels),
+        jsoftmax.fit_temperature(2 * logits, labels),
+        rtol=1e-5,
+    )
+    assert jsoftmax.fit_temperature(logits, labels, where=np.zeros(600, bool)) == 1.0
+    assert jsoftmax.fit_temperature(logits, labels, where=np.zeros(600, bool), bounds=(2, 3)) == 2
+
+
+def test_fit_temperature_vmaps_over_stacked_problems():
+    problems = [calibrated(300, 6, seed=s) for s in range(4)]
+    factors = np.array([0.5, 1.0, 2.0, 4.0], np.float32)
+    logits = np.stack([f * z for f, (z, _) in zip(factors, problems, strict=True)])
+    labels = np.stack([y for _, y in problems])
+    got = jax.jit(jax.vmap(jsoftmax.fit_temperature))(logits, labels)
+    np.testing.assert_allclose(
+        got,
+        [jsoftmax.fit_temperature(z, y) for z, y in zip(logits, labels, strict=True)],
+        rtol=1e-5,
+    )
+
+
+def test_fit_temperature_lowers_the_nll():
+    logits, labels = calibrated(2000, 10, seed=12)
+    t = jsoftmax.fit_temperature(3 * logits, labels)
+    loss = jsoftmax.softmax_cross_entropy_with_integer_labels
+    before = loss(3 * logits, labels, reduction="mean")
+    after = loss(jsoftmax.temperature_scale(3 * logits, t), labels, reduction="mean")
+    assert after < before - 0.1
+
+
+def test_fit_temperature_errors():
+    logits, labels = calibrated(10, 3, seed=0)
+    for bounds in [(0, 1), (2, 1), (1, np.inf), (-1, 1), (np.nan, 1)]:
+        with pytest.raises(ValueError, match="bounds must satisfy 0 < low < high < inf"):
+            jsoftmax.fit_temperature(logits, labels, bounds=bounds)
+    with pytest.raises(ValueError, match="bounds must be a pair"):
+        jsoftmax.fit_temperature(logits, labels, bounds=1.0)
+    with pytest.raises(TypeError, match="logits must be floating"):
+        jsoftmax.fit_temperature(labels[:, None], labels)
+    with pytest.raises(ValueError, match=r"labels has shape \(9,\) but logits \(10, 3\)"):
+        jsoftmax.fit_temperature(logits, labels[:9])
+    with pytest.raises(ValueError, match=r"label -1 at position \(0,\)"):
+        jsoftmax.fit_temperature(logits, np.full(10, -1))
+    assert np.isnan(jax.jit(jsoftmax.fit_temperature)(logits, np.full(10, 3)))
+
+
+@pytest.mark.parametrize("tx", TRANSFORMS)
+def test_temperature_scale(tx):
+    logits = np.array([[3.0, -np.inf, 1.5], [2.0, 4.0, -1.0]], np.float32)
+    np.testing.assert_array_equal(tx(jsoftmax.temperature_scale)(logits, 1.5), logits / 1.5)
+    per_row = np.array([[2.0], [0.5]], np.float32)
+    np.testing.assert_array_equal(tx(jsoftmax.temperature_scale)(logits, per_row), logits / per_row)
+    assert jsoftmax.temperature_scale(logits.astype(jnp.bfloat16), 2.0).dtype == jnp.bfloat16
+    # d/dT of sum(softmax(x / T) * x) is finite although one logit is -inf.
+    grad = jax.grad(
+        lambda t: jnp.sum(
+            jnp.where(jnp.isfinite(logits), logits, 0)
+            * jsoftmax.softmax(jsoftmax.temperature_scale(logits, t))
+        )
+    )(1.5)
+    assert np.isfinite(grad)
+    np.testing.assert_array_equal(
+        jax.grad(lambda t: jsoftmax.temperature_scale(logits, t)[0, 1])(1.5), 0.0
+    )
+
+
+def test_temperature_scale_errors():
+    with pytest.raises(ValueError, match="temperature must be positive and finite"):
+        jsoftmax.temperature_scale(np.ones((2, 3), np.float32), 0.0)
+    with pytest.raises(ValueError, match="temperature has shape"):
+        jsoftmax.temperature_scale(np.ones((2, 3), np.float32), np.ones(3))
+    with pytest.raises(TypeError, match="logits must be floating"):
+        jsoftmax.temperature_scale(np.ones((2, 3), int), 2.0)
+    assert np.isnan(jax.jit(jsoftmax.temperature_scale)(np.ones((2, 3)), -1.0)).all()
+
+
+# ---------------------------------------------------------------- plot
+
+
+def test_plot_draws_accuracy_gaps_and_counts():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    probs, labels = probabilities(300, 5, seed=13)
+    top, bottom = jsoftmax.plot.reliability_diagram(probs, labels, num_bins=10, title="model")
+    diagram = jsoftmax.reliability_diagram(probs, labels, num_bins=10)
+    full = np.asarray(diagram.count) > 0
+    heights = [patch.get_height() for patch in top.patches]
+    np.testing.assert_allclose(heights[: full.sum()], np.asarray(diagram.accuracy)[full])
+    np.testing.assert_allclose(
+        heights[full.sum() :], np.asarray(diagram.confidence - diagram.accuracy)[full], rtol=1e-6
+    )
+    assert [p.get_height() for p in bottom.patches] == list(np.asarray(diagram.count))
+    assert top.get_title() == "model"
+    matplotlib.pyplot.close("all")
+
+
+def test_importing_jsoftmax_does_not_import_matplotlib():
+    code = "import sys, jsoftmax; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
