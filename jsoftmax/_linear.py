@@ -38,8 +38,8 @@ from jsoftmax import _checks
 from jsoftmax._losses import _options
 
 # Elements of one chunk's [chunk_size, V] logits when chunk_size is not given:
-# 2**22 float32 values, 16 MiB a buffer.
-_CHUNK_ELEMENTS = 2**22
+# 2**23 float32 values, 32 MiB a buffer.
+_CHUNK_ELEMENTS = 2**23
 
 
 class _Config(NamedTuple):
@@ -88,7 +88,7 @@ def linear_softmax_cross_entropy(
       reduction: "none" (per token, ``labels``' shape), "sum", or "mean" (over
         the counting tokens; 0 when none counts).
       chunk_size: tokens per chunk (static); by default the largest power of
-        two keeping a chunk's logits within 2**22 elements (16 MiB float32).
+        two keeping a chunk's logits within 2**23 elements (32 MiB float32).
       axis_name: the mesh axis along which ``weight`` and ``bias`` are sharded
         by vocabulary, inside ``jax.shard_map``; None when not sharded.
 
@@ -159,16 +159,12 @@ def _linear_loss(hidden, weight, bias, labels, where, alpha, z_loss, ignore, red
     counts = jnp.ones(labels.shape, bool) if where is None else where.reshape(-1)
     if ignore is not None:
         counts = counts & (labels != ignore)
-    if bias is None:
-        bias = jnp.zeros(weight.shape[1], weight.dtype)
     hyper = (lax.stop_gradient(alpha), lax.stop_gradient(z_loss))
     if reduction == "none":
         return _rows(h, weight, bias, labels, counts, hyper, config).reshape(shape)
-    total = _total(h, weight, bias, labels, counts, hyper, config)
-    if reduction == "sum":
-        return total
-    count = jnp.sum(counts.astype(total.dtype))
-    return total / jnp.maximum(count, 1)
+    dtype = _checks.compute_dtype(jnp.result_type(h, weight))
+    scale = 1 / jnp.maximum(jnp.sum(counts.astype(dtype)), 1) if reduction == "mean" else 1
+    return _total(h, weight, bias, labels, counts, jnp.asarray(scale, dtype), hyper, config)
 
 
 def _chunk(h, weight, bias, labels, counts, scale, hyper, config, grads):
@@ -180,7 +176,9 @@ def _chunk(h, weight, bias, labels, counts, scale, hyper, config, grads):
     """
     alpha, z_loss = hyper
     dtype = _checks.compute_dtype(jnp.result_type(h, weight))
-    z = jnp.dot(h, weight, preferred_element_type=dtype) + bias.astype(dtype)
+    z = jnp.dot(h, weight, preferred_element_type=dtype)
+    if bias is not None:
+        z = z + bias.astype(dtype)
     if config.softcap is not None:
         z = config.softcap * jnp.tanh(z / config.softcap)
     local = weight.shape[1]
@@ -221,7 +219,7 @@ def _chunk(h, weight, bias, labels, counts, scale, hyper, config, grads):
     dz_in = dz.astype(weight.dtype)
     dh = jnp.dot(dz_in, weight.T, preferred_element_type=dtype)
     dw = jnp.dot(h.T.astype(weight.dtype), dz_in, preferred_element_type=dtype)
-    return loss, (dh, dw, jnp.sum(dz, axis=0))
+    return loss, (dh, dw, None if bias is None else jnp.sum(dz, axis=0))
 
 
 def _scan(h, weight, bias, labels, counts, scale, hyper, config, grads):
@@ -241,14 +239,15 @@ def _scan(h, weight, bias, labels, counts, scale, hyper, config, grads):
         loss, g = _chunk(h_c, weight, bias, labels_c, counts_c, scale_c, hyper, config, grads)
         if not grads:
             return carry, loss
-        dh, dw, db = g
-        return (carry[0] + dw, carry[1] + db), (loss, dh)
+        dh, *dwb = g
+        return jax.tree.map(jnp.add, carry, tuple(dwb)), (loss, dh)
 
     if not grads:
         return lax.scan(body, (), xs)[1].reshape(-1)[:n], None
     # Under shard_map the sums vary along every mesh axis their terms vary along.
-    axes = frozenset().union(*map(_varying, (h, weight, bias, labels, counts, scale)))
-    init = tuple(_vary(jnp.zeros(x.shape, dtype), axes) for x in (weight, bias))
+    inputs = jax.tree.leaves((h, weight, bias, labels, counts, scale))
+    axes = frozenset().union(*map(_varying, inputs))
+    init = jax.tree.map(lambda x: _vary(jnp.zeros(x.shape, dtype), axes), (weight, bias))
     (dw, db), (loss, dh) = lax.scan(body, init, xs)
     loss = loss.reshape(-1)[:n]
     dh = dh.reshape(-1, h.shape[1])[:n]
@@ -259,14 +258,12 @@ def _scan(h, weight, bias, labels, counts, scale, hyper, config, grads):
 
 def _types(*arrays):
     """Zero-size stand-ins carrying the arrays' dtypes and mesh-axis types, for residuals."""
-    return tuple(_vary(jnp.zeros((0,), x.dtype), _varying(x)) for x in arrays)
+    return jax.tree.map(lambda x: _vary(jnp.zeros((0,), x.dtype), _varying(x)), arrays)
 
 
 def _cotangents(grads, primals, scale):
     """``scale * grads`` summed over the mesh axes its primal is replicated on, in its dtype."""
-    return tuple(
-        _summed_like(scale * g, x).astype(x.dtype) for g, x in zip(grads, primals, strict=True)
-    )
+    return jax.tree.map(lambda g, x: _summed_like(scale * g, x).astype(x.dtype), grads, primals)
 
 
 def _varying(x):
@@ -292,22 +289,25 @@ def _summed_like(gradient, primal):
     return lax.psum(gradient, extra) if extra else gradient
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _total(h, weight, bias, labels, counts, hyper, config):
-    ones = jnp.ones(labels.shape, _checks.compute_dtype(jnp.result_type(h, weight)))
-    return jnp.sum(_scan(h, weight, bias, labels, counts, ones, hyper, config, False)[0])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _total(h, weight, bias, labels, counts, scale, hyper, config):
+    """``scale`` times the sum of the per-row losses (``1 / count`` for "mean")."""
+    scales = jnp.broadcast_to(scale, labels.shape)
+    return scale * jnp.sum(_scan(h, weight, bias, labels, counts, scales, hyper, config, False)[0])
 
 
-def _total_fwd(h, weight, bias, labels, counts, hyper, config):
-    # The cotangent is one scalar: compute the gradients now, keep only them.
-    ones = jnp.ones(labels.shape, _checks.compute_dtype(jnp.result_type(h, weight)))
-    loss, grads = _scan(h, weight, bias, labels, counts, ones, hyper, config, True)
-    return jnp.sum(loss), (grads, _types(h, weight, bias))
+def _total_fwd(h, weight, bias, labels, counts, scale, hyper, config):
+    # The cotangent is one scalar: compute the (scaled) gradients now, keep only
+    # them. When it is the constant 1 (value_and_grad of this loss), XLA drops the
+    # product in the backward pass and the scan's sums become the gradients.
+    scales = jnp.broadcast_to(scale, labels.shape)
+    loss, grads = _scan(h, weight, bias, labels, counts, scales, hyper, config, True)
+    return scale * jnp.sum(loss), (grads, _types(h, weight, bias))
 
 
 def _total_bwd(config, saved, ct):
     grads, primals = saved
-    return (*_cotangents(grads, primals, ct), None, None, (None, None))
+    return (*_cotangents(grads, primals, ct), None, None, None, (None, None))
 
 
 _total.defvjp(_total_fwd, _total_bwd)
