@@ -37,8 +37,10 @@ from jax.typing import ArrayLike
 from jsoftmax import _checks
 from jsoftmax._losses import _options
 
-# Elements of one chunk's [chunk_size, V] logits when chunk_size is not given:
-# 2**23 float32 values, 32 MiB a buffer.
+# The default chunk: 256 tokens, or more while a chunk's [chunk_size, V] logits
+# stay within 2**23 elements (32 MiB of float32). Each chunk also reads and
+# writes the [D, V] weight gradient, so much smaller chunks cost time.
+_CHUNK_TOKENS = 256
 _CHUNK_ELEMENTS = 2**23
 
 
@@ -87,8 +89,9 @@ def linear_softmax_cross_entropy(
       logit_softcap: ``c > 0`` replaces the logits by ``c * tanh(logits / c)``.
       reduction: "none" (per token, ``labels``' shape), "sum", or "mean" (over
         the counting tokens; 0 when none counts).
-      chunk_size: tokens per chunk (static); by default the largest power of
-        two keeping a chunk's logits within 2**23 elements (32 MiB float32).
+      chunk_size: tokens per chunk (static); by default 256, or the largest
+        power of two keeping a chunk's logits within 2**23 elements (32 MiB
+        of float32) when that is more.
       axis_name: the mesh axis along which ``weight`` and ``bias`` are sharded
         by vocabulary, inside ``jax.shard_map``; None when not sharded.
 
@@ -140,7 +143,7 @@ def linear_softmax_cross_entropy(
     if logit_softcap is not None and not float(logit_softcap) > 0:  # static: a Python number
         raise ValueError(f"{fname}: logit_softcap must be in (0.0, inf), got {logit_softcap}")
     if chunk_size is None:
-        chunk_size = 1 << max(0, (_CHUNK_ELEMENTS // vocab).bit_length() - 1)
+        chunk_size = 1 << (max(_CHUNK_TOKENS, _CHUNK_ELEMENTS // vocab).bit_length() - 1)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{fname}: chunk_size must be an integer >= 1, got {chunk_size!r}")
     alpha, z_loss_, smooth, with_z_loss = _options(fname, reduction, label_smoothing, z_loss)
