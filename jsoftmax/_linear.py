@@ -300,9 +300,8 @@ def _total(h, weight, bias, labels, counts, scale, hyper, config):
 
 
 def _total_fwd(h, weight, bias, labels, counts, scale, hyper, config):
-    # The cotangent is one scalar: compute the (scaled) gradients now, keep only
-    # them. When it is the constant 1 (value_and_grad of this loss), XLA drops the
-    # product in the backward pass and the scan's sums become the gradients.
+    # The cotangent is one scalar: compute the gradients now (the mean's 1 / count
+    # already folded in) and keep only them; the backward pass just scales them.
     scales = jnp.broadcast_to(scale, labels.shape)
     loss, grads = _scan(h, weight, bias, labels, counts, scales, hyper, config, True)
     return scale * jnp.sum(loss), (grads, _types(h, weight, bias))
