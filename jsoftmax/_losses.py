@@ -49,10 +49,27 @@ def _row_terms(z, target, weights, dense, smooth):
         t_d = t0 * (jnp.minimum(z_y, jnp.finfo(z.dtype).max) - m)
     if not smooth:
         return m, s, has_class, t0, t_d, None, None, None
-    kept = z != -jnp.inf
-    count = jnp.sum(kept, -1).astype(z.dtype)
-    w_sum = count if weights is None else jnp.sum(jnp.where(kept, weights, 0.0), -1)
-    w_d = jnp.sum(jnp.where(kept, d if weights is None else weights * d, 0.0), -1)
+
+    def sums(z, m, masked):
+        """Per row: the kept classes' count, weight sum and weighted sum of ``d``."""
+        d = jnp.minimum(z, jnp.finfo(z.dtype).max) - m[..., None]
+        w_d = d if weights is None else weights * d
+        if not masked:
+            count = jnp.full(z.shape[:-1], z.shape[-1], z.dtype)
+            w_sum = count if weights is None else jnp.broadcast_to(jnp.sum(weights), count.shape)
+            return count, w_sum, jnp.sum(w_d, -1)
+        kept = z != -jnp.inf
+        count = jnp.sum(kept, -1).astype(z.dtype)
+        w_sum = count if weights is None else jnp.sum(jnp.where(kept, weights, 0.0), -1)
+        return count, w_sum, jnp.sum(jnp.where(kept, w_d, 0.0), -1)
+
+    # Without -inf logits (no mask) every class is kept: sums without selects,
+    # which XLA's CPU backend fuses into the reduction instead of writing out.
+    # A NaN anywhere takes the selecting path too, so NaN rows stay to themselves.
+    masked = ~(jnp.min(z, initial=jnp.inf) > -jnp.inf)
+    count, w_sum, w_d = lax.cond(
+        masked, functools.partial(sums, masked=True), functools.partial(sums, masked=False), z, m
+    )
     return m, s, has_class, t0, t_d, count, w_sum, w_d
 
 

@@ -232,13 +232,22 @@ def test_traced_out_of_range_label_is_nan_in_its_row_only():
     assert np.isnan(mean)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
 @pytest.mark.parametrize("fn", ["int", "dense"])
-def test_nan_logit_poisons_its_row_only(fn):
+def test_nan_logit_poisons_its_row_only(fn, alpha):
     logits, labels = data()
+    logits[0, (labels[0] + 1) % K] = -inf  # a masked class in another row
+
+    def loss_of(x):
+        if fn == "int":
+            return np.asarray(ce_int(x, labels, label_smoothing=alpha))
+        return np.asarray(ce_dense(x, jax.nn.one_hot(labels, K), label_smoothing=alpha))
+
+    clean = loss_of(logits)
     logits[2, 1] = nan
-    loss = ce_int(logits, labels) if fn == "int" else ce_dense(logits, jax.nn.one_hot(labels, K))
-    loss = np.asarray(loss)
+    loss = loss_of(logits)
     assert np.isnan(loss[2]) and np.isfinite(np.delete(loss, 2)).all()
+    np.testing.assert_allclose(np.delete(loss, 2), np.delete(clean, 2), rtol=1e-6)
 
 
 def test_pos_inf_logit():
