@@ -146,9 +146,7 @@ def _fit(logits, labels, where, low, high):
     d = u - jnp.max(u, axis=1, keepdims=True)  # <= 0; -inf for impossible classes
     d_label = jnp.take_along_axis(d, labels[:, None], axis=1, mode="clip")
     spread = jnp.where(jnp.isfinite(d), d - d_label, 0.0)  # u_k - u_y, 0 where p_k = 0
-    rows = where & (labels >= 0) & (labels < x.shape[1])
-    bad_label = jnp.any(where & ((labels < 0) | (labels >= x.shape[1])))
-    n = jnp.sum(where.astype(dtype))
+    n, nan_if_bad = _count(x, labels, where)
 
     def derivatives(beta):
         """First and second derivative of the mean NLL with respect to beta * c."""
@@ -156,7 +154,9 @@ def _fit(logits, labels, where, low, high):
         p = e / jnp.sum(e, axis=1, keepdims=True)
         mean = jnp.sum(p * spread, axis=1, keepdims=True)
         var = jnp.sum(p * (spread - mean) ** 2, axis=1)
-        return jnp.sum(jnp.where(rows, mean[:, 0], 0.0)) / n, jnp.sum(jnp.where(rows, var, 0.0)) / n
+        return jnp.sum(jnp.where(where, mean[:, 0], 0.0)) / n, jnp.sum(
+            jnp.where(where, var, 0.0)
+        ) / n
 
     # Fit beta * c, u's inverse temperature; the bounds move with it.
     beta_lo, beta_hi = c / high, jnp.minimum(c / low, jnp.finfo(dtype).max)
@@ -188,7 +188,7 @@ def _fit(logits, labels, where, low, high):
     t = jnp.clip(c / beta, low, high)
     t = jnp.where(g_lo >= 0, high, jnp.where(g_hi <= 0, low, t))
     t = jnp.where(n > 0, t, jnp.clip(1.0, low, high))
-    return jnp.where(bad_label, jnp.nan, t).astype(dtype)
+    return (t * nan_if_bad).astype(dtype)
 
 
 def _rows(fname, values, labels, where, name):

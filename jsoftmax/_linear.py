@@ -35,7 +35,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax import _checks
-from jsoftmax._losses import _options
+from jsoftmax._losses import _check_softcap, _options
 
 # The default chunk: 256 tokens, or more while a chunk's [chunk_size, V] logits
 # stay within 2**23 elements (32 MiB of float32). Each chunk also reads and
@@ -140,8 +140,7 @@ def linear_softmax_cross_entropy(
         fname, labels, hidden.shape[:-1], vocab * shards, f"hidden {hidden.shape}", ignore_index
     )
     where = _checks.mask(fname, where, labels.shape)
-    if logit_softcap is not None and not float(logit_softcap) > 0:  # static: a Python number
-        raise ValueError(f"{fname}: logit_softcap must be in (0.0, inf), got {logit_softcap}")
+    _check_softcap(fname, logit_softcap)
     if chunk_size is None:
         chunk_size = 1 << (max(_CHUNK_TOKENS, _CHUNK_ELEMENTS // vocab).bit_length() - 1)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -165,9 +164,14 @@ def _linear_loss(hidden, weight, bias, labels, where, alpha, z_loss, ignore, red
     hyper = (lax.stop_gradient(alpha), lax.stop_gradient(z_loss))
     if reduction == "none":
         return _rows(h, weight, bias, labels, counts, hyper, config).reshape(shape)
-    dtype = _checks.compute_dtype(jnp.result_type(h, weight))
+    dtype = _compute_dtype(h, weight)
     scale = 1 / jnp.maximum(jnp.sum(counts.astype(dtype)), 1) if reduction == "mean" else 1
     return _total(h, weight, bias, labels, counts, jnp.asarray(scale, dtype), hyper, config)
+
+
+def _compute_dtype(h, weight):
+    """float32 for float16/bfloat16/float32 inputs, float64 if either is float64."""
+    return _checks.compute_dtype(jnp.result_type(h, weight))
 
 
 def _chunk(h, weight, bias, labels, counts, scale, hyper, config, grads):
@@ -178,7 +182,7 @@ def _chunk(h, weight, bias, labels, counts, scale, hyper, config, grads):
     vocabulary makes its row's loss and gradient NaN.
     """
     alpha, z_loss = hyper
-    dtype = _checks.compute_dtype(jnp.result_type(h, weight))
+    dtype = _compute_dtype(h, weight)
     z = jnp.dot(h, weight, preferred_element_type=dtype)
     if bias is not None:
         z = z + bias.astype(dtype)
@@ -235,7 +239,7 @@ def _scan(h, weight, bias, labels, counts, scale, hyper, config, grads):
         return x.reshape(steps, size, *x.shape[1:])
 
     xs = tuple(map(chunked, (h, labels, counts, scale)))
-    dtype = _checks.compute_dtype(jnp.result_type(h, weight))
+    dtype = _compute_dtype(h, weight)
 
     def body(carry, x):
         h_c, labels_c, counts_c, scale_c = x
@@ -317,7 +321,7 @@ _total.defvjp(_total_fwd, _total_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _rows(h, weight, bias, labels, counts, hyper, config):
-    zeros = jnp.zeros(labels.shape, _checks.compute_dtype(jnp.result_type(h, weight)))
+    zeros = jnp.zeros(labels.shape, _compute_dtype(h, weight))
     return _scan(h, weight, bias, labels, counts, zeros, hyper, config, False)[0]
 
 

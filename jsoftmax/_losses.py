@@ -143,6 +143,11 @@ def _check_reduction(fname, reduction):
         raise ValueError(f"{fname}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def _check_softcap(fname, logit_softcap):
+    if logit_softcap is not None and not float(logit_softcap) > 0:  # static: a Python number
+        raise ValueError(f"{fname}: logit_softcap must be in (0.0, inf), got {logit_softcap}")
+
+
 def _hyper(fname, name, value, low, high=np.inf):
     """A scalar hyperparameter: range-checked when concrete, NaN when traced and out of range."""
     value = jnp.asarray(value)
@@ -355,8 +360,7 @@ def softmax_cross_entropy_with_integer_labels(
                 f"{fname}: class_weights has shape {class_weights.shape} but the logits "
                 f"have {num_classes} classes; it needs ({num_classes},)"
             )
-    if logit_softcap is not None and not float(logit_softcap) > 0:  # static: a Python number
-        raise ValueError(f"{fname}: logit_softcap must be in (0.0, inf), got {logit_softcap}")
+    _check_softcap(fname, logit_softcap)
     alpha, z_loss_, smooth, with_z_loss = _options(fname, reduction, label_smoothing, z_loss)
     return _integer_loss(
         z,
