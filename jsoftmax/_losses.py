@@ -1,8 +1,9 @@
 r"""Cross-entropy losses on dense and integer labels, built on the softmax family.
 
 Both losses reduce through one kernel, :func:`_cross_entropy`. Per row, with
-``d = z - m`` and ``s = sum(exp(d))`` from :func:`jsoftmax._softmax._normalizer`
-(so ``log p_k = d_k - log s``) and a target ``c`` over the classes,
+``d = z - m`` (``m`` the row max clamped to be finite, ``+inf`` entries at
+``d = 0``), ``s = sum(exp(d))`` (so ``log p_k = d_k - log s``) and a target
+``c`` over the classes,
 
 .. math::
     \ell = \sum_k c_k (\log s - d_k) + \lambda\, \mathrm{lse}^2,
@@ -26,7 +27,7 @@ from jax.typing import ArrayLike
 
 from jsoftmax import _checks
 from jsoftmax._checks import Axis
-from jsoftmax._softmax import _normalizer
+from jsoftmax._softmax import _row_stats, _shifted
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -35,10 +36,11 @@ def _row_terms(z, target, weights, dense, smooth):
     """The per-row sums the loss and its derivative need: ``m``, ``s`` and the target's.
 
     ``has_class`` marks rows with a kept class (``s > 0``; NaN rows too), and ``s``
-    comes back raised to at least 1, its value in every such row.
+    comes back raised to at least 1, its value in every such row (an all ``-inf``
+    row has ``m = -finfo.max`` and ``s = 0``). NaN propagates through ``max``.
     """
-    d, m, s = _normalizer(z, (-1,))
-    m, has_class, s = m[..., 0], s[..., 0] != 0, jnp.maximum(s[..., 0], 1.0)
+    m, d, s = _row_stats(z)
+    has_class, s = s != 0, jnp.maximum(s, 1.0)
     if dense:
         t0 = jnp.sum(target, -1)
         # 0 * -inf is 0 here: probability on a masked class is caught by t_d's -inf.
@@ -52,7 +54,7 @@ def _row_terms(z, target, weights, dense, smooth):
 
     def sums(z, m, masked):
         """Per row: the kept classes' count, weight sum and weighted sum of ``d``."""
-        d = jnp.minimum(z, jnp.finfo(z.dtype).max) - m[..., None]
+        d = _shifted(z, m)
         w_d = d if weights is None else weights * d
         if not masked:
             count = jnp.full(z.shape[:-1], z.shape[-1], z.dtype)
@@ -98,11 +100,13 @@ def _cross_entropy_jvp(dense, smooth, with_z_loss, primals, tangents):
     t_z, t_target = tangents[0], tangents[1]
     loss, kept = _cross_entropy(z, target, weights, alpha, z_loss, dense, smooth, with_z_loss)
     m, s, _, t0, _, count, w_sum, _ = _row_terms(z, target, weights, dense, smooth)
-    # The barrier keeps XLA from sharing exp(z - m) with the forward pass: shared,
-    # it would be written out whole ([..., K]); recomputed, it fuses into the gradient.
-    z, m, s = lax.optimization_barrier((z, m, s))
-    d = jnp.minimum(z, jnp.finfo(z.dtype).max) - m[..., None]
-    p = jnp.exp(d) / s[..., None]
+    top = -0.0
+    if smooth:
+        # exp(z - m) recomputed here, not shared with the forward pass: shared,
+        # XLA writes it out beside the smoothing sums' buffer (2x the temp memory);
+        # without smoothing, sharing it is faster: it becomes the gradient buffer.
+        z, m, s, top = lax.optimization_barrier((z, m, s, jnp.array(top, z.dtype)))
+    d = _shifted(z, m, top)
     # d loss / d z_k = A p_k - B t_k - C w_k v_k, with row coefficients A, B, C
     # (0 for rows without a kept class).
     b = jnp.where(kept, 1 - alpha if smooth else 1.0, 0.0)
@@ -112,15 +116,15 @@ def _cross_entropy_jvp(dense, smooth, with_z_loss, primals, tangents):
         a = a + c * w_sum
     if with_z_loss:
         a = a + jnp.where(kept, 2 * z_loss * _lse(m, s), 0.0)
-    out = jnp.sum(p * t_z, -1) * a
+    out = jnp.sum(jnp.exp(d) * t_z, -1) * (a / s)
     if dense:
         out = out - b * jnp.sum(target * t_z, -1)
         log_s = jnp.log(s)[..., None]
         # Labels on masked classes are outside the support: no gradient there.
         out = out + b * jnp.sum(jnp.where(z != -jnp.inf, log_s - d, 0.0) * t_target, -1)
     else:
-        hit = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == target[..., None]
-        out = out - b * t0 * jnp.sum(jnp.where(hit, t_z, 0.0), -1)
+        t_y = jnp.take_along_axis(t_z, target[..., None], -1, mode="clip")[..., 0]
+        out = out - b * t0 * t_y
     if smooth:
         w = 1.0 if weights is None else weights
         out = out - c * jnp.sum(jnp.where(z != -jnp.inf, w * t_z, 0.0), -1)

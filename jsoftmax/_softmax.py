@@ -37,6 +37,30 @@ def _normalizer(z: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Arr
     return d, m, s
 
 
+def _shifted(z: jax.Array, m: jax.Array, top: ArrayLike = -0.0) -> jax.Array:
+    """``z - m[..., None]`` for a finite row max ``m``, ``+inf`` entries at ``top`` (0).
+
+    :func:`_normalizer` clamps ``z`` before its max, which XLA's CPU backend
+    fuses when all of it is one pass. Where the max and the sums are separate
+    passes (the losses), it would write that clamped copy out ([..., K]), as
+    it does the broadcast of a constant other passes share: hence ``-0.0``, not
+    the ``0.0`` that starts every sum.
+    """
+    return jnp.minimum(z - m[..., None], top)
+
+
+def _row_stats(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`_normalizer` over the last axis for callers that only reduce ``d``.
+
+    Returns ``(m, d, s)`` without keepdims: the row max clamped to be finite,
+    :func:`_shifted` logits, and ``sum(exp(d))`` (0 for an all ``-inf`` row).
+    """
+    big = jnp.finfo(z.dtype).max
+    m = jnp.clip(jnp.max(z, -1), -big, big)
+    d = _shifted(z, m)
+    return m, d, jnp.sum(jnp.exp(d), -1)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _softmax(z: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     d, _, s = _normalizer(z, axes)
