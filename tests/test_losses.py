@@ -205,6 +205,25 @@ def test_masked_label_class_costs_inf():
     assert np.isfinite(only_uniform).all()
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("weights", [None, WEIGHTS])
+def test_neg_inf_logits_act_as_masked_in_value_and_gradient(alpha, weights):
+    logits, labels = data()
+    where = mask()
+    kwargs = dict(label_smoothing=alpha, class_weights=weights, reduction="sum")
+    # where= masks through a select, whose gradient is 0 on masked entries whatever
+    # the loss's own; -inf logits reach the loss's gradient directly.
+    value, g = jax.value_and_grad(lambda x: ce_int(x, labels, **kwargs))(
+        np.where(where, logits, -inf)
+    )
+    masked_value, masked_g = jax.value_and_grad(lambda x: ce_int(x, labels, where=where, **kwargs))(
+        logits
+    )
+    close(value, masked_value)
+    close(g, masked_g)
+    assert np.all(np.asarray(g)[~where] == 0)
+
+
 def test_concrete_out_of_range_label_raises_with_position():
     logits, labels = data()
     labels[3] = K
@@ -255,6 +274,9 @@ def test_pos_inf_logit():
     loss = np.asarray(ce_int(logits, jnp.array([0, 1])))
     close(loss[0], np.log(2))
     assert loss[1] > 1e30
+    dense = np.asarray(ce_dense(logits, jax.nn.one_hot(jnp.array([0, 1]), 3)))
+    close(dense[0], np.log(2))
+    assert dense[1] > 1e30
 
 
 def test_z_loss_and_softcap_formulas():
