@@ -48,9 +48,7 @@ def _row_terms(z, target, weights, dense, smooth):
             # 0 * -inf counts 0: probability on a masked class is caught by the -inf.
             return jnp.sum(jnp.where(target == 0, 0.0, target * d), -1)
 
-        # d anew behind a barrier: shared with s's pass, XLA writes it out.
-        z_, m_, top = lax.optimization_barrier((z, m, jnp.array(-0.0, z.dtype)))
-        t_d = _unless_masked(jnp.sum(target * _shifted(z_, m_, top), -1), masked_t_d, z, target)
+        t_d = _unless_masked(jnp.sum(target * _fresh_shifted(z, m), -1), masked_t_d, z, target)
     else:
         t0 = jnp.ones(z.shape[:-1], z.dtype) if weights is None else weights[target]
         z_y = jnp.take_along_axis(z, target[..., None], -1, mode="clip")[..., 0]
@@ -69,8 +67,19 @@ def _row_terms(z, target, weights, dense, smooth):
         w_sum = count if weights is None else jnp.sum(jnp.where(kept, weights, 0.0), -1)
         return count, w_sum, jnp.sum(jnp.where(kept, w * d, 0.0), -1)
 
-    count, w_sum, w_d = _unless_masked((count, w_sum, jnp.sum(w * d, -1)), kept_sums, z)
+    w_d = jnp.sum(w * _fresh_shifted(z, m), -1)
+    count, w_sum, w_d = _unless_masked((count, w_sum, w_d), kept_sums, z)
     return m, s, has_class, t0, t_d, count, w_sum, w_d
+
+
+def _fresh_shifted(z, m):
+    """:func:`_shifted` anew, behind a barrier, for a reduction with a second [..., K] operand.
+
+    XLA's CPU backend writes ``d`` out ([..., K] temp memory and a pass) when it
+    is shared between ``s``'s pass and such a reduction (target or weights).
+    """
+    z, m, top = lax.optimization_barrier((z, m, jnp.array(-0.0, z.dtype)))
+    return _shifted(z, m, top)
 
 
 def _unless_masked(sums, exact, z, *operands):
