@@ -39,7 +39,7 @@ def _row_terms(z, target, weights, dense, smooth):
     comes back raised to at least 1, its value in every such row (an all ``-inf``
     row has ``m = -finfo.max`` and ``s = 0``). NaN propagates through ``max``.
     """
-    m, d, s = _row_stats(z)
+    m, _, s = _row_stats(z)
     has_class, s = s != 0, jnp.maximum(s, 1.0)
     if dense:
         t0 = jnp.sum(target, -1)
