@@ -42,14 +42,13 @@ def _row_terms(z, target, weights, dense, smooth):
     m, _, s = _row_stats(z)
     has_class, s = s != 0, jnp.maximum(s, 1.0)
     if dense:
-        t0 = jnp.sum(target, -1)
 
-        def masked_t_d(z, d, target):
+        def masked_sums(z, d, target):
             # 0 * -inf counts 0: probability on a masked class is caught by the -inf.
-            return (jnp.sum(jnp.where(target == 0, 0.0, target * d), -1),)
+            return _row_sums([target, jnp.where(target == 0, 0.0, target * d)])
 
-        sums = (jnp.sum(target * _fresh_shifted(z, m), -1),)
-        (t_d,) = _unless_masked(sums, masked_t_d, z, target)
+        sums = (jnp.sum(target, -1), jnp.sum(target * _fresh_shifted(z, m), -1))
+        t0, t_d = _unless_masked(sums, masked_sums, z, target)
     else:
         t0 = jnp.ones(z.shape[:-1], z.dtype) if weights is None else weights[target]
         z_y = jnp.take_along_axis(z, target[..., None], -1, mode="clip")[..., 0]
@@ -64,9 +63,12 @@ def _row_terms(z, target, weights, dense, smooth):
 
     def kept_sums(z, d):
         kept = z != -jnp.inf
-        count = jnp.sum(kept.astype(z.dtype), -1)
-        w_sum = count if weights is None else jnp.sum(jnp.where(kept, weights, 0.0), -1)
-        return count, w_sum, jnp.sum(jnp.where(kept, w * d, 0.0), -1)
+        terms = [kept.astype(z.dtype), jnp.where(kept, w * d, 0.0)]
+        if weights is None:
+            count, w_d = _row_sums(terms)
+            return count, count, w_d
+        count, w_d, w_sum = _row_sums([*terms, jnp.where(kept, weights, 0.0)])
+        return count, w_sum, w_d
 
     w_d = jnp.sum(w * _fresh_shifted(z, m), -1)
     count, w_sum, w_d = _unless_masked((count, w_sum, w_d), kept_sums, z)
@@ -99,6 +101,28 @@ def _unless_masked(sums, exact, z, *operands):
         z,
         *operands,
     )
+
+
+@jax.custom_jvp
+def _row_sums(terms):
+    """Sums of several [..., K] terms over the last axis in one pass, none written out.
+
+    A variadic reduction is one loop fusion on XLA's CPU backend, where single
+    sums of selects each write their [..., K] input out first.
+    """
+
+    def add(a, b):
+        return tuple(map(jnp.add, a, b))
+
+    zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
+    return lax.reduce(tuple(terms), zeros, add, (terms[0].ndim - 1,))
+
+
+@_row_sums.defjvp
+def _row_sums_jvp(primals, tangents):
+    # JAX's own rule for a variadic reduction fails on symbolic zero tangents.
+    (terms,), (t_terms,) = primals, tangents
+    return _row_sums(terms), tuple(jnp.sum(t, -1) for t in t_terms)
 
 
 def _kept(z):

@@ -146,6 +146,36 @@ def test_smoothing_equals_optax_one_hot_route():
     close(ce_int(logits, labels, label_smoothing=0.1), route)
 
 
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda x, y, q, w: ce_int(x, y, label_smoothing=0.1),
+        lambda x, y, q, w: ce_int(x, y, label_smoothing=0.1, class_weights=w),
+        lambda x, y, q, w: ce_dense(x, q),
+        lambda x, y, q, w: ce_dense(x, q, label_smoothing=0.1),
+    ],
+    ids=["smoothing", "smoothing+weights", "dense", "dense+smoothing"],
+)
+def test_value_and_grad_keep_no_dense_temporary(loss):
+    """No [N, K] temporary: no one-hot target, no copy of the logits, none reserved
+    for the exact pass that masked (-inf) logits take. optax's route builds two."""
+    n, k = 256, 4096
+    x = jax.ShapeDtypeStruct((n, k), jnp.float32)
+    y = jax.ShapeDtypeStruct((n,), jnp.int32)
+    w = jax.ShapeDtypeStruct((k,), jnp.float32)
+
+    def temp_bytes(f, *args):
+        value_and_grad = jax.value_and_grad(lambda *a: jnp.mean(f(*a)))
+        return jax.jit(value_and_grad).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    def optax_route(x, y):
+        return optax.softmax_cross_entropy(x, optax.smooth_labels(jax.nn.one_hot(y, k), 0.1))
+
+    logits_bytes = n * k * 4
+    assert temp_bytes(optax_route, x, y) >= logits_bytes
+    assert temp_bytes(loss, x, y, x, w) < 0.05 * logits_bytes
+
+
 def test_smooth_labels_with_mask():
     labels = jnp.array([[0.0, 1.0, 0.0, 0.0]])
     where = jnp.array([[True, True, False, True]])
