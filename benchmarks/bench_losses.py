@@ -15,6 +15,7 @@ from _harness import compare, device, table
 import jsoftmax
 
 N, K = 4096, 32000
+CAP = 30.0  # Gemma 2's final-logit soft-cap
 
 
 def value_and_grad(loss):
@@ -49,6 +50,16 @@ def main():
             labels,
         ),
         ("dense labels", jsoftmax.softmax_cross_entropy, optax.softmax_cross_entropy, dense),
+        (
+            f"integer labels, logit_softcap={CAP} (optax: capped logits -> CE)",
+            lambda x, y: jsoftmax.softmax_cross_entropy_with_integer_labels(
+                x, y, logit_softcap=CAP
+            ),
+            lambda x, y: optax.softmax_cross_entropy_with_integer_labels(
+                CAP * jnp.tanh(x / CAP), y
+            ),
+            labels,
+        ),
     ]
     rows = []
     for name, ours, theirs, y in cases:

@@ -32,26 +32,28 @@ from jsoftmax._softmax import _row_stats, _shifted
 REDUCTIONS = ("none", "sum", "mean")
 
 
-def _row_terms(z, target, weights, dense, smooth):
+def _row_terms(z, target, weights, dense, smooth, softcap):
     """The per-row sums the loss and its derivative need: ``m``, ``s`` and the target's.
 
     ``has_class`` marks rows with a kept class (``s > 0``; NaN rows too), and ``s``
     comes back raised to at least 1, its value in every such row (an all ``-inf``
     row has ``m = -finfo.max`` and ``s = 0``). NaN propagates through ``max``.
     """
-    m, _, s = _row_stats(z)
+    cap = functools.partial(_capped, softcap=softcap)
+    m, _, s = _row_stats(z, cap)
     has_class, s = s != 0, jnp.maximum(s, 1.0)
     if dense:
 
-        def masked_sums(z, d, target):
+        def masked_sums(z, target):
             # 0 * -inf counts 0: probability on a masked class is caught by the -inf.
+            d = _row_stats(z)[1]
             return _row_sums([target, jnp.where(target == 0, 0.0, target * d)])
 
         sums = (jnp.sum(target, -1), jnp.sum(target * _fresh_shifted(z, m), -1))
         t0, t_d = _unless_masked(sums, masked_sums, z, target)
     else:
         t0 = jnp.ones(z.shape[:-1], z.dtype) if weights is None else weights[target]
-        z_y = jnp.take_along_axis(z, target[..., None], -1, mode="clip")[..., 0]
+        z_y = cap(jnp.take_along_axis(z, target[..., None], -1, mode="clip")[..., 0])
         t_d = t0 * (jnp.minimum(z_y, jnp.finfo(z.dtype).max) - m)
     if not smooth:
         return m, s, has_class, t0, t_d, None, None, None
@@ -61,7 +63,8 @@ def _row_terms(z, target, weights, dense, smooth):
     count = jnp.full(z.shape[:-1], z.shape[-1], z.dtype)
     w_sum = count if weights is None else jnp.broadcast_to(jnp.sum(weights), count.shape)
 
-    def kept_sums(z, d):
+    def kept_sums(z):
+        d = _row_stats(z, cap)[1]
         kept = z != -jnp.inf
         terms = [kept.astype(z.dtype), jnp.where(kept, w * d, 0.0)]
         if weights is None:
@@ -70,34 +73,52 @@ def _row_terms(z, target, weights, dense, smooth):
         count, w_d, w_sum = _row_sums([*terms, jnp.where(kept, weights, 0.0)])
         return count, w_sum, w_d
 
-    w_d = jnp.sum(w * _fresh_shifted(z, m), -1)
+    w_d = jnp.sum(w * _fresh_shifted(z, m, softcap), -1)
     count, w_sum, w_d = _unless_masked((count, w_sum, w_d), kept_sums, z)
     return m, s, has_class, t0, t_d, count, w_sum, w_d
 
 
-def _fresh_shifted(z, m):
+def _fresh_shifted(z, m, softcap=None):
     """:func:`_shifted` anew, behind a barrier, for a reduction with a second [..., K] operand.
 
     XLA's CPU backend writes ``d`` out ([..., K] temp memory and a pass) when it
     is shared between ``s``'s pass and such a reduction (target or weights).
     """
     z, m, top = lax.optimization_barrier((z, m, jnp.array(-0.0, z.dtype)))
-    return _shifted(z, m, top)
+    return _shifted(_capped(z, softcap), m, top)
+
+
+def _capped(z, softcap):
+    """``softcap * tanh(z / softcap)`` (``-inf`` stays), anew for each pass; ``z`` without a cap.
+
+    Behind a barrier, with its constants: shared between passes, XLA's CPU
+    backend writes the capped logits out (and the constants' [..., K]
+    broadcasts). ``-inf`` is kept by arithmetic, not a select, which would
+    split the pass's fusion.
+    """
+    if softcap is None:
+        return z
+    z, *constants = lax.optimization_barrier(
+        (z, *(jnp.array(v, z.dtype) for v in (softcap, jnp.finfo(z.dtype).max, 0.0)))
+    )
+    # Their tangents are zeros out of the barrier, and -inf / c's would be NaN.
+    c, big, zero = lax.stop_gradient(constants)
+    return c * jnp.tanh(z / c) + jnp.minimum(z + big, zero)
 
 
 def _unless_masked(sums, exact, z, *operands):
-    """The tuple ``sums``, or ``exact(z, d, *operands)`` when a row's last sum is not finite.
+    """The tuple ``sums``, or ``exact(z, *operands)`` when a row's last sum is not finite.
 
     The sums take no select (XLA's CPU backend writes a select's [..., K]
     input out); a ``-inf`` logit (masked class) makes them NaN or ``-inf``,
     and only then does ``exact`` run its second, selecting pass. NaN rows take
-    it too; rows never mix. ``d`` is recomputed there: passed in, it would be
+    it too; rows never mix. ``exact`` recomputes ``d``: passed in, it would be
     written out too.
     """
     return lax.cond(
         jnp.all(jnp.isfinite(sums[-1])),
         lambda z, *_: sums,
-        lambda z, *operands: exact(z, _row_stats(z)[1], *operands),
+        exact,
         z,
         *operands,
     )
@@ -141,10 +162,15 @@ def _lse(m, s):
     return m + jnp.log(s)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7))
-def _cross_entropy(z, target, weights, alpha, z_loss, dense, smooth, with_z_loss):
-    """Per-row loss over the last axis, and whether the row has a kept class."""
-    m, s, has_class, t0, t_d, count, w_sum, w_d = _row_terms(z, target, weights, dense, smooth)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8))
+def _cross_entropy(z, target, weights, alpha, z_loss, dense, smooth, with_z_loss, softcap):
+    """Per-row loss over the last axis, and whether the row has a kept class.
+
+    With ``softcap``, the loss of :func:`_capped` logits, capped pass by pass.
+    """
+    m, s, has_class, t0, t_d, count, w_sum, w_d = _row_terms(
+        z, target, weights, dense, smooth, softcap
+    )
     log_s = jnp.log(s)
     loss = t0 * log_s - t_d
     if smooth:
@@ -156,11 +182,12 @@ def _cross_entropy(z, target, weights, alpha, z_loss, dense, smooth, with_z_loss
 
 
 @_cross_entropy.defjvp
-def _cross_entropy_jvp(dense, smooth, with_z_loss, primals, tangents):
+def _cross_entropy_jvp(dense, smooth, with_z_loss, softcap, primals, tangents):
     z, target, weights, alpha, z_loss = primals
     t_z, t_target = tangents[0], tangents[1]
-    loss, kept = _cross_entropy(z, target, weights, alpha, z_loss, dense, smooth, with_z_loss)
-    m, s, _, t0, _, count, w_sum, _ = _row_terms(z, target, weights, dense, smooth)
+    options = dense, smooth, with_z_loss, softcap
+    loss, kept = _cross_entropy(z, target, weights, alpha, z_loss, *options)
+    m, s, _, t0, _, count, w_sum, _ = _row_terms(z, target, weights, dense, smooth, softcap)
     top = -0.0
     if smooth or dense:
         # exp(z - m) recomputed here, not shared with the forward pass: shared,
@@ -169,7 +196,9 @@ def _cross_entropy_jvp(dense, smooth, with_z_loss, primals, tangents):
         # Its own barrier, not _fresh_shifted's: that one XLA merges with the
         # forward pass's (weighted smoothing ran 1.3x slower).
         z, m, s, top = lax.optimization_barrier((z, m, s, jnp.array(top, z.dtype)))
-    d = _shifted(z, m, top)
+    d = _shifted(_capped(z, softcap), m, top)
+    if softcap is not None:
+        t_z = t_z * (1 - jnp.tanh(z / softcap) ** 2)
     # d loss / d z_k = A p_k - B t_k - C w_k v_k, with row coefficients A, B, C
     # (0 for rows without a kept class).
     b = jnp.where(kept, 1 - alpha if smooth else 1.0, 0.0)
@@ -254,11 +283,9 @@ def _options(fname, reduction, label_smoothing, z_loss):
     return alpha, z_loss_, not _is_zero(label_smoothing), not _is_zero(z_loss)
 
 
-def _prepared(z, where, logit_softcap):
-    """Upcasts, soft-caps and masks logits: ``-inf`` logits stay masked through the cap."""
+def _prepared(z, where):
+    """Upcasts and masks logits (the soft-cap comes later, in :func:`_cross_entropy`)."""
     z = z.astype(_checks.compute_dtype(z.dtype))
-    if logit_softcap is not None:
-        z = jnp.where(z == -jnp.inf, z, logit_softcap * jnp.tanh(z / logit_softcap))
     return z if where is None else jnp.where(where, z, -jnp.inf)
 
 
@@ -331,10 +358,10 @@ def softmax_cross_entropy(
 
 @functools.partial(jax.jit, static_argnums=(5, 6, 7))
 def _dense_loss(z, labels, where, alpha, z_loss, smooth, with_z_loss, reduction):
-    z = _prepared(z, where, None)
+    z = _prepared(z, where)
     alpha, z_loss = lax.stop_gradient(alpha), lax.stop_gradient(z_loss)
     labels = labels.astype(z.dtype)
-    loss, counts = _cross_entropy(z, labels, None, alpha, z_loss, True, smooth, with_z_loss)
+    loss, counts = _cross_entropy(z, labels, None, alpha, z_loss, True, smooth, with_z_loss, None)
     return _reduce(loss, counts, 1.0, reduction)
 
 
@@ -448,14 +475,15 @@ def softmax_cross_entropy_with_integer_labels(
 def _integer_loss(
     z, labels, where, weights, alpha, z_loss, smooth, with_z_loss, ignore, softcap, reduction
 ):
-    z = _prepared(z, where, softcap)
+    z = _prepared(z, where)
     alpha, z_loss = lax.stop_gradient(alpha), lax.stop_gradient(z_loss)
     if weights is not None:
         weights = lax.stop_gradient(weights.astype(z.dtype))
     ignored = (labels == ignore) if ignore is not None else jnp.zeros(labels.shape, bool)
     bad = ((labels < 0) | (labels >= z.shape[-1])) & ~ignored
     safe_labels = jnp.where(ignored | bad, 0, labels)
-    loss, kept = _cross_entropy(z, safe_labels, weights, alpha, z_loss, False, smooth, with_z_loss)
+    options = False, smooth, with_z_loss, softcap
+    loss, kept = _cross_entropy(z, safe_labels, weights, alpha, z_loss, *options)
     counts = kept & ~ignored
     loss = jnp.where(counts, loss, 0.0)
     loss = loss * jnp.where(bad, jnp.nan, 1.0)  # NaN with a NaN gradient, this row only

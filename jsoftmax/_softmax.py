@@ -49,15 +49,16 @@ def _shifted(z: jax.Array, m: jax.Array, top: ArrayLike = -0.0) -> jax.Array:
     return jnp.minimum(z - m[..., None], top)
 
 
-def _row_stats(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _row_stats(z: jax.Array, each=lambda z: z) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`_normalizer` over the last axis for callers that only reduce ``d``.
 
     Returns ``(m, d, s)`` without keepdims: the row max clamped to be finite,
-    :func:`_shifted` logits, and ``sum(exp(d))`` (0 for an all ``-inf`` row).
+    :func:`_shifted` logits, and ``sum(exp(d))`` (0 for an all ``-inf`` row),
+    of ``each(z)``, which is computed anew for each of the two passes.
     """
     big = jnp.finfo(z.dtype).max
-    m = jnp.clip(jnp.max(z, -1), -big, big)
-    d = _shifted(z, m)
+    m = jnp.clip(jnp.max(each(z), -1), -big, big)
+    d = _shifted(each(z), m)
     return m, d, jnp.sum(jnp.exp(d), -1)
 
 

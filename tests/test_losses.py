@@ -1,5 +1,6 @@
 """Specification of the cross-entropy losses and smooth_labels."""
 
+import functools
 import itertools
 
 import jax
@@ -153,12 +154,13 @@ def test_smoothing_equals_optax_one_hot_route():
         lambda x, y, q, w: ce_int(x, y, label_smoothing=0.1, class_weights=w),
         lambda x, y, q, w: ce_dense(x, q),
         lambda x, y, q, w: ce_dense(x, q, label_smoothing=0.1),
+        lambda x, y, q, w: ce_int(x, y, label_smoothing=0.1, logit_softcap=30.0),
     ],
-    ids=["smoothing", "smoothing+weights", "dense", "dense+smoothing"],
+    ids=["smoothing", "smoothing+weights", "dense", "dense+smoothing", "smoothing+softcap"],
 )
 def test_value_and_grad_keep_no_dense_temporary(loss):
-    """No [N, K] temporary: no one-hot target, no copy of the logits, none reserved
-    for the exact pass that masked (-inf) logits take. optax's route builds two."""
+    """No [N, K] temporary: no one-hot target, no copy of the (capped) logits, none
+    reserved for the exact pass that masked (-inf) logits take. optax's route builds two."""
     n, k = 256, 4096
     x = jax.ShapeDtypeStruct((n, k), jnp.float32)
     y = jax.ShapeDtypeStruct((n,), jnp.int32)
@@ -320,6 +322,29 @@ def test_z_loss_and_softcap_formulas():
     )
     capped = 1.5 * np.tanh(logits / 1.5)
     close(ce_int(logits, labels, logit_softcap=1.5), ce_int(capped, labels))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
+def test_softcap_keeps_neg_inf_masked_and_caps_pos_inf(alpha):
+    logits, labels = data()
+    rows = np.arange(N)
+    logits[rows, (labels + 1) % K] = -inf
+    logits[rows[:2], (labels[:2] + 2) % K] = inf
+
+    def capped_first(x):
+        return jnp.where(x == -inf, x, 1.5 * jnp.tanh(x / 1.5))
+
+    def total(cap, x):
+        return jnp.sum(ce_int(x, labels, label_smoothing=alpha, logit_softcap=cap))
+
+    def total_capped_first(x):
+        return total(None, capped_first(x))
+
+    close(total(1.5, logits), total_capped_first(logits))
+    grad = jax.grad(functools.partial(total, 1.5))(logits)
+    close(grad, jax.grad(total_capped_first)(logits))
+    assert np.all(grad[rows, (labels + 1) % K] == 0)
+    assert np.all(grad[rows[:2], (labels[:2] + 2) % K] == 0)
 
 
 # ---------------------------------------------------------------- dtypes
