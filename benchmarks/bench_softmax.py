@@ -20,6 +20,10 @@ PAIRS = [
 ]
 
 
+def logits(shape):
+    return jax.random.normal(jax.random.key(0), shape, jnp.float32) * 3
+
+
 def forward_backward(f):
     def run(x, g):
         y, pullback = jax.vjp(f, x)
@@ -35,7 +39,7 @@ def main():
     print(f"device: {device()}")
     rows = []
     for shape in SHAPES:
-        x = jax.random.normal(jax.random.key(0), shape, jnp.float32) * 3
+        x = logits(shape)
         g = jax.random.normal(jax.random.key(1), shape, jnp.float32)
         for name, ours, theirs in PAIRS:
             rows.append((f"{name} fwd {list(shape)}", compare(ours, theirs, (x,), repeats)))
@@ -49,8 +53,7 @@ def main():
     print()
     print(table(rows, "jax.nn"))
     # The floor: a softmax writes one exp per entry into a fresh output.
-    x = jax.random.normal(jax.random.key(0), SHAPES[0], jnp.float32) * 3
-    floor = compare(jnp.exp, jax.nn.softmax, (x,), repeats)
+    floor = compare(jnp.exp, jax.nn.softmax, (logits(SHAPES[0]),), repeats)
     print(
         f"\nfloor: jnp.exp alone (one exp per entry into a fresh output) takes "
         f"{floor['time_ratio']:.2f}x of jax.nn.softmax's time at {list(SHAPES[0])}"
