@@ -1,7 +1,5 @@
 """jsoftmax: softmax, cross-entropy and calibration for JAX, exact at the edges."""
 
-from importlib.metadata import version as _version
-
 from jsoftmax import plot as plot
 from jsoftmax._calibration import ReliabilityDiagram as ReliabilityDiagram
 from jsoftmax._calibration import adaptive_calibration_error as adaptive_calibration_error
@@ -22,4 +20,4 @@ from jsoftmax._softmax import log_softmax as log_softmax
 from jsoftmax._softmax import logsumexp as logsumexp
 from jsoftmax._softmax import softmax as softmax
 
-__version__ = _version("jsoftmax")
+__version__ = "0.1.0"  # the one place; pyproject.toml reads it

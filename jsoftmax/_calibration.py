@@ -26,7 +26,6 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax import _checks
-from jsoftmax._softmax import _scale
 
 _MAX_NEWTON_STEPS = 100
 
@@ -59,6 +58,17 @@ def temperature_scale(logits: ArrayLike, temperature: ArrayLike) -> jax.Array:
         raise ValueError(f"{fname}: logits must have a class axis, got shape ()")
     t = _checks.temperature(fname, temperature, logits.shape, (logits.ndim - 1,))
     return _scale(logits, t).astype(logits.dtype)
+
+
+def _scale(x: jax.Array, temperature: jax.Array) -> jax.Array:
+    """``x / temperature`` whose temperature gradient ignores non-finite ``x``.
+
+    The plain quotient would give ``-inf * 0 = NaN`` in the temperature
+    gradient of a masked or ``-inf`` logit; dividing a zeroed copy keeps the
+    gradient exact while the value keeps its infinity (or NaN).
+    """
+    finite = jnp.isfinite(x)
+    return jnp.where(finite, jnp.where(finite, x, 0.0) / temperature, x)
 
 
 def fit_temperature(
@@ -409,8 +419,8 @@ def classwise_calibration_error(
       >>> import jax.numpy as jnp
       >>> import jsoftmax
       >>> probs = jnp.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
-      >>> jsoftmax.classwise_calibration_error(probs, jnp.array([0, 1, 1]), num_bins=5)
-      Array(0.36666667, dtype=float32)
+      >>> jsoftmax.classwise_calibration_error(probs, jnp.array([0, 1, 1]), num_bins=5).round(4)
+      Array(0.3667, dtype=float32)
 
     References:
       Nixon et al., `Measuring Calibration in Deep Learning

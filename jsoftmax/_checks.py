@@ -49,8 +49,15 @@ def axes(fname: str, axis: Axis, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def mask(fname: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
-    """Returns ``where`` as a boolean array broadcast to ``shape`` (or None)."""
+def mask(
+    fname: str, where: ArrayLike | None, shape: tuple[int, ...], *, full: bool = True
+) -> jax.Array | None:
+    """Returns ``where`` as a boolean array broadcast to ``shape`` (or None).
+
+    With ``full=False`` it keeps its own sizes, given ``shape``'s number of
+    axes: a kernel broadcasts it in its own passes, and reverse mode keeps
+    the mask as the caller gave it, not an ``[..., K]`` copy of a row mask.
+    """
     if where is None:
         return None
     where = jnp.asarray(where)
@@ -64,6 +71,8 @@ def mask(fname: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Arr
         raise ValueError(
             f"{fname}: where has shape {where.shape}, which does not broadcast to {tuple(shape)}"
         )
+    if not full:
+        return where.reshape((1,) * (len(shape) - where.ndim) + where.shape)
     return jnp.broadcast_to(where, shape)
 
 

@@ -1,4 +1,9 @@
+import contextlib
+import io
+import re
+
 import jax
+import jax.ad_checkpoint
 import pytest
 from hypothesis import settings
 
@@ -14,3 +19,32 @@ def x64():
 
 
 TRANSFORMS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
+
+
+@pytest.fixture(autouse=True)
+def highest_matmul_precision():
+    """Float32 matmuls as exact on every backend: a GPU's default uses TF32 inputs."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def saved_residuals(f, *args) -> list[tuple[str, tuple[int, ...], str]]:
+    """``(dtype, shape, origin)`` of what reverse mode of ``f`` keeps for its backward pass.
+
+    Parsed from ``jax.ad_checkpoint.print_saved_residuals``; the origin says
+    "from the argument ...", "from a constant" (a closed-over input) or
+    "output of ..." (something computed).
+    """
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        jax.ad_checkpoint.print_saved_residuals(f, *args)
+    out = []
+    for line in printed.getvalue().splitlines():
+        dtype, shape, origin = re.fullmatch(r"(\w+)\[([\d,]*)\] (.*)", line).groups()
+        out.append((dtype, tuple(int(s) for s in shape.split(",") if s), origin))
+    return out
+
+
+def lowered_for(f, platform: str, *args) -> str:
+    """The StableHLO that ``jax.jit(f)`` would compile on ``platform`` (no device needed)."""
+    return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()

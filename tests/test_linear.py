@@ -260,7 +260,12 @@ print("sharded ok")
 
 
 def test_vocab_sharded_on_a_2x4_cpu_mesh_equals_the_unsharded_loss():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",  # eight CPU devices, also where a GPU is present
+        "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+    }
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
         [sys.executable, "-c", SHARDED], env=env, cwd=root, capture_output=True, text=True

@@ -12,7 +12,7 @@ from jax.test_util import check_grads
 
 import jsoftmax
 from tests import reference
-from tests.conftest import TRANSFORMS
+from tests.conftest import TRANSFORMS, lowered_for, saved_residuals
 
 inf, nan = np.inf, np.nan
 ce_int = jsoftmax.softmax_cross_entropy_with_integer_labels
@@ -147,35 +147,69 @@ def test_smoothing_equals_optax_one_hot_route():
     close(ce_int(logits, labels, label_smoothing=0.1), route)
 
 
-@pytest.mark.parametrize(
-    "loss",
-    [
-        lambda x, y, q, w: ce_int(x, y, label_smoothing=0.1),
-        lambda x, y, q, w: ce_int(x, y, label_smoothing=0.1, class_weights=w),
-        lambda x, y, q, w: ce_dense(x, q),
-        lambda x, y, q, w: ce_dense(x, q, label_smoothing=0.1),
-        lambda x, y, q, w: ce_int(x, y, label_smoothing=0.1, logit_softcap=30.0),
-    ],
-    ids=["smoothing", "smoothing+weights", "dense", "dense+smoothing", "smoothing+softcap"],
-)
-def test_value_and_grad_keep_no_dense_temporary(loss):
-    """No [N, K] temporary: no one-hot target, no copy of the (capped) logits, none
-    reserved for the exact pass that masked (-inf) logits take. optax's route builds two."""
-    n, k = 256, 4096
-    x = jax.ShapeDtypeStruct((n, k), jnp.float32)
-    y = jax.ShapeDtypeStruct((n,), jnp.int32)
-    w = jax.ShapeDtypeStruct((k,), jnp.float32)
+# Every option of both losses, as (logits, integer labels, dense labels, class weights, mask).
+LOSS_CASES = {
+    "plain": lambda x, y, q, w, m: ce_int(x, y),
+    "smoothing": lambda x, y, q, w, m: ce_int(x, y, label_smoothing=0.1),
+    "class_weights": lambda x, y, q, w, m: ce_int(x, y, class_weights=w),
+    "smoothing+class_weights": lambda x, y, q, w, m: ce_int(
+        x, y, label_smoothing=0.1, class_weights=w
+    ),
+    "ignore_index": lambda x, y, q, w, m: ce_int(x, y, ignore_index=0),
+    "z_loss": lambda x, y, q, w, m: ce_int(x, y, z_loss=1e-4),
+    "logit_softcap": lambda x, y, q, w, m: ce_int(x, y, logit_softcap=30.0),
+    "where": lambda x, y, q, w, m: ce_int(x, y, where=m),
+    "row where": lambda x, y, q, w, m: ce_int(x, y, where=m[:, :1]),
+    "every option": lambda x, y, q, w, m: ce_int(
+        x,
+        y,
+        where=m,
+        label_smoothing=0.1,
+        class_weights=w,
+        ignore_index=0,
+        z_loss=1e-4,
+        logit_softcap=30.0,
+    ),
+    "dense": lambda x, y, q, w, m: ce_dense(x, q),
+    "dense+smoothing": lambda x, y, q, w, m: ce_dense(x, q, label_smoothing=0.1, z_loss=1e-4),
+    "dense+where": lambda x, y, q, w, m: ce_dense(x, q, where=m),
+}
 
-    def temp_bytes(f, *args):
-        value_and_grad = jax.value_and_grad(lambda *a: jnp.mean(f(*a)))
-        return jax.jit(value_and_grad).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
-    def optax_route(x, y):
-        return optax.softmax_cross_entropy(x, optax.smooth_labels(jax.nn.one_hot(y, k), 0.1))
+def loss_inputs(dtype, n=16, k=384):
+    rng = np.random.default_rng(9)
+    return (
+        jnp.asarray(rng.standard_normal((n, k)), dtype),
+        jnp.asarray(rng.integers(0, k, n), jnp.int32),
+        jnp.asarray(rng.dirichlet(np.ones(k), n), dtype),
+        jnp.asarray(rng.uniform(0.5, 2.0, k), jnp.float32),
+        jnp.asarray(rng.random((n, k)) < 0.9),
+    )
 
-    logits_bytes = n * k * 4
-    assert temp_bytes(optax_route, x, y) >= logits_bytes
-    assert temp_bytes(loss, x, y, x, w) < 0.05 * logits_bytes
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_backward_keeps_only_the_inputs_and_per_row_vectors(case, dtype):
+    """Reverse mode keeps the logits as given (same dtype, no float32 copy), the labels and
+    mask as given, and per-row vectors; the gradient is recomputed from them."""
+    x, y, q, w, m = loss_inputs(dtype)
+    n, k = x.shape
+    residuals = saved_residuals(lambda x: jnp.mean(LOSS_CASES[case](x, y, q, w, m)), x)
+    large = [r for r in residuals if np.prod(r[1]) >= n * k]
+    assert large, "the logits are kept"
+    for dtype_name, shape, origin in large:
+        assert origin in ("from the argument x", "from a constant"), (dtype_name, shape, origin)
+        assert dtype_name != "f32", (dtype_name, shape, origin)
+    # The rest: per-row vectors (and the [K] class weights).
+    assert all(np.prod(r[1]) <= max(n, k) for r in residuals if r not in large)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_accelerator_programs_hold_no_optimization_barrier(case, platform):
+    x, y, q, w, m = loss_inputs(jnp.bfloat16)
+    value_and_grad = jax.value_and_grad(lambda x: jnp.mean(LOSS_CASES[case](x, y, q, w, m)))
+    assert "optimization_barrier" not in lowered_for(value_and_grad, platform, x)
 
 
 def test_smooth_labels_with_mask():
