@@ -1,8 +1,11 @@
 """jsoftmax's cross-entropy losses against optax, forward+backward of the mean loss.
 
-Run: python benchmarks/bench_losses.py [--repeats N]
-Prints a markdown table: median times, the median of per-pair time ratios
-(jsoftmax / optax, interleaved in one process) and compiled temp memory.
+Run: python benchmarks/bench_losses.py [--repeats N] [--cases a,b]
+Every option against optax's route to the same numbers, at the sizes of the
+backend found: float32 [4096, 32000] everywhere, and on a GPU or TPU also the
+language-model case, bfloat16 [8192, 128256]. Prints a markdown table per
+size: median times, the median of per-pair time ratios (jsoftmax / optax,
+interleaved in one process) and compiled temp memory; on CPU, the floors.
 """
 
 import argparse
@@ -14,86 +17,117 @@ from _harness import compare, device, table
 
 import jsoftmax
 
-N, K = 4096, 32000
 CAP = 30.0  # Gemma 2's final-logit soft-cap
+ALPHA = 0.1
+Z_LOSS = 1e-4
+ce = jsoftmax.softmax_cross_entropy_with_integer_labels
 
 
-def value_and_grad(loss):
-    return jax.value_and_grad(lambda x, y: jnp.mean(loss(x, y)))
+def optax_smoothed(x, y):
+    return optax.softmax_cross_entropy(x, optax.smooth_labels(jax.nn.one_hot(y, x.shape[-1]), ALPHA))
+
+
+# name: (jsoftmax, optax's route to the same per-row loss); arguments (logits,
+# integer labels, dense labels, class weights, a vocabulary-padding mask [1, K]).
+CASES = {
+    "integer labels": (
+        lambda x, y, q, w, m: ce(x, y),
+        lambda x, y, q, w, m: optax.softmax_cross_entropy_with_integer_labels(x, y),
+    ),
+    f"label_smoothing={ALPHA} (optax: one_hot -> smooth_labels -> CE)": (
+        lambda x, y, q, w, m: ce(x, y, label_smoothing=ALPHA),
+        lambda x, y, q, w, m: optax_smoothed(x, y),
+    ),
+    "class_weights (optax: w[y] * CE)": (
+        lambda x, y, q, w, m: ce(x, y, class_weights=w),
+        lambda x, y, q, w, m: w[y] * optax.softmax_cross_entropy_with_integer_labels(x, y),
+    ),
+    "ignore_index=0 (optax: CE * (y != 0))": (
+        lambda x, y, q, w, m: ce(x, y, ignore_index=0),
+        lambda x, y, q, w, m: jnp.where(
+            y == 0, 0.0, optax.softmax_cross_entropy_with_integer_labels(x, y)
+        ),
+    ),
+    f"z_loss={Z_LOSS} (optax: CE + z * logsumexp**2)": (
+        lambda x, y, q, w, m: ce(x, y, z_loss=Z_LOSS),
+        lambda x, y, q, w, m: optax.softmax_cross_entropy_with_integer_labels(x, y)
+        + Z_LOSS * jax.nn.logsumexp(x, -1) ** 2,
+    ),
+    f"logit_softcap={CAP} (optax: capped logits -> CE)": (
+        lambda x, y, q, w, m: ce(x, y, logit_softcap=CAP),
+        lambda x, y, q, w, m: optax.softmax_cross_entropy_with_integer_labels(
+            CAP * jnp.tanh(x / CAP), y
+        ),
+    ),
+    "where (padded vocabulary)": (
+        lambda x, y, q, w, m: ce(x, y, where=m),
+        lambda x, y, q, w, m: optax.softmax_cross_entropy_with_integer_labels(x, y, where=m),
+    ),
+    "dense labels": (
+        lambda x, y, q, w, m: jsoftmax.softmax_cross_entropy(x, q),
+        lambda x, y, q, w, m: optax.softmax_cross_entropy(x, q),
+    ),
+    f"dense labels, label_smoothing={ALPHA}": (
+        lambda x, y, q, w, m: jsoftmax.softmax_cross_entropy(x, q, label_smoothing=ALPHA),
+        lambda x, y, q, w, m: optax.softmax_cross_entropy(x, optax.smooth_labels(q, ALPHA)),
+    ),
+}
+
+
+def sizes():
+    """(N, K, dtype) for this backend: the language-model case only on an accelerator."""
+    out = [(4096, 32000, jnp.float32)]
+    if jax.default_backend() != "cpu":
+        out.insert(0, (8192, 128256, jnp.bfloat16))
+    return out
+
+
+def inputs(n, k, dtype):
+    keys = jax.random.split(jax.random.key(0), 4)
+    logits = (jax.random.normal(keys[0], (n, k), jnp.float32) * 3).astype(dtype)
+    labels = jax.random.randint(keys[1], (n,), 0, k)
+    dense = jax.nn.softmax(jax.random.normal(keys[2], (n, k))).astype(dtype)
+    weights = jax.random.uniform(keys[3], (k,), jnp.float32, 0.5, 2.0)
+    padding = (jnp.arange(k) < k - 128)[None, :]  # the last 128 classes are padding
+    return logits, labels, dense, weights, padding
+
+
+def value_and_grad(loss, rest):
+    """``jax.value_and_grad`` of the mean loss w.r.t. the logits; the rest closed over."""
+    return jax.value_and_grad(lambda x: jnp.mean(loss(x, *rest)))
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=9)
-    repeats = parser.parse_args().repeats
+    parser.add_argument("--cases", default="", help="comma-separated prefixes of case names")
+    args = parser.parse_args()
+    chosen = [c for c in CASES if not args.cases or c.startswith(tuple(args.cases.split(",")))]
     print(f"device: {device()}")
-    logits = jax.random.normal(jax.random.key(0), (N, K), jnp.float32) * 3
-    labels = jax.random.randint(jax.random.key(1), (N,), 0, K)
-    dense = jax.nn.softmax(jax.random.normal(jax.random.key(2), (N, K)))
+    for n, k, dtype in sizes():
+        x, *rest = inputs(n, k, dtype)
+        rows = []
+        for name in chosen:
+            ours, theirs = (value_and_grad(f, rest) for f in CASES[name])
+            rows.append((name, compare(ours, theirs, (x,), args.repeats)))
+            r = rows[-1][1]
+            print(f"{name}: {r['time_ratio']:.2f}x time, {r['mem_ratio']:.3f}x temp", flush=True)
+        print(f"\n{jnp.dtype(dtype).name} [{n}, {k}]\n")
+        print(table(rows, "optax"), flush=True)
+    if jax.default_backend() == "cpu":
+        floors(args.repeats)
 
-    def optax_smoothed(x, y):
-        return optax.softmax_cross_entropy(x, optax.smooth_labels(jax.nn.one_hot(y, K), 0.1))
 
-    cases = [
-        (
-            "integer labels, label_smoothing=0.1 (optax: one_hot -> smooth_labels -> CE)",
-            lambda x, y: jsoftmax.softmax_cross_entropy_with_integer_labels(
-                x, y, label_smoothing=0.1
-            ),
-            optax_smoothed,
-            labels,
-        ),
-        (
-            "integer labels",
-            jsoftmax.softmax_cross_entropy_with_integer_labels,
-            optax.softmax_cross_entropy_with_integer_labels,
-            labels,
-        ),
-        ("dense labels", jsoftmax.softmax_cross_entropy, optax.softmax_cross_entropy, dense),
-        (
-            f"integer labels, logit_softcap={CAP} (optax: capped logits -> CE)",
-            lambda x, y: jsoftmax.softmax_cross_entropy_with_integer_labels(
-                x, y, logit_softcap=CAP
-            ),
-            lambda x, y: optax.softmax_cross_entropy_with_integer_labels(
-                CAP * jnp.tanh(x / CAP), y
-            ),
-            labels,
-        ),
-    ]
-    rows = []
-    for name, ours, theirs, y in cases:
-        rows.append(
-            (
-                f"{name} [{N}, {K}]",
-                compare(value_and_grad(ours), value_and_grad(theirs), (logits, y), repeats),
-            )
-        )
-        print(
-            rows[-1][0],
-            f"{rows[-1][1]['time_ratio']:.2f}x time, {rows[-1][1]['mem_ratio']:.4f}x temp",
-            flush=True,
-        )
-    print()
-    print(table(rows, "optax"))
-    # What any smoothed loss's value and gradient must do at least: exp of every
-    # logit into a fresh gradient buffer, and two row sums (of exp, for the
-    # logsumexp, and of the logits, for the uniform term). optax's plain
-    # integer loss does all of it but the second sum.
-    references = [
-        (
-            "optax's integer-label loss",
-            value_and_grad(optax.softmax_cross_entropy_with_integer_labels),
-        ),
-        (
-            "floor: jnp.exp into a fresh buffer and two row sums",
-            lambda x, y: (jnp.exp(x), jnp.sum(jnp.exp(x), -1), jnp.sum(x, -1)),
-        ),
-    ]
-    print()
-    for name, fn in references:
-        r = compare(fn, value_and_grad(optax_smoothed), (logits, labels), repeats)
-        print(f"{name}: {r['time_ratio']:.2f}x of optax's one-hot route's time", flush=True)
+def floors(repeats):
+    """What any loss's value and gradient must do, against optax's plain integer loss."""
+    x, y, *_ = inputs(4096, 32000, jnp.float32)
+    reference = value_and_grad(CASES["integer labels"][1], (y, None, None, None))
+    bare = (
+        "exp of every logit into a fresh buffer and one row sum",
+        lambda x: (jnp.exp(x), jnp.sum(jnp.exp(x), -1)),
+    )
+    r = compare(bare[1], reference, (x,), repeats)
+    print(f"\nfloor: {bare[0]}: {r['time_ratio']:.2f}x of optax's integer loss's time")
 
 
 if __name__ == "__main__":

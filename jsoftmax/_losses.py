@@ -44,7 +44,7 @@ class _Rows(NamedTuple):
     """Per-row statistics of :func:`_logits` over the last axis (see the module docstring)."""
 
     m: jax.Array  # the shift: the row max, clamped to be finite
-    s: jax.Array  # sum(exp(z - m)): at least 1 (1 in a row without a kept class)
+    log_s: jax.Array  # log sum(exp(z - m)): >= 0 (0 in a row without a kept class)
     has_class: jax.Array  # whether the row keeps a class (NaN rows do)
     t0: jax.Array  # sum of the primary target (w_y for integer labels)
     t_d: jax.Array  # sum of the primary target times z - m
@@ -71,35 +71,60 @@ def _label_logit(x, where, labels, softcap):
 
 
 def _rows(x, where, target, weights, options) -> _Rows:
-    """The per-row sums the loss and its derivative need, all in one pass after the max."""
+    """The per-row sums the loss and its derivative need: the max, then one pass."""
     z = _logits(x, where, softcap=options.softcap)
     top, m, s = _normalizer(z, (-1,))
     d = _shifted(z, m)
+    terms = []
     if options.dense:
         target = target.astype(z.dtype)
-        t0 = jnp.sum(target, -1)
         # 0 * -inf counts 0: probability on a masked class is caught by the -inf.
-        t_d = jnp.sum(jnp.where(target == 0, 0.0, target * d), -1)
+        terms += [target, jnp.where(target == 0, 0.0, target * d)]
+    if options.smooth:
+        kept = z != -jnp.inf
+        w = 1.0 if weights is None else weights
+        terms += [kept.astype(z.dtype), jnp.where(kept, w * d, 0.0)]
+        if weights is not None:
+            terms.append(jnp.where(kept, weights, 0.0))
+    sums = list(_row_sums(terms)) if terms else []
+    if options.dense:
+        t0, t_d = sums.pop(0), sums.pop(0)
     else:
         t0 = jnp.ones(z.shape[:-1], z.dtype) if weights is None else weights[target]
         t_d = t0 * _shifted(_label_logit(x, where, target, options.softcap), m)[..., 0]
     count = w_sum = w_d = None
     if options.smooth:
-        kept = z != -jnp.inf
-        w = 1.0 if weights is None else weights
-        count = jnp.sum(kept.astype(z.dtype), -1)
-        w_sum = count if weights is None else jnp.sum(jnp.where(kept, weights, 0.0), -1)
-        w_d = jnp.sum(jnp.where(kept, w * d, 0.0), -1)
-    return _Rows(m[..., 0], s[..., 0], top[..., 0] != -jnp.inf, t0, t_d, count, w_sum, w_d)
+        count, w_d = sums.pop(0), sums.pop(0)
+        w_sum = sums.pop(0) if weights is not None else count
+    has_class = top[..., 0] != -jnp.inf
+    return _Rows(m[..., 0], jnp.log(s[..., 0]), has_class, t0, t_d, count, w_sum, w_d)
+
+
+@jax.custom_jvp
+def _row_sums(terms):
+    """Sums of several ``[..., K]`` terms over the last axis, as one reduction: one pass."""
+
+    def add(a, b):
+        return tuple(map(jnp.add, a, b))
+
+    zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
+    return lax.reduce(tuple(terms), zeros, add, (terms[0].ndim - 1,))
+
+
+@_row_sums.defjvp
+def _row_sums_jvp(primals, tangents):
+    # JAX's own rule for a variadic reduction fails on symbolic zero tangents.
+    (terms,), (t_terms,) = primals, tangents
+    return _row_sums(terms), tuple(jnp.sum(t, -1) for t in t_terms)
 
 
 def _lse(rows):
     """logsumexp per row; finite (-finfo.max) for a row without a kept class."""
-    return rows.m + jnp.log(rows.s)
+    return rows.m + rows.log_s
 
 
 def _loss(rows, alpha, z_loss, options):
-    log_s = jnp.log(rows.s)
+    log_s = rows.log_s
     loss = rows.t0 * log_s - rows.t_d
     if options.smooth:
         uniform = (rows.w_sum * log_s - rows.w_d) / jnp.maximum(rows.count, 1.0)
@@ -141,7 +166,7 @@ def _cross_entropy_tangent(options, x, where, target, weights, alpha, z_loss, ro
         a = a + jnp.where(rows.has_class, 2 * z_loss * _lse(rows), 0.0)
     out = jnp.zeros(z.shape[:-1], z.dtype)
     if t_x is not None:
-        g = (a / rows.s)[..., None] * jnp.exp(d)
+        g = (a * jnp.exp(-rows.log_s))[..., None] * jnp.exp(d)  # A p
         if options.dense:
             g = g - b[..., None] * target.astype(z.dtype)
         if options.smooth:
@@ -158,7 +183,7 @@ def _cross_entropy_tangent(options, x, where, target, weights, alpha, z_loss, ro
             cap = 1.0 if options.softcap is None else 1 - (z_y / options.softcap) ** 2
             out = out - jnp.where(z_y == -jnp.inf, 0.0, b * rows.t0 * cap) * t_y
     if options.dense and t_target is not None:
-        log_p = jnp.log(rows.s)[..., None] - d
+        log_p = rows.log_s[..., None] - d
         out = out + b * jnp.sum(jnp.where(kept, log_p, 0.0) * t_target.astype(z.dtype), -1)
     return out
 
