@@ -24,7 +24,8 @@ ce = jsoftmax.softmax_cross_entropy_with_integer_labels
 
 
 def optax_smoothed(x, y):
-    return optax.softmax_cross_entropy(x, optax.smooth_labels(jax.nn.one_hot(y, x.shape[-1]), ALPHA))
+    one_hot = jax.nn.one_hot(y, x.shape[-1])
+    return optax.softmax_cross_entropy(x, optax.smooth_labels(one_hot, ALPHA))
 
 
 # name: (jsoftmax, optax's route to the same per-row loss); arguments (logits,
@@ -50,8 +51,10 @@ CASES = {
     ),
     f"z_loss={Z_LOSS} (optax: CE + z * logsumexp**2)": (
         lambda x, y, q, w, m: ce(x, y, z_loss=Z_LOSS),
-        lambda x, y, q, w, m: optax.softmax_cross_entropy_with_integer_labels(x, y)
-        + Z_LOSS * jax.nn.logsumexp(x, -1) ** 2,
+        lambda x, y, q, w, m: (
+            optax.softmax_cross_entropy_with_integer_labels(x, y)
+            + Z_LOSS * jax.nn.logsumexp(x, -1) ** 2
+        ),
     ),
     f"logit_softcap={CAP} (optax: capped logits -> CE)": (
         lambda x, y, q, w, m: ce(x, y, logit_softcap=CAP),
