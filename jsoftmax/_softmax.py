@@ -79,18 +79,39 @@ def _nonzero(*tangents):
     return tuple(None if isinstance(t, SymbolicZero) else t for t in tangents)
 
 
+def _clamped(z: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """softmax and log_softmax's statistics: the shift ``m`` and ``s`` (keepdims, ``s`` raw).
+
+    jax.nn's chain with ``+inf`` clamped to ``finfo.max`` first (the same limit
+    as :func:`_shifted`): XLA's CPU backend runs this one as a single fused
+    pass, and the tangent recomputes exactly these expressions, so a compiler
+    may share them between the forward and backward passes.
+    """
+    big = jnp.finfo(z.dtype).max
+    m = jnp.maximum(jnp.max(jnp.minimum(z, big), axes, keepdims=True), -big)
+    return m, jnp.sum(jnp.exp(jnp.minimum(z, big) - m), axes, keepdims=True)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _family(kind, axes, x, where, temperature):
     """softmax, log_softmax or logsumexp (keepdims) of :func:`_logits`, in ``x``'s dtype."""
     z = _logits(x, where, temperature)
-    top, m, s = _normalizer(z, axes)
-    if kind == "softmax":
-        out = _probs(z, m, s)
-    elif kind == "log_softmax":
-        out = _shifted(z, m) - jnp.log(s)
-    else:  # an infinite row max is the answer itself
-        out = jnp.where(jnp.isinf(top), top, m + jnp.log(s))
+    if kind == "logsumexp":  # an infinite row max is the answer itself
+        top, m, s = _normalizer(z, axes)
+        return jnp.where(jnp.isinf(top), top, m + jnp.log(s)).astype(x.dtype)
+    m, s = _clamped(z, axes)
+    d = jnp.minimum(z, jnp.finfo(z.dtype).max) - m
+    s = jnp.maximum(s, 1.0)  # never differentiated: higher derivatives use the rule
+    out = jnp.exp(d) / s if kind == "softmax" else d - jnp.log(s)
     return out.astype(x.dtype)
+
+
+def _row_stats(kind, axes, z):
+    """The per-row shift and ``s`` that :func:`_family_tangent` takes (``s = 1`` when empty)."""
+    if kind == "logsumexp":
+        return _normalizer(z, axes)[1:]
+    m, s = _clamped(z, axes)
+    return m, jnp.where(s == 0, 1.0, s)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(0, 1), prevent_cse=False)
@@ -102,7 +123,10 @@ def _family_tangent(kind, axes, x, where, temperature, m, s, t_x, t_temperature)
     the rest in the backward pass's single elementwise pass.
     """
     z = _logits(x, where, temperature)
-    p = _probs(z, m, s)
+    if kind == "logsumexp":
+        p = _probs(z, m, s)
+    else:
+        p = jnp.exp(jnp.minimum(z, jnp.finfo(z.dtype).max) - m) / s
     t = jnp.zeros((), z.dtype) if t_x is None else t_x.astype(z.dtype)
     if t_temperature is not None:
         # d(x / T) / dT = -x / T**2; 0 at infinite x (whose limit is constant),
@@ -125,9 +149,9 @@ def _family_jvp(kind, axes, primals, tangents):
     t_x, _, t_temperature = _nonzero(*tangents)
     # The value through the rule itself, so that higher derivatives use it too.
     out = _family(kind, axes, x, where, temperature)
-    _, m, s = _normalizer(_logits(x, where, temperature), axes)
     if t_x is None and t_temperature is None:
         return out, jnp.zeros_like(out)
+    m, s = _row_stats(kind, axes, _logits(x, where, temperature))
     t_out = _family_tangent(kind, axes, x, where, temperature, m, s, t_x, t_temperature)
     return out, jnp.broadcast_to(t_out, out.shape)
 
