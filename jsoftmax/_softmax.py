@@ -1,9 +1,11 @@
 r"""The softmax family: softmax, log_softmax and logsumexp.
 
 Every function here, and the losses, reduce :func:`_logits` (upcast, scaled,
-masked) through :func:`_normalizer`, the one place that owns the numerics:
-the max shift, infinities, NaN and low precision. Masked entries become
-``-inf``, so "masked" and "``-inf``" are one case, not two. Derivatives are
+masked): the max shift, infinities, NaN and low precision are handled in
+:func:`_row_max`, :func:`_shifted` and :func:`_normalizer` (the losses and
+logsumexp) and :func:`_clamped` (softmax and log_softmax: the same limit,
+written as jax.nn's chain). Masked entries become ``-inf``, so "masked" and
+"``-inf``" are one case, not two. Derivatives are
 written by hand (``jax.custom_jvp``) so that reverse mode keeps only the
 input as given plus per-row vectors, and recomputes the rest in one pass.
 """
