@@ -101,11 +101,11 @@ def _family(kind, axes, x, where, temperature):
     if kind == "logsumexp":  # an infinite row max is the answer itself
         top, m, s = _normalizer(z, axes)
         return jnp.where(jnp.isinf(top), top, m + jnp.log(s)).astype(x.dtype)
-    m, s = _clamped(z, axes)
+    m, s = _row_stats(kind, axes, z)
     d = jnp.minimum(z, jnp.finfo(z.dtype).max) - m
-    s = jnp.maximum(s, 1.0)  # never differentiated: higher derivatives use the rule
-    out = jnp.exp(d) / s if kind == "softmax" else d - jnp.log(s)
-    return out.astype(x.dtype)
+    if kind == "softmax":  # maximum, as jax.nn: never differentiated (the rule is)
+        return (jnp.exp(d) / jnp.maximum(s, 1.0)).astype(x.dtype)
+    return _log_probs(d, s).astype(x.dtype)
 
 
 def _row_stats(kind, axes, z):
@@ -114,6 +114,15 @@ def _row_stats(kind, axes, z):
         return _normalizer(z, axes)[1:]
     m, s = _clamped(z, axes)
     return m, jnp.where(s == 0, 1.0, s)
+
+
+def _log_probs(d, s):
+    """log_softmax from the shifted logits: the value, and in the tangent ``exp`` of it.
+
+    One expression in both, so that a compiler may share it between the
+    forward and backward passes rather than recompute or write out another.
+    """
+    return d - jnp.log(s)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(0, 1), prevent_cse=False)
@@ -125,10 +134,13 @@ def _family_tangent(kind, axes, x, where, temperature, m, s, t_x, t_temperature)
     the rest in the backward pass's single elementwise pass.
     """
     z = _logits(x, where, temperature)
+    d = jnp.minimum(z, jnp.finfo(z.dtype).max) - m
     if kind == "logsumexp":
         p = _probs(z, m, s)
+    elif kind == "softmax":
+        p = jnp.exp(d) / s
     else:
-        p = jnp.exp(jnp.minimum(z, jnp.finfo(z.dtype).max) - m) / s
+        p = jnp.exp(_log_probs(d, s))
     t = jnp.zeros((), z.dtype) if t_x is None else t_x.astype(z.dtype)
     if t_temperature is not None:
         # d(x / T) / dT = -x / T**2; 0 at infinite x (whose limit is constant),
