@@ -101,10 +101,12 @@ def _family(kind, axes, x, where, temperature):
     if kind == "logsumexp":  # an infinite row max is the answer itself
         top, m, s = _normalizer(z, axes)
         return jnp.where(jnp.isinf(top), top, m + jnp.log(s)).astype(x.dtype)
+    if kind == "softmax":  # maximum, not a select: never differentiated (the rule is)
+        m, s = _clamped(z, axes)
+        d = jnp.minimum(z, jnp.finfo(z.dtype).max) - m
+        return (jnp.exp(d) / jnp.maximum(s, 1.0)).astype(x.dtype)
     m, s = _row_stats(kind, axes, z)
     d = jnp.minimum(z, jnp.finfo(z.dtype).max) - m
-    if kind == "softmax":  # maximum, as jax.nn: never differentiated (the rule is)
-        return (jnp.exp(d) / jnp.maximum(s, 1.0)).astype(x.dtype)
     return _log_probs(d, s).astype(x.dtype)
 
 
