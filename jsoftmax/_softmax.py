@@ -81,17 +81,22 @@ def _nonzero(*tangents):
     return tuple(None if isinstance(t, SymbolicZero) else t for t in tangents)
 
 
+def _clamped_shift(z: jax.Array, m: jax.Array) -> jax.Array:
+    """``z - m`` with ``+inf`` clamped to ``finfo.max`` first: :func:`_shifted`'s limit."""
+    return jnp.minimum(z, jnp.finfo(z.dtype).max) - m
+
+
 def _clamped(z: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """softmax and log_softmax's statistics: the shift ``m`` and ``s`` (keepdims, ``s`` raw).
 
-    jax.nn's chain with ``+inf`` clamped to ``finfo.max`` first (the same limit
-    as :func:`_shifted`): XLA's CPU backend runs this one as a single fused
-    pass, and the tangent recomputes exactly these expressions, so a compiler
+    jax.nn's chain with ``+inf`` clamped to ``finfo.max`` first
+    (:func:`_clamped_shift`): XLA's CPU backend runs it as a single fused pass,
+    and the value and the tangent write the same expressions, so a compiler
     may share them between the forward and backward passes.
     """
     big = jnp.finfo(z.dtype).max
     m = jnp.maximum(jnp.max(jnp.minimum(z, big), axes, keepdims=True), -big)
-    return m, jnp.sum(jnp.exp(jnp.minimum(z, big) - m), axes, keepdims=True)
+    return m, jnp.sum(jnp.exp(_clamped_shift(z, m)), axes, keepdims=True)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -103,11 +108,9 @@ def _family(kind, axes, x, where, temperature):
         return jnp.where(jnp.isinf(top), top, m + jnp.log(s)).astype(x.dtype)
     if kind == "softmax":  # maximum, not a select: never differentiated (the rule is)
         m, s = _clamped(z, axes)
-        d = jnp.minimum(z, jnp.finfo(z.dtype).max) - m
-        return (jnp.exp(d) / jnp.maximum(s, 1.0)).astype(x.dtype)
+        return (jnp.exp(_clamped_shift(z, m)) / jnp.maximum(s, 1.0)).astype(x.dtype)
     m, s = _row_stats(kind, axes, z)
-    d = jnp.minimum(z, jnp.finfo(z.dtype).max) - m
-    return _log_probs(d, s).astype(x.dtype)
+    return _log_probs(_clamped_shift(z, m), s).astype(x.dtype)
 
 
 def _row_stats(kind, axes, z):
@@ -136,7 +139,7 @@ def _family_tangent(kind, axes, x, where, temperature, m, s, t_x, t_temperature)
     the rest in the backward pass's single elementwise pass.
     """
     z = _logits(x, where, temperature)
-    d = jnp.minimum(z, jnp.finfo(z.dtype).max) - m
+    d = _clamped_shift(z, m)
     if kind == "logsumexp":
         p = _probs(z, m, s)
     elif kind == "softmax":
