@@ -90,9 +90,9 @@ def _clamped(z: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]
     """softmax and log_softmax's statistics: the shift ``m`` and ``s`` (keepdims, ``s`` raw).
 
     jax.nn's chain with ``+inf`` clamped to ``finfo.max`` first
-    (:func:`_clamped_shift`): XLA's CPU backend runs it as a single fused pass,
-    and the value and the tangent write the same expressions, so a compiler
-    may share them between the forward and backward passes.
+    (:func:`_clamped_shift`): XLA's CPU backend runs each value as a single
+    fused pass, and the value and the tangent write the same expressions, so
+    a compiler may share them between the forward and backward passes.
     """
     big = jnp.finfo(z.dtype).max
     m = jnp.maximum(jnp.max(jnp.minimum(z, big), axes, keepdims=True), -big)
@@ -106,11 +106,13 @@ def _family(kind, axes, x, where, temperature):
     if kind == "logsumexp":  # an infinite row max is the answer itself
         top, m, s = _normalizer(z, axes)
         return jnp.where(jnp.isinf(top), top, m + jnp.log(s)).astype(x.dtype)
-    if kind == "softmax":  # maximum, not a select: never differentiated (the rule is)
-        m, s = _clamped(z, axes)
-        return (jnp.exp(_clamped_shift(z, m)) / jnp.maximum(s, 1.0)).astype(x.dtype)
-    m, s = _row_stats(kind, axes, z)
-    return _log_probs(_clamped_shift(z, m), s).astype(x.dtype)
+    # max(s, 1), not a select, which splits XLA's CPU fusion: the values are
+    # never differentiated (the rule is).
+    m, s = _clamped(z, axes)
+    d = _clamped_shift(z, m)
+    if kind == "softmax":
+        return (jnp.exp(d) / jnp.maximum(s, 1.0)).astype(x.dtype)
+    return _log_probs(d, jnp.maximum(s, 1.0)).astype(x.dtype)
 
 
 def _row_stats(kind, axes, z):
