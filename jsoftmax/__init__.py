@@ -10,6 +10,8 @@ from jsoftmax._calibration import fit_temperature as fit_temperature
 from jsoftmax._calibration import maximum_calibration_error as maximum_calibration_error
 from jsoftmax._calibration import reliability_diagram as reliability_diagram
 from jsoftmax._calibration import temperature_scale as temperature_scale
+from jsoftmax._linear import linear_distillation_loss as linear_distillation_loss
+from jsoftmax._linear import linear_log_probs as linear_log_probs
 from jsoftmax._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from jsoftmax._losses import smooth_labels as smooth_labels
 from jsoftmax._losses import softmax_cross_entropy as softmax_cross_entropy

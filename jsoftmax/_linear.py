@@ -1,27 +1,23 @@
-r"""Fused linear cross-entropy: ``hidden @ weight`` and the integer-label loss, chunked.
+r"""Fused linear heads: cross-entropy, log-probabilities and distillation, chunked.
 
-The ``[N, V]`` logits are never materialised: tokens are processed in chunks of
-``chunk_size`` rows, and each chunk's logits exist only inside one step of a
-``lax.scan``. Per chunk and row, with ``z = h W + b`` (soft-capped),
-``lse = logsumexp(z)``, label ``y``, smoothing ``alpha`` and z-loss ``lambda``:
+The ``[N, V]`` logits ``z = h W + b`` are never materialised: tokens are
+processed in chunks of ``chunk_size`` rows, and each chunk's logits exist only
+inside one step of a ``lax.scan`` (:func:`_scan`). Each public function is a
+*head* (:func:`_cross_entropy_head`, :func:`_log_probs_head`,
+:func:`_distillation_head`): from a chunk's logits it computes the per-token
+values and, given their cotangents, the gradient with respect to the logits;
+the core turns that into the gradients of ``hidden``, ``weight`` and ``bias``
+(three matmuls a chunk, as the unfused computation costs). One
+``jax.custom_vjp`` pattern serves every head: for "sum" and "mean" the
+cotangent is one scalar, so the forward pass computes the gradients chunk by
+chunk and keeps only them (:func:`_total`); for per-token outputs the backward
+pass recomputes each chunk's logits from the saved inputs (:func:`_per_token`).
 
-.. math::
-    \ell = \mathrm{lse} - (1 - \alpha) z_y - \frac{\alpha}{V} \sum_k z_k
-    + \lambda\, \mathrm{lse}^2, \qquad
-    \frac{\partial \ell}{\partial z_k} = (1 + 2 \lambda\, \mathrm{lse})\, p_k
-    - (1 - \alpha) [k = y] - \frac{\alpha}{V}.
-
-A ``jax.custom_vjp`` owns the derivative. For "sum" and "mean" the cotangent
-is one scalar, so the forward pass computes the gradients with respect to
-``hidden``, ``weight`` and ``bias`` chunk by chunk (three matmuls a chunk, as
-the unfused loss costs) and keeps only them; for "none" the backward pass
-recomputes each chunk's logits from the saved inputs.
-
-With ``axis_name``, ``weight`` and ``bias`` hold this device's slice of the
+With ``axis_name``, the weights and biases hold this device's slice of the
 vocabulary inside ``jax.shard_map``: each shard reduces its slice and the
-shards merge the row max (``pmax``), the sum of exponentials, the label's
-logit and the sum of logits (``psum``), so every term is over the global
-vocabulary; the gradient with respect to ``hidden`` is summed over the shards.
+shards merge the row statistics in :func:`_merged` (``pmax`` of the max,
+``psum`` of the sums), so every term is over the global vocabulary; the
+gradient with respect to ``hidden`` is summed over the shards.
 """
 
 from __future__ import annotations
@@ -31,27 +27,43 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax import _checks
-from jsoftmax._losses import _check_softcap, _options
+from jsoftmax._losses import _check_reduction, _check_softcap, _hyper, _options
 
-# The default chunk: 256 tokens, or more while a chunk's [chunk_size, V] logits
-# stay within 2**23 elements (32 MiB of float32). Each chunk also reads and
-# writes the [D, V] weight gradient, so much smaller chunks cost time.
-_CHUNK_TOKENS = 256
-_CHUNK_ELEMENTS = 2**23
+# Default chunks, in tokens, by backend. CPU: 256, or more while a chunk's
+# [chunk_size, V] logits stay within 2**23 elements (32 MiB of float32): each
+# chunk also reads and writes the [D, V] weight gradient, so much smaller
+# chunks cost time. GPU/TPU: 2048 (within 1.08x of the unfused loss's time on
+# an H100 at Llama-3 and Gemma-2 heads), fewer while a chunk's logits exceed
+# 2**29 elements (2 GiB of float32) for the largest vocabularies.
+_CHUNK = {"cpu": (256, 2**23, None)}
+_ACCELERATOR_CHUNK = (None, 2**29, 2048)
 
 
 class _Config(NamedTuple):
-    """The static options of one call."""
+    """The static options of one call: the head, its flags, the chunk and the mesh axis."""
 
-    smooth: bool
-    with_z_loss: bool
-    softcap: float | None
+    head: str
     chunk_size: int
     axis_name: str | None
+    smooth: bool = False
+    with_z_loss: bool = False
+    softcap: float | None = None
+    entropy: bool = False
+    divergence: str = "forward_kl"
+
+
+class _Hyper(NamedTuple):
+    """The heads' scalar hyperparameters (arrays; only ``temperature`` is ever differentiated)."""
+
+    temperature: jax.Array
+    alpha: jax.Array | float = 0.0
+    z_loss: jax.Array | float = 0.0
+    beta: jax.Array | float = 0.5
 
 
 def linear_softmax_cross_entropy(
@@ -121,116 +133,442 @@ def linear_softmax_cross_entropy(
       make that token's loss NaN (and so the gradients that sum over tokens).
     """
     fname = "linear_softmax_cross_entropy"
-    hidden = _checks.floating(fname, "hidden", hidden)
-    weight = _checks.floating(fname, "weight", weight)
-    if hidden.ndim < 1 or weight.ndim != 2 or hidden.shape[-1] != weight.shape[0]:
-        raise ValueError(
-            f"{fname}: hidden has shape {hidden.shape} and weight {weight.shape}; "
-            "they need [..., D] and [D, V]"
-        )
-    vocab = weight.shape[1]
-    if bias is not None:
-        bias = _checks.floating(fname, "bias", bias)
-        if bias.shape != (vocab,):
-            raise ValueError(
-                f"{fname}: bias has shape {bias.shape} but weight {weight.shape} needs ({vocab},)"
-            )
+    hidden, weight, bias = _head_inputs(fname, "", hidden, weight, bias)
     shards = 1 if axis_name is None else lax.axis_size(axis_name)
     labels = _checks.integer_labels(
-        fname, labels, hidden.shape[:-1], vocab * shards, f"hidden {hidden.shape}", ignore_index
+        fname,
+        labels,
+        hidden.shape[:-1],
+        weight.shape[1] * shards,
+        f"hidden {hidden.shape}",
+        ignore_index,
     )
     where = _checks.mask(fname, where, labels.shape)
     _check_softcap(fname, logit_softcap)
+    size = _chunk_size(fname, chunk_size, weight.shape[1], labels.size)
+    alpha, z_loss_, smooth, with_z_loss = _options(fname, reduction, label_smoothing, z_loss)
+    config = _Config(
+        "cross_entropy",
+        size,
+        axis_name,
+        smooth=smooth,
+        with_z_loss=with_z_loss,
+        softcap=logit_softcap,
+    )
+    hyper = lax.stop_gradient(_Hyper(jnp.ones(()), alpha, z_loss_))
+    out = _call(config, hidden, (weight, bias), None, labels, where, ignore_index, hyper, reduction)
+    return out[0] if reduction == "none" else out
+
+
+# ---------------------------------------------------------------- the public heads
+
+
+def linear_log_probs(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    temperature: ArrayLike = 1.0,
+    where: ArrayLike | None = None,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    axis_name: str | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r"""Each token's log-probability of its label (and entropy) without materialising the logits.
+
+    With ``z = hidden @ weight + bias`` and temperature ``T``, per token
+
+    .. math::
+        \log p_y = z_y / T - \log \sum_k e^{z_k / T}, \qquad
+        H = -\sum_k p_k \log p_k, \quad p = \mathrm{softmax}(z / T),
+
+    equal to ``jsoftmax.log_softmax(z / T)`` at the label (and the entropy of
+    ``softmax(z / T)``) in value and in the gradients with respect to
+    ``hidden``, ``weight``, ``bias`` and ``temperature``, for any per-token
+    cotangent on either output (PPO and GRPO weigh each token's log-probability
+    by its advantage; an entropy bonus differentiates the entropy).
+
+    Args:
+      hidden: floating ``[..., D]``.
+      weight: floating ``[D, V]``; with ``axis_name``, this device's slice.
+      labels: integers ``[...]`` (global class ids, also when sharded).
+      bias: floating ``[V]`` (or this device's slice), or None.
+      temperature: a positive scalar ``T``. Differentiable.
+      where: boolean ``[...]``; False tokens give 0 and zero gradients.
+      return_entropy: also return each token's entropy.
+      chunk_size: tokens per chunk (static); by default chosen by backend as
+        in :func:`linear_softmax_cross_entropy`.
+      axis_name: the mesh axis along which ``weight`` and ``bias`` are sharded
+        by vocabulary, inside ``jax.shard_map``; None when not sharded.
+
+    Returns:
+      The log-probabilities, ``labels``' shape, float32 (float64 for float64
+      inputs); with ``return_entropy``, a tuple ``(log_probs, entropy)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jsoftmax
+      >>> hidden = jax.random.normal(jax.random.key(0), (6, 4))
+      >>> weight = jax.random.normal(jax.random.key(1), (4, 10))
+      >>> labels = jnp.array([0, 3, 9, 2, 2, 5])
+      >>> logp, entropy = jsoftmax.linear_log_probs(
+      ...     hidden, weight, labels, temperature=0.7, return_entropy=True, chunk_size=4)
+      >>> unfused = jsoftmax.log_softmax(hidden @ weight / 0.7)
+      >>> bool(jnp.allclose(logp, jnp.take_along_axis(unfused, labels[:, None], 1)[:, 0]))
+      True
+      >>> bool(jnp.allclose(entropy, -jnp.sum(jnp.exp(unfused) * unfused, -1)))
+      True
+
+    Note:
+      Labels out of range raise ``ValueError`` when concrete; traced ones make
+      that token's outputs NaN. Under ``jax.jit`` a non-positive temperature
+      cannot raise: every output comes out NaN.
+    """
+    fname = "linear_log_probs"
+    hidden, weight, bias = _head_inputs(fname, "", hidden, weight, bias)
+    shards = 1 if axis_name is None else lax.axis_size(axis_name)
+    labels = _checks.integer_labels(
+        fname, labels, hidden.shape[:-1], weight.shape[1] * shards, f"hidden {hidden.shape}"
+    )
+    where = _checks.mask(fname, where, labels.shape)
+    hyper = _Hyper(_temperature(fname, temperature))
+    config = _Config(
+        "log_probs",
+        _chunk_size(fname, chunk_size, weight.shape[1], labels.size),
+        axis_name,
+        entropy=bool(return_entropy),
+    )
+    out = _call(config, hidden, (weight, bias), None, labels, where, None, hyper, "none")
+    return out if return_entropy else out[0]
+
+
+_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def linear_distillation_loss(
+    student_hidden: ArrayLike,
+    student_weight: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_weight: ArrayLike,
+    *,
+    student_bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None,
+    temperature: ArrayLike = 1.0,
+    divergence: str = "forward_kl",
+    beta: ArrayLike = 0.5,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+    chunk_size: int | None = None,
+    axis_name: str | None = None,
+) -> jax.Array:
+    r"""Knowledge distillation from two models' hidden states, without either logit matrix.
+
+    With the teacher's logits ``t = teacher_hidden @ teacher_weight +
+    teacher_bias``, the student's ``s`` likewise, ``P = softmax(t / T)`` and
+    ``Q = softmax(s / T)``, per token:
+
+    .. math::
+        \text{forward\_kl: } T^2\, \mathrm{KL}(P \,\|\, Q), \qquad
+        \text{reverse\_kl: } T^2\, \mathrm{KL}(Q \,\|\, P),
+
+    .. math::
+        \text{jsd: } T^2 \left(\beta\, \mathrm{KL}(P \,\|\, M)
+        + (1 - \beta)\, \mathrm{KL}(Q \,\|\, M)\right), \quad
+        M = \beta P + (1 - \beta) Q,
+
+    Hinton et al.'s temperature-scaled loss (the ``T**2`` keeps gradient sizes
+    comparable across temperatures) and the generalised Jensen-Shannon
+    divergence of GKD and Liger Kernel's fused linear JSD. Chunked over
+    tokens, so neither ``[N, V]`` logit matrix exists whole.
+
+    Args:
+      student_hidden: floating ``[..., D_s]``.
+      student_weight: floating ``[D_s, V]``; with ``axis_name``, this device's slice.
+      teacher_hidden: floating ``[..., D_t]``, the same leading shape.
+      teacher_weight: floating ``[D_t, V]``: ``D_t`` may differ from ``D_s``,
+        the vocabulary may not (and is sharded alike).
+      student_bias, teacher_bias: floating ``[V]`` (or the slice), or None.
+      temperature: a positive scalar ``T`` (a constant: not differentiated).
+      divergence: "forward_kl", "reverse_kl" or "jsd".
+      beta: the JSD's weight in (0, 1) (at 0 and 1 its formula is identically
+        0: use "forward_kl" or "reverse_kl").
+      where: boolean, the tokens' shape; False tokens cost 0 and do not count.
+      reduction: "none" (per token), "sum", or "mean" (over the counting
+        tokens; 0 when none counts).
+      chunk_size: tokens per chunk (static); by default chosen by backend as
+        in :func:`linear_softmax_cross_entropy`.
+      axis_name: the mesh axis along which both heads are sharded by
+        vocabulary, inside ``jax.shard_map``; None when not sharded.
+
+    Returns:
+      float32 (float64 for float64 inputs): per token for "none", else a
+      scalar. Gradients flow to the student's hidden, weight and bias only:
+      the teacher is a constant.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jsoftmax
+      >>> keys = jax.random.split(jax.random.key(0), 4)
+      >>> s_h, t_h = jax.random.normal(keys[0], (6, 4)), jax.random.normal(keys[1], (6, 8))
+      >>> s_w, t_w = jax.random.normal(keys[2], (4, 10)), jax.random.normal(keys[3], (8, 10))
+      >>> loss = jsoftmax.linear_distillation_loss(s_h, s_w, t_h, t_w, temperature=2.0)
+      >>> p, log_q = jax.nn.softmax(t_h @ t_w / 2), jax.nn.log_softmax(s_h @ s_w / 2)
+      >>> want = 4 * jnp.sum(p * (jnp.log(p) - log_q), -1)
+      >>> bool(jnp.allclose(loss, want, rtol=1e-5))
+      True
+    """
+    fname = "linear_distillation_loss"
+    hidden, weight, bias = _head_inputs(
+        fname, "student_", student_hidden, student_weight, student_bias
+    )
+    t_hidden, t_weight, t_bias = _head_inputs(
+        fname, "teacher_", teacher_hidden, teacher_weight, teacher_bias
+    )
+    if t_hidden.shape[:-1] != hidden.shape[:-1] or t_weight.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{fname}: the teacher (hidden {t_hidden.shape}, weight {t_weight.shape}) and the "
+            f"student (hidden {hidden.shape}, weight {weight.shape}) need the same tokens "
+            "[...] and the same vocabulary V"
+        )
+    if divergence not in _DIVERGENCES:
+        raise ValueError(f"{fname}: divergence must be one of {_DIVERGENCES}, got {divergence!r}")
+    _check_reduction(fname, reduction)
+    tokens = hidden.shape[:-1]
+    where = _checks.mask(fname, where, tokens)
+    beta_ = _hyper(fname, "beta", beta, 0.0, 1.0)
+    if divergence == "jsd" and not _checks.is_traced(beta) and float(beta) in (0.0, 1.0):
+        raise ValueError(f"{fname}: beta must be in (0, 1) for the jsd, got {float(beta)}")
+    beta_ = jnp.where((beta_ > 0) & (beta_ < 1), beta_, jnp.nan)
+    hyper = lax.stop_gradient(_Hyper(_temperature(fname, temperature), beta=beta_))
+    size = _chunk_size(fname, chunk_size, weight.shape[1], int(np.prod(tokens)))
+    config = _Config("distillation", size, axis_name, divergence=divergence)
+    teacher = (t_hidden, t_weight, t_bias)
+    out = _call(config, hidden, (weight, bias), teacher, None, where, None, hyper, reduction)
+    return out[0] if reduction == "none" else out
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _head_inputs(fname, prefix, hidden, weight, bias):
+    """Checks one head's ``hidden [..., D]``, ``weight [D, V]`` and ``bias [V]`` (or None)."""
+    hidden = _checks.floating(fname, f"{prefix}hidden", hidden)
+    weight = _checks.floating(fname, f"{prefix}weight", weight)
+    if hidden.ndim < 1 or weight.ndim != 2 or hidden.shape[-1] != weight.shape[0]:
+        raise ValueError(
+            f"{fname}: {prefix}hidden has shape {hidden.shape} and {prefix}weight "
+            f"{weight.shape}; they need [..., D] and [D, V]"
+        )
+    if bias is not None:
+        bias = _checks.floating(fname, f"{prefix}bias", bias)
+        if bias.shape != (weight.shape[1],):
+            raise ValueError(
+                f"{fname}: {prefix}bias has shape {bias.shape} but {prefix}weight "
+                f"{weight.shape} needs ({weight.shape[1]},)"
+            )
+    return hidden, weight, bias
+
+
+def _temperature(fname, temperature):
+    """A positive finite scalar temperature (NaN when traced and not)."""
+    return _checks.temperature(fname, temperature, (), ())
+
+
+def _chunk_size(fname, chunk_size, vocab, tokens):
+    """The static chunk: as given (checked), or the backend's default for ``vocab``."""
     if chunk_size is None:
-        chunk_size = 1 << (max(_CHUNK_TOKENS, _CHUNK_ELEMENTS // vocab).bit_length() - 1)
+        low, elements, high = _CHUNK.get(jax.default_backend(), _ACCELERATOR_CHUNK)
+        size = elements // vocab
+        size = max(size, low) if low is not None else min(size, high)
+        chunk_size = 1 << (max(size, 1).bit_length() - 1)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{fname}: chunk_size must be an integer >= 1, got {chunk_size!r}")
-    alpha, z_loss_, smooth, with_z_loss = _options(fname, reduction, label_smoothing, z_loss)
-    tokens = max(1, labels.size)
-    config = _Config(smooth, with_z_loss, logit_softcap, min(chunk_size, tokens), axis_name)
-    return _linear_loss(
-        hidden, weight, bias, labels, where, alpha, z_loss_, ignore_index, reduction, config
-    )
+    return min(chunk_size, max(1, tokens))
 
 
-@functools.partial(jax.jit, static_argnums=(7, 8, 9))
-def _linear_loss(hidden, weight, bias, labels, where, alpha, z_loss, ignore, reduction, config):
-    shape = labels.shape
-    h = hidden.reshape(-1, hidden.shape[-1])
-    labels = labels.reshape(-1)
-    counts = jnp.ones(labels.shape, bool) if where is None else where.reshape(-1)
-    if ignore is not None:
-        counts = counts & (labels != ignore)
-    hyper = (lax.stop_gradient(alpha), lax.stop_gradient(z_loss))
-    if reduction == "none":
-        return _rows(h, weight, bias, labels, counts, hyper, config).reshape(shape)
-    dtype = _compute_dtype(h, weight)
-    scale = 1 / jnp.maximum(jnp.sum(counts.astype(dtype)), 1) if reduction == "mean" else 1
-    return _total(h, weight, bias, labels, counts, jnp.asarray(scale, dtype), hyper, config)
+# ---------------------------------------------------------------- the heads
 
 
-def _compute_dtype(h, weight):
-    """float32 for float16/bfloat16/float32 inputs, float64 if either is float64."""
-    return _checks.compute_dtype(jnp.result_type(h, weight))
+def _merged(config, collective, x):
+    """The one place where the shards' row statistics meet (over the vocabulary axis)."""
+    return x if config.axis_name is None else collective(x, config.axis_name)
 
 
-def _chunk(h, weight, bias, labels, counts, scale, hyper, config, grads):
-    """One chunk of tokens: per-row losses and, with ``grads``, the gradients they give.
-
-    ``scale`` weighs each row's gradient (the loss's cotangent); rows that do
-    not count cost 0 and contribute nothing. A label outside the global
-    vocabulary makes its row's loss and gradient NaN.
-    """
-    alpha, z_loss = hyper
-    dtype = _compute_dtype(h, weight)
-    z = jnp.dot(h, weight, preferred_element_type=dtype)
-    if bias is not None:
-        z = z + bias.astype(dtype)
-    if config.softcap is not None:
-        z = config.softcap * jnp.tanh(z / config.softcap)
-    local = weight.shape[1]
-    shard, vocab = 0, local
-    if config.axis_name is not None:
-        shard = lax.axis_index(config.axis_name)
-        vocab = local * lax.axis_size(config.axis_name)
-
-    def merged(x, collective):
-        return x if config.axis_name is None else collective(x, config.axis_name)
-
-    m = merged(jnp.max(z, axis=1), lax.pmax)
+def _normalized(config, z):
+    """``exp(z - m)``, its row sum and the row's logsumexp, over the global vocabulary."""
+    m = _merged(config, lax.pmax, jnp.max(z, axis=1))
     e = jnp.exp(z - m[:, None])
-    s = merged(jnp.sum(e, axis=1), lax.psum)
-    lse = m + jnp.log(s)
-    index = labels - shard * local
+    s = _merged(config, lax.psum, jnp.sum(e, axis=1))
+    return e, s, m + jnp.log(s)
+
+
+def _vocabulary(config, local):
+    """This shard's first class id and the global vocabulary size."""
+    if config.axis_name is None:
+        return 0, local
+    return lax.axis_index(config.axis_name) * local, local * lax.axis_size(config.axis_name)
+
+
+def _label_terms(config, z, labels, counts):
+    """The label's column on this shard, its logit (merged) and a NaN factor for bad labels."""
+    local = z.shape[1]
+    first, vocab = _vocabulary(config, local)
+    index = labels - first
     mine = (index >= 0) & (index < local)
     z_label = jnp.take_along_axis(z, jnp.clip(index, 0, local - 1)[:, None], axis=1)[:, 0]
-    z_label = merged(jnp.where(mine, z_label, 0.0), lax.psum)
+    z_label = _merged(config, lax.psum, jnp.where(mine, z_label, 0.0))
+    bad = jnp.where(counts & ((labels < 0) | (labels >= vocab)), jnp.nan, 1.0)
+    return index, z_label, bad
+
+
+def _at_label(z, index, coef):
+    """``coef`` in each row's label column, 0 elsewhere: the one-hot is a compare, never stored."""
+    columns = lax.broadcasted_iota(jnp.int32, z.shape, 1)
+    return jnp.where(columns == index[:, None], coef[:, None], 0.0)
+
+
+def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
+    r"""``lse - (1 - alpha) z_y - alpha / V sum_k z_k + lambda lse**2`` per token, and
+    ``d/dz = (1 + 2 lambda lse) p - (1 - alpha) [k = y] - alpha / V`` (times the cap's slope)."""
+    del t
+    alpha, z_loss = hyper.alpha, hyper.z_loss
+    if config.softcap is not None:
+        z = config.softcap * jnp.tanh(z / config.softcap)
+    e, s, lse = _normalized(config, z)
+    index, z_label, bad = _label_terms(config, z, labels, counts)
+    vocab = _vocabulary(config, z.shape[1])[1]
     loss = lse - (1 - alpha) * z_label
     if config.smooth:
-        loss = loss - alpha / vocab * merged(jnp.sum(z, axis=1), lax.psum)
+        loss = loss - alpha / vocab * _merged(config, lax.psum, jnp.sum(z, axis=1))
     if config.with_z_loss:
         loss = loss + z_loss * lse**2
-    bad = jnp.where(counts & ((labels < 0) | (labels >= vocab)), jnp.nan, 1.0)
     loss = jnp.where(counts, loss, 0.0) * bad
-    if not grads:
-        return loss, None
-    # d loss / d z, scaled per row; the label's one-hot is a compare, never stored.
-    r = jnp.where(counts, scale, 0.0) * bad
+    if cts is None:
+        return (loss,), None, None
+    r = jnp.where(counts, cts[0], 0.0) * bad
     p_coef = (1 + 2 * z_loss * lse) * r / s if config.with_z_loss else r / s
-    columns = lax.broadcasted_iota(jnp.int32, z.shape, 1)
-    dz = p_coef[:, None] * e - jnp.where(columns == index[:, None], ((1 - alpha) * r)[:, None], 0.0)
+    dz = p_coef[:, None] * e - _at_label(z, index, (1 - alpha) * r)
     if config.smooth:
         dz = dz - (alpha / vocab * r)[:, None]
     if config.softcap is not None:
         dz = dz * (1 - (z / config.softcap) ** 2)
+    return (loss,), dz, None
+
+
+def _log_probs_head(config, z, t, labels, counts, hyper, cts):
+    r"""``log p_y`` and ``H = lse - sum_k p_k z_k`` of ``z / T``; with ``x = z / T``,
+    ``d/dx = g_1 ([k = y] - p) - g_2 p (x - (lse - H))``, ``d/dz = d/dx / T`` and
+    ``d/dT = -sum_k x_k d/dx_k / T``."""
+    del t
+    temperature = hyper.temperature
+    x = z / temperature
+    e, s, lse = _normalized(config, x)
+    index, x_label, bad = _label_terms(config, x, labels, counts)
+    outputs = [x_label - lse]
+    if config.entropy:
+        mean = _merged(config, lax.psum, jnp.sum(e * x, axis=1)) / s  # sum_k p_k x_k
+        outputs.append(lse - mean)
+    outputs = tuple(jnp.where(counts, o, 0.0) * bad for o in outputs)
+    if cts is None:
+        return outputs, None, None
+    g = [jnp.where(counts, c, 0.0) * bad for c in cts]
+    p = e / s[:, None]
+    dx = _at_label(x, index, g[0]) - g[0][:, None] * p
+    if config.entropy:
+        dx = dx - g[1][:, None] * p * (x - mean[:, None])
+    return outputs, dx / temperature, -jnp.sum(dx * x) / temperature
+
+
+def _distillation_head(config, z, t, labels, counts, hyper, cts):
+    r"""``T**2`` times the divergence between ``P = softmax(t / T)`` and ``Q = softmax(z / T)``.
+
+    With ``x = z / T``: forward KL's ``d/dx = Q - P``; reverse KL's
+    ``Q (log Q - log P - KL)``; the JSD's ``(1 - beta) Q (log Q - log M - KL(Q || M))``.
+    """
+    del labels
+    temperature, beta = hyper.temperature, hyper.beta
+    x, y = z / temperature, t / temperature
+    e_q, s_q, lse_q = _normalized(config, x)
+    e_p, s_p, lse_p = _normalized(config, y)
+    q, p = e_q / s_q[:, None], e_p / s_p[:, None]
+    log_q, log_p = x - lse_q[:, None], y - lse_p[:, None]
+
+    def total(terms):
+        return _merged(config, lax.psum, jnp.sum(terms, axis=1))
+
+    if config.divergence == "forward_kl":
+        loss = total(p * (log_p - log_q))
+    elif config.divergence == "reverse_kl":
+        loss = total(q * (log_q - log_p))
+    else:
+        log_m = jnp.logaddexp(jnp.log(beta) + log_p, jnp.log1p(-beta) + log_q)
+        kl_pm, kl_qm = total(p * (log_p - log_m)), total(q * (log_q - log_m))
+        loss = beta * kl_pm + (1 - beta) * kl_qm
+    loss = jnp.where(counts, temperature**2 * loss, 0.0)
+    if cts is None:
+        return (loss,), None, None
+    r = jnp.where(counts, cts[0], 0.0) * temperature  # T**2 from the loss, 1 / T from x
+    if config.divergence == "forward_kl":
+        dx = q - p
+    elif config.divergence == "reverse_kl":
+        dx = q * (log_q - log_p - (loss / temperature**2)[:, None])
+    else:
+        dx = (1 - beta) * q * (log_q - log_m - kl_qm[:, None])
+    return (loss,), r[:, None] * dx, None
+
+
+_HEADS = {
+    "cross_entropy": _cross_entropy_head,
+    "log_probs": _log_probs_head,
+    "distillation": _distillation_head,
+}
+
+
+# ---------------------------------------------------------------- the chunked core
+
+
+def _compute_dtype(*arrays):
+    """float32 for float16/bfloat16/float32 inputs, float64 if any is float64."""
+    return _checks.compute_dtype(jnp.result_type(*(a for a in arrays if a is not None)))
+
+
+def _project(h, weight, bias, dtype):
+    """One chunk's logits ``h @ weight + bias`` in ``dtype`` (low precision accumulates in it)."""
+    z = jnp.dot(h, weight, preferred_element_type=dtype)
+    return z if bias is None else z + bias.astype(dtype)
+
+
+def _chunk(config, h, params, teacher, rows, hyper, cts):
+    """One chunk of tokens: the head's per-token values and, with ``cts``, the gradients.
+
+    ``cts`` are the values' per-token cotangents; the gradients are those of
+    ``sum(cts * values)`` with respect to ``h``, ``weight``, ``bias`` (summed
+    over the chunk) and the temperature.
+    """
+    weight, bias = params
+    t_hidden, labels, counts = rows
+    dtype = _compute_dtype(h, weight, *(teacher or ()))
+    z = _project(h, weight, bias, dtype)
+    t = None if teacher is None else _project(t_hidden, *teacher, dtype)
+    values, dz, d_temperature = _HEADS[config.head](config, z, t, labels, counts, hyper, cts)
+    if cts is None:
+        return values, None
     dz_in = dz.astype(weight.dtype)
     dh = jnp.dot(dz_in, weight.T, preferred_element_type=dtype)
     dw = jnp.dot(h.T.astype(weight.dtype), dz_in, preferred_element_type=dtype)
-    return loss, (dh, dw, None if bias is None else jnp.sum(dz, axis=0))
+    db = None if bias is None else jnp.sum(dz, axis=0)
+    if d_temperature is None:
+        d_temperature = jnp.zeros((), dtype)
+    return values, (dh, (dw, db), d_temperature)
 
 
-def _scan(h, weight, bias, labels, counts, scale, hyper, config, grads):
-    """Runs :func:`_chunk` over the tokens; per-row losses and summed gradients."""
+def _scan(config, h, params, teacher, rows, hyper, cts):
+    """Runs :func:`_chunk` over the tokens: per-token values and, with ``cts``, summed gradients.
+
+    Gradients are accumulated in the compute dtype: for float32 weights the
+    accumulator is the weight gradient itself, no second ``[D, V]`` buffer.
+    """
     n, size = h.shape[0], config.chunk_size
     steps = -(-n // size)
 
@@ -238,29 +576,54 @@ def _scan(h, weight, bias, labels, counts, scale, hyper, config, grads):
         x = jnp.pad(x, [(0, steps * size - n)] + [(0, 0)] * (x.ndim - 1))
         return x.reshape(steps, size, *x.shape[1:])
 
-    xs = tuple(map(chunked, (h, labels, counts, scale)))
-    dtype = _compute_dtype(h, weight)
+    xs = jax.tree.map(chunked, (h, rows, cts))
 
     def body(carry, x):
-        h_c, labels_c, counts_c, scale_c = x
-        loss, g = _chunk(h_c, weight, bias, labels_c, counts_c, scale_c, hyper, config, grads)
-        if not grads:
-            return carry, loss
-        dh, *dwb = g
-        return jax.tree.map(jnp.add, carry, tuple(dwb)), (loss, dh)
+        h_c, rows_c, cts_c = x
+        values, g = _chunk(config, h_c, params, teacher, rows_c, hyper, cts_c)
+        if cts is None:
+            return carry, values
+        dh, *sums = g
+        return jax.tree.map(jnp.add, carry, tuple(sums)), (values, dh)
 
-    if not grads:
-        return lax.scan(body, (), xs)[1].reshape(-1)[:n], None
+    def unchunked(x):
+        return x.reshape(-1, *x.shape[2:])[:n]
+
+    if cts is None:
+        return jax.tree.map(unchunked, lax.scan(body, (), xs)[1]), None
+    dtype = _compute_dtype(h, params[0], *(teacher or ()))
     # Under shard_map the sums vary along every mesh axis their terms vary along.
-    inputs = jax.tree.leaves((h, weight, bias, labels, counts, scale))
+    inputs = jax.tree.leaves((h, params, teacher, rows, hyper, cts))
     axes = frozenset().union(*map(_varying, inputs))
-    init = jax.tree.map(lambda x: _vary(jnp.zeros(x.shape, dtype), axes), (weight, bias))
-    (dw, db), (loss, dh) = lax.scan(body, init, xs)
-    loss = loss.reshape(-1)[:n]
-    dh = dh.reshape(-1, h.shape[1])[:n]
-    if config.axis_name is not None:
-        dh = lax.psum(dh, config.axis_name)  # each shard holds its slice's part
-    return loss, (dh, dw, db)
+    init = jax.tree.map(lambda x: _vary(jnp.zeros(x.shape, dtype), axes), (params, hyper[0]))
+    (d_params, d_temperature), (values, dh) = lax.scan(body, init, xs)
+    values, dh = jax.tree.map(unchunked, (values, dh))
+    if config.axis_name is not None:  # each shard holds its slice's part
+        dh, d_temperature = lax.psum((dh, d_temperature), config.axis_name)
+    return values, (dh, d_params, d_temperature)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 8))
+def _call(config, hidden, params, teacher, labels, where, ignore, hyper, reduction):
+    """Flattens the tokens; the per-token values (a tuple) for "none", else their reduction."""
+    shape = hidden.shape[:-1]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t_hidden = None
+    if teacher is not None:
+        t_hidden, *teacher = teacher
+        t_hidden, teacher = t_hidden.reshape(-1, t_hidden.shape[-1]), tuple(teacher)
+    counts = jnp.ones(h.shape[:1], bool) if where is None else where.reshape(-1)
+    if labels is not None:
+        labels = labels.reshape(-1)
+        if ignore is not None:
+            counts = counts & (labels != ignore)
+    rows = (t_hidden, labels, counts)
+    if reduction == "none":
+        values = _per_token(config, h, params, teacher, rows, hyper)
+        return tuple(v.reshape(shape) for v in values)
+    dtype = _compute_dtype(h, params[0], *(teacher or ()))
+    scale = 1 / jnp.maximum(jnp.sum(counts.astype(dtype)), 1) if reduction == "mean" else 1
+    return _total(config, h, params, teacher, rows, hyper, jnp.asarray(scale, dtype))
 
 
 def _types(*arrays):
@@ -296,45 +659,50 @@ def _summed_like(gradient, primal):
     return lax.psum(gradient, extra) if extra else gradient
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _total(h, weight, bias, labels, counts, scale, hyper, config):
-    """``scale`` times the sum of the per-row losses (``1 / count`` for "mean")."""
-    scales = jnp.broadcast_to(scale, labels.shape)
-    return scale * jnp.sum(_scan(h, weight, bias, labels, counts, scales, hyper, config, False)[0])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _total(config, h, params, teacher, rows, hyper, scale):
+    """``scale`` times the sum of the per-token values (``1 / count`` for "mean")."""
+    return scale * jnp.sum(_scan(config, h, params, teacher, rows, hyper, None)[0][0])
 
 
-def _total_fwd(h, weight, bias, labels, counts, scale, hyper, config):
+def _total_fwd(config, h, params, teacher, rows, hyper, scale):
     # The cotangent is one scalar: compute the gradients now (the mean's 1 / count
     # already folded in) and keep only them; the backward pass just scales them.
-    scales = jnp.broadcast_to(scale, labels.shape)
-    loss, grads = _scan(h, weight, bias, labels, counts, scales, hyper, config, True)
-    return scale * jnp.sum(loss), (grads, _types(h, weight, bias))
+    cts = (jnp.broadcast_to(scale, h.shape[:1]),)
+    values, grads = _scan(config, h, params, teacher, rows, hyper, cts)
+    return scale * jnp.sum(values[0]), (grads, _types(h, params, hyper.temperature))
 
 
 def _total_bwd(config, saved, ct):
     grads, primals = saved
-    return (*_cotangents(grads, primals, ct), None, None, None, (None, None))
+    return (*_gradients(grads, primals, ct), None)
 
 
 _total.defvjp(_total_fwd, _total_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _rows(h, weight, bias, labels, counts, hyper, config):
-    zeros = jnp.zeros(labels.shape, _compute_dtype(h, weight))
-    return _scan(h, weight, bias, labels, counts, zeros, hyper, config, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _per_token(config, h, params, teacher, rows, hyper):
+    """The head's per-token values (a tuple)."""
+    return _scan(config, h, params, teacher, rows, hyper, None)[0]
 
 
-def _rows_fwd(h, weight, bias, labels, counts, hyper, config):
-    loss = _rows(h, weight, bias, labels, counts, hyper, config)
-    return loss, (h, weight, bias, labels, counts, hyper)
+def _per_token_fwd(config, h, params, teacher, rows, hyper):
+    values = _per_token(config, h, params, teacher, rows, hyper)
+    return values, (h, params, teacher, rows, hyper)
 
 
-def _rows_bwd(config, saved, ct):
-    # Per-row cotangents weigh each row: recompute each chunk's logits.
-    h, weight, bias, labels, counts, hyper = saved
-    _, grads = _scan(h, weight, bias, labels, counts, ct, hyper, config, True)
-    return (*_cotangents(grads, (h, weight, bias), 1), None, None, (None, None))
+def _per_token_bwd(config, saved, cts):
+    # Per-token cotangents weigh each token: recompute each chunk's logits.
+    h, params, teacher, rows, hyper = saved
+    _, grads = _scan(config, h, params, teacher, rows, hyper, cts)
+    return _gradients(grads, (h, params, hyper.temperature), 1)
 
 
-_rows.defvjp(_rows_fwd, _rows_bwd)
+_per_token.defvjp(_per_token_fwd, _per_token_bwd)
+
+
+def _gradients(grads, primals, scale):
+    """The cotangents of (h, params, teacher, rows, hyper): the teacher and rows get none."""
+    dh, d_params, d_temperature = _cotangents(grads, primals, scale)
+    return dh, d_params, None, None, _Hyper(d_temperature, None, None, None)

@@ -259,7 +259,8 @@ print("sharded ok")
 """
 
 
-def test_vocab_sharded_on_a_2x4_cpu_mesh_equals_the_unsharded_loss():
+def on_eight_cpu_devices(script):
+    """Runs ``script`` in a fresh process with 8 CPU devices; asserts it printed "ok"."""
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
@@ -268,7 +269,11 @@ def test_vocab_sharded_on_a_2x4_cpu_mesh_equals_the_unsharded_loss():
     }
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
-        [sys.executable, "-c", SHARDED], env=env, cwd=root, capture_output=True, text=True
+        [sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharded ok" in result.stdout
+
+
+def test_vocab_sharded_on_a_2x4_cpu_mesh_equals_the_unsharded_loss():
+    on_eight_cpu_devices(SHARDED)

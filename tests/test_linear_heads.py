@@ -1,0 +1,432 @@
+"""linear_log_probs and linear_distillation_loss against their unfused computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsoftmax
+from tests.test_linear import assert_same, on_eight_cpu_devices, problem
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def unfused_log_probs(hidden, weight, bias, labels, where=None, temperature=1.0, entropy=False):
+    z = (hidden @ weight + (0 if bias is None else bias)) / temperature
+    log_p = jax.nn.log_softmax(z)
+    outputs = [jnp.take_along_axis(log_p, labels[..., None], -1)[..., 0]]
+    if entropy:
+        outputs.append(-jnp.sum(jnp.exp(log_p) * log_p, -1))
+    if where is not None:
+        outputs = [jnp.where(where, o, 0.0) for o in outputs]
+    return tuple(outputs) if entropy else outputs[0]
+
+
+def fused_log_probs(
+    hidden, weight, bias, labels, where=None, temperature=1.0, entropy=False, **options
+):
+    return jsoftmax.linear_log_probs(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        temperature=temperature,
+        where=where,
+        return_entropy=entropy,
+        **options,
+    )
+
+
+def unfused_distillation(
+    s_h,
+    s_w,
+    s_b,
+    t_h,
+    t_w,
+    t_b,
+    where=None,
+    temperature=1.0,
+    divergence="forward_kl",
+    beta=0.5,
+    reduction="none",
+):
+    def logits(h, w, b):
+        return (h @ w + (0 if b is None else b)) / temperature
+
+    log_q, log_p = (
+        jax.nn.log_softmax(logits(s_h, s_w, s_b)),
+        jax.nn.log_softmax(logits(t_h, t_w, t_b)),
+    )
+    log_p = jax.lax.stop_gradient(log_p)
+    p, q = jnp.exp(log_p), jnp.exp(log_q)
+    if divergence == "forward_kl":
+        loss = jnp.sum(p * (log_p - log_q), -1)
+    elif divergence == "reverse_kl":
+        loss = jnp.sum(q * (log_q - log_p), -1)
+    else:
+        log_m = jnp.log(beta * p + (1 - beta) * q)
+        loss = beta * jnp.sum(p * (log_p - log_m), -1) + (1 - beta) * jnp.sum(
+            q * (log_q - log_m), -1
+        )
+    loss = temperature**2 * loss
+    counts = jnp.ones(loss.shape, bool) if where is None else where
+    loss = jnp.where(counts, loss, 0.0)
+    if reduction == "sum":
+        return jnp.sum(loss)
+    if reduction == "mean":
+        return jnp.sum(loss) / jnp.maximum(jnp.sum(counts), 1)
+    return loss
+
+
+def fused_distillation(s_h, s_w, s_b, t_h, t_w, t_b, where=None, **options):
+    return jsoftmax.linear_distillation_loss(
+        s_h, s_w, t_h, t_w, student_bias=s_b, teacher_bias=t_b, where=where, **options
+    )
+
+
+def teacher(n, d, v, seed, dtype=np.float32, batch=None):
+    """A teacher head with its own width ``d`` over the same vocabulary."""
+    hidden, weight, bias, _, _ = problem(n, d, v, seed=seed + 100, dtype=dtype, batch=batch)
+    return hidden, 1.5 * weight, bias
+
+
+def vjp_all(f, primals, seed=3):
+    """f's value and its pullback of random cotangents (one per output)."""
+    value, pullback = jax.vjp(f, *primals)
+    leaves, structure = jax.tree.flatten(value)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    cts = [
+        np.asarray(jax.random.normal(k, v.shape, v.dtype))
+        for k, v in zip(keys, leaves, strict=True)
+    ]
+    cts = jax.tree.unflatten(structure, cts)
+    return value, pullback(cts)
+
+
+# ---------------------------------------------------------------- linear_log_probs
+
+
+@pytest.mark.parametrize("entropy", [False, True], ids=["log_probs", "entropy"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "where"])
+def test_log_probs_equal_the_unfused_values_and_gradients(entropy, temperature, masked):
+    hidden, weight, bias, labels, where = problem(37, 16, 50, seed=int(10 * temperature))
+    where = where if masked else None
+
+    def call(f, **options):
+        return lambda h, w, b, t: f(h, w, b, labels, where, t, entropy, **options)
+
+    primals = (hidden, weight, bias, np.float32(temperature))
+    ours = vjp_all(call(fused_log_probs, chunk_size=8), primals)
+    theirs = vjp_all(call(unfused_log_probs), primals)
+    assert_same(ours, theirs, rtol=5e-5, atol=5e-6)
+
+
+def test_log_probs_leading_axes_jit_vmap_and_no_bias():
+    hidden, weight, _, labels, where = problem(6, 8, 21, batch=(2, 3))
+    f = jax.jit(
+        lambda h, w: jsoftmax.linear_log_probs(
+            h, w, labels, where=where, return_entropy=True, chunk_size=5
+        )
+    )
+    assert [o.shape for o in f(hidden, weight)] == [(2, 3, 6)] * 2
+    assert_same(
+        f(hidden, weight), unfused_log_probs(hidden, weight, None, labels, where, entropy=True)
+    )
+    # vmap over a batch of heads (say, several policies scoring the same tokens)
+    weights = np.stack([weight, 0.5 * weight, -weight])
+    batched = jax.vmap(lambda w: jsoftmax.linear_log_probs(hidden, w, labels, chunk_size=4))
+    want = [unfused_log_probs(hidden, w, None, labels) for w in weights]
+    np.testing.assert_allclose(batched(weights), np.stack(want), rtol=2e-5, atol=2e-6)
+    grads = jax.grad(lambda ws: jnp.sum(batched(ws) ** 2))(weights)
+    want_grads = jax.grad(
+        lambda ws: sum(jnp.sum(unfused_log_probs(hidden, w, None, labels) ** 2) for w in ws)
+    )(weights)
+    np.testing.assert_allclose(grads, want_grads, rtol=1e-4, atol=1e-5)
+
+
+def test_log_probs_float64(x64):
+    hidden, weight, bias, labels, where = problem(9, 4, 13, dtype=np.float64)
+    primals = (hidden, weight, bias, np.float64(1.3))
+    ours = vjp_all(lambda *a: fused_log_probs(*a[:3], labels, where, a[3], True), primals)
+    theirs = vjp_all(lambda *a: unfused_log_probs(*a[:3], labels, where, a[3], True), primals)
+    assert ours[0][0].dtype == jnp.float64
+    assert_same(ours, theirs, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_log_probs_low_precision_in_float32_out(dtype):
+    hidden, weight, bias, labels, _ = (
+        a.astype(dtype) if a.dtype == np.float32 else a for a in problem(40, 32, 300)
+    )
+    (logp, entropy), grads = vjp_all(
+        lambda h, w, b: fused_log_probs(h, w, b, labels, entropy=True), (hidden, weight, bias)
+    )
+    assert logp.dtype == entropy.dtype == jnp.float32
+    assert [g.dtype for g in grads] == [dtype] * 3
+    upcast = [np.asarray(a, np.float32) for a in (hidden, weight, bias)]
+    (want_logp, want_entropy), want_grads = vjp_all(
+        lambda h, w, b: unfused_log_probs(h, w, b, labels, entropy=True), upcast
+    )
+    np.testing.assert_allclose(logp, want_logp, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(entropy, want_entropy, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=2e-2, atol=2e-2)
+
+
+def test_log_probs_traced_out_of_range_label_makes_its_token_nan():
+    hidden, weight, bias, labels, _ = problem(6, 4, 10)
+    labels[2] = -1
+    f = jax.jit(lambda y: jsoftmax.linear_log_probs(hidden, weight, y, return_entropy=True))
+    for out in f(labels):
+        out = np.asarray(out)
+        assert np.isnan(out[2]) and np.isfinite(np.delete(out, 2)).all()
+
+
+def test_log_probs_errors():
+    hidden, weight, bias, labels, where = problem(6, 4, 10)
+    f = jsoftmax.linear_log_probs
+    with pytest.raises(TypeError, match="hidden must be floating"):
+        f(labels[:, None], weight, labels)
+    with pytest.raises(ValueError, match=r"hidden has shape \(6, 4\) and weight \(5, 10\)"):
+        f(hidden, np.ones((5, 10), np.float32), labels)
+    with pytest.raises(ValueError, match=r"bias has shape \(9,\) but weight \(4, 10\)"):
+        f(hidden, weight, labels, bias=bias[:9])
+    with pytest.raises(ValueError, match=r"label 10 at position \(1,\) is out of range"):
+        f(hidden, weight, np.array([0, 10, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match="temperature must be positive and finite"):
+        f(hidden, weight, labels, temperature=0.0)
+    with pytest.raises(ValueError, match=r"temperature has shape \(2,\)"):
+        f(hidden, weight, labels, temperature=np.ones(2))
+    with pytest.raises(ValueError, match=r"where has shape \(5,\)"):
+        f(hidden, weight, labels, where=where[:5])
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
+        f(hidden, weight, labels, chunk_size=0)
+
+
+# ---------------------------------------------------------------- linear_distillation_loss
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distillation_equals_the_unfused_loss(divergence, reduction, temperature):
+    s_h, s_w, s_b, _, where = problem(37, 16, 50, seed=2)
+    t_h, t_w, t_b = teacher(37, 24, 50, seed=2)  # a wider teacher
+    options = {
+        "divergence": divergence,
+        "reduction": reduction,
+        "temperature": temperature,
+        "beta": 0.3,
+    }
+
+    def call(f, **more):
+        return lambda h, w, b: f(h, w, b, t_h, t_w, t_b, where, **options, **more)
+
+    ours = vjp_all(call(fused_distillation, chunk_size=8), (s_h, s_w, s_b))
+    theirs = vjp_all(call(unfused_distillation), (s_h, s_w, s_b))
+    assert_same(ours, theirs, rtol=5e-5, atol=5e-6)
+
+
+def test_distillation_teacher_is_a_constant_and_no_biases():
+    s_h, s_w, _, _, _ = problem(10, 8, 30, seed=4)
+    t_h, t_w, _ = teacher(10, 8, 30, seed=4)
+    grads = jax.grad(
+        lambda *a: jsoftmax.linear_distillation_loss(*a, reduction="mean"), argnums=(0, 1, 2, 3)
+    )(s_h, s_w, t_h, t_w)
+    assert np.any(grads[0]) and np.any(grads[1])
+    assert not np.any(grads[2]) and not np.any(grads[3])
+    got = jsoftmax.linear_distillation_loss(s_h, s_w, t_h, t_w, divergence="jsd")
+    want = unfused_distillation(s_h, s_w, None, t_h, t_w, None, divergence="jsd")
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+
+
+def test_distillation_of_a_model_by_itself_is_zero():
+    s_h, s_w, s_b, _, _ = problem(12, 8, 30, seed=5)
+    for divergence in DIVERGENCES:
+        loss = jsoftmax.linear_distillation_loss(
+            s_h,
+            s_w,
+            s_h,
+            s_w,
+            student_bias=s_b,
+            teacher_bias=s_b,
+            divergence=divergence,
+            temperature=3.0,
+        )
+        np.testing.assert_allclose(loss, 0.0, atol=1e-5)
+
+
+def test_distillation_leading_axes_jit_vmap_float64_and_empty_mean(x64):
+    s_h, s_w, s_b, _, where = problem(5, 4, 13, dtype=np.float64, batch=(2,))
+    t_h, t_w, t_b = teacher(5, 6, 13, seed=0, dtype=np.float64, batch=(2,))
+    f = jax.jit(
+        lambda h: fused_distillation(
+            h, s_w, s_b, t_h, t_w, t_b, where, chunk_size=3, divergence="reverse_kl"
+        )
+    )
+    got = f(s_h)
+    assert got.shape == (2, 5) and got.dtype == jnp.float64
+    want = unfused_distillation(s_h, s_w, s_b, t_h, t_w, t_b, where, divergence="reverse_kl")
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+    per_batch = jax.vmap(
+        lambda h, th, m: fused_distillation(h, s_w, s_b, th, t_w, t_b, m, reduction="mean")
+    )
+    want = [
+        unfused_distillation(s_h[i], s_w, s_b, t_h[i], t_w, t_b, where[i], reduction="mean")
+        for i in range(2)
+    ]
+    np.testing.assert_allclose(per_batch(s_h, t_h, where), want, rtol=1e-12)
+    empty = np.zeros((2, 5), bool)
+    value, grads = vjp_all(
+        lambda h, w: fused_distillation(h, w, s_b, t_h, t_w, t_b, empty, reduction="mean"),
+        (s_h, s_w),
+    )
+    assert value == 0.0 and not any(np.any(g) for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_distillation_low_precision_in_float32_out(dtype):
+    s_h, s_w, s_b, _, _ = (
+        a.astype(dtype) if a.dtype == np.float32 else a for a in problem(40, 32, 300)
+    )
+    t_h, t_w, t_b = (a.astype(dtype) for a in teacher(40, 16, 300, seed=1))
+    value, grads = vjp_all(
+        lambda h, w, b: fused_distillation(h, w, b, t_h, t_w, t_b, reduction="mean"),
+        (s_h, s_w, s_b),
+    )
+    assert value.dtype == jnp.float32 and [g.dtype for g in grads] == [dtype] * 3
+    up = [np.asarray(a, np.float32) for a in (s_h, s_w, s_b, t_h, t_w, t_b)]
+    want, want_grads = vjp_all(
+        lambda h, w, b: unfused_distillation(h, w, b, *up[3:], reduction="mean"), up[:3]
+    )
+    np.testing.assert_allclose(value, want, rtol=1e-4, atol=1e-5)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=2e-2, atol=2e-3)
+
+
+def test_distillation_errors():
+    s_h, s_w, _, _, where = problem(6, 4, 10)
+    t_h, t_w, _ = teacher(6, 5, 10, seed=0)
+    f = jsoftmax.linear_distillation_loss
+    with pytest.raises(TypeError, match="teacher_weight must be floating"):
+        f(s_h, s_w, t_h, t_w.astype(int))
+    with pytest.raises(ValueError, match=r"teacher_hidden has shape \(6, 5\) and teacher_weight"):
+        f(s_h, s_w, t_h, s_w)
+    with pytest.raises(ValueError, match="the same tokens"):
+        f(s_h, s_w, t_h[:5], t_w)
+    with pytest.raises(ValueError, match="the same vocabulary"):
+        f(s_h, s_w, t_h, t_w[:, :9])
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        f(s_h, s_w, t_h, t_w, divergence="kl")
+    with pytest.raises(ValueError, match=r"beta must be in \(0, 1\)"):
+        f(s_h, s_w, t_h, t_w, divergence="jsd", beta=1.0)
+    with pytest.raises(ValueError, match=r"beta must be in \[0.0, 1.0\]"):
+        f(s_h, s_w, t_h, t_w, divergence="jsd", beta=2.0)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        f(s_h, s_w, t_h, t_w, temperature=-1.0)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        f(s_h, s_w, t_h, t_w, reduction="max")
+    with pytest.raises(ValueError, match=r"where has shape \(5,\)"):
+        f(s_h, s_w, t_h, t_w, where=where[:5])
+
+
+# ---------------------------------------------------------------- memory
+
+
+def test_heads_never_materialise_the_logits():
+    """Compiled temp memory: flat in the number of tokens, far below one [N, V] float32 array."""
+    d, v, chunk = 32, 4096, 64
+
+    def temp_bytes(n, divergence):
+        hidden, weight, bias, labels, _ = problem(n, d, v)
+        t_h, t_w, t_b = teacher(n, 16, v, seed=0)
+        advantage = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+
+        def grpo(h, w):  # a policy-gradient loss with an entropy bonus
+            logp, entropy = jsoftmax.linear_log_probs(
+                h, w, labels, bias=bias, return_entropy=True, chunk_size=chunk
+            )
+            return -jnp.mean(advantage * logp) - 0.01 * jnp.mean(entropy)
+
+        def distill(h, w):
+            return jsoftmax.linear_distillation_loss(
+                h,
+                w,
+                t_h,
+                t_w,
+                student_bias=bias,
+                teacher_bias=t_b,
+                divergence=divergence,
+                reduction="mean",
+                chunk_size=chunk,
+            )
+
+        loss = grpo if divergence is None else distill
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(hidden, weight)
+        return compiled.compile().memory_analysis().temp_size_in_bytes
+
+    for divergence in (None, *DIVERGENCES):
+        small, large = temp_bytes(1024, divergence), temp_bytes(2048, divergence)
+        assert large <= 1.05 * small
+        assert small < 0.5 * 1024 * v * 4
+
+
+# ---------------------------------------------------------------- sharded
+
+SHARDED = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jsoftmax
+from tests.test_linear import problem
+from tests.test_linear_heads import DIVERGENCES, teacher, unfused_distillation, unfused_log_probs
+from tests.test_linear_heads import vjp_all
+
+mesh = jax.make_mesh((2, 4), ("data", "model"))
+hidden, weight, bias, labels, where = problem(12, 8, 40, seed=6)
+t_h, t_w, t_b = teacher(12, 6, 40, seed=6)
+data, model, rows = P("data"), P("model"), P(None, "model")
+
+def placed(x, spec):
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+def check(ours, theirs, primals, specs):
+    got = vjp_all(jax.jit(ours), [placed(x, s) for x, s in zip(primals, specs)])
+    want = vjp_all(theirs, primals)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+# Per-token log-probabilities and entropies; the temperature's gradient too.
+def local_log_probs(h, w, b, t, y, m):
+    return jsoftmax.linear_log_probs(h, w, y, bias=b, temperature=t, where=m,
+                                     return_entropy=True, chunk_size=4, axis_name="model")
+sharded = jax.shard_map(local_log_probs, mesh=mesh,
+                        in_specs=(data, rows, model, P(), data, data), out_specs=(data, data))
+y, m = placed(labels, data), placed(where, data)
+check(lambda h, w, b, t: sharded(h, w, b, t, y, m),
+      lambda h, w, b, t: unfused_log_probs(h, w, b, labels, where, t, True),
+      (hidden, weight, bias, np.float32(0.8)), (data, rows, model, P()))
+
+# Distillation: every divergence, per token and as a global mean.
+for divergence in DIVERGENCES:
+    for reduction in ("none", "sum"):
+        def local(h, w, b, th, tw, tb, m):
+            loss = jsoftmax.linear_distillation_loss(
+                h, w, th, tw, student_bias=b, teacher_bias=tb, where=m, temperature=1.5,
+                divergence=divergence, beta=0.3, reduction=reduction, chunk_size=4,
+                axis_name="model")
+            return loss if reduction == "none" else jax.lax.psum(loss, "data")
+        sharded = jax.shard_map(local, mesh=mesh,
+                                in_specs=(data, rows, model, data, rows, model, data),
+                                out_specs=data if reduction == "none" else P())
+        teacher_args = placed(t_h, data), placed(t_w, rows), placed(t_b, model)
+        check(lambda h, w, b: sharded(h, w, b, *teacher_args, m),
+              lambda h, w, b: unfused_distillation(h, w, b, t_h, t_w, t_b, where, 1.5,
+                                                   divergence, 0.3, reduction),
+              (hidden, weight, bias), (data, rows, model))
+print("sharded ok")
+"""
+
+
+def test_vocab_sharded_heads_on_a_2x4_cpu_mesh_equal_the_unsharded_ones():
+    on_eight_cpu_devices(SHARDED)
