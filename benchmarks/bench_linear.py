@@ -1,10 +1,17 @@
-"""Fused linear cross-entropy against ``hidden @ weight`` then the integer-label loss.
+"""The fused linear heads against the unfused JAX computation of the same maths.
 
-Run: python benchmarks/bench_linear.py [--repeats N] [--sizes N:V ...] [--max-unfused-gib G]
-Prints a markdown table for ``jax.value_and_grad`` of the mean loss over
-(hidden, weight), D=512 float32: median times, the median of per-pair time
-ratios (fused / unfused, interleaved in one process) and compiled temp memory.
-The unfused loss is skipped where it would need more than --max-unfused-gib.
+Run: python benchmarks/bench_linear.py [--repeats N] [--heads H ...] [--chunks C ...]
+     [--max-unfused-gib G]
+For each head (cross-entropy, log-probabilities with entropy as a GRPO-style
+loss, distillation by forward KL and by the JSD) it times ``jax.value_and_grad``
+over (hidden, weight) of a scalar loss, fused (``jsoftmax.linear_*``) and
+unfused (``hidden @ weight``, then jsoftmax / jax.nn on the logits), interleaved
+in one process, and prints median times, the median per-pair time ratio
+(fused / unfused) and compiled temp memory. Sizes follow the backend found: on
+CPU float32 with D=512; on a GPU or TPU bfloat16 language-model heads
+(Gemma-2-2B, Llama-3-8B). ``--chunks`` adds rows for explicit chunk sizes
+("default" is the backend's). The unfused computation is skipped where it
+would need more than --max-unfused-gib.
 """
 
 import argparse
@@ -15,56 +22,121 @@ from _harness import compare, compiled, device
 
 import jsoftmax
 
-D = 512
-SIZES = ["4096:32000", "4096:128000", "4096:256000", "16384:32000", "1024:256000"]
+HEADS = ("cross_entropy", "log_probs", "forward_kl", "jsd")
 
 
-def losses(labels):
-    def fused(h, w):
-        return jsoftmax.linear_softmax_cross_entropy(h, w, labels, reduction="mean")
+def sizes():
+    """(N, D, V, dtype) for this backend."""
+    if jax.default_backend() == "cpu":
+        return [(4096, 512, 32000, jnp.float32), (1024, 512, 128000, jnp.float32)]
+    return [
+        (8192, 2304, 256000, jnp.bfloat16),  # Gemma-2-2B head
+        (8192, 4096, 128256, jnp.bfloat16),  # Llama-3-8B head
+        (32768, 2048, 128256, jnp.bfloat16),
+    ]
 
-    def unfused(h, w):
-        return jsoftmax.softmax_cross_entropy_with_integer_labels(h @ w, labels, reduction="mean")
 
-    def value_and_grad(loss):
-        return jax.value_and_grad(loss, argnums=(0, 1))
+def problem(n, d, v, dtype):
+    keys = jax.random.split(jax.random.key(0), 5)
+    hidden = jax.random.normal(keys[0], (n, d), jnp.float32).astype(dtype)
+    weight = (jax.random.normal(keys[1], (d, v), jnp.float32) / d**0.5).astype(dtype)
+    labels = jax.random.randint(keys[2], (n,), 0, v)
+    advantage = jax.random.normal(keys[3], (n,), jnp.float32)
+    teacher = (jax.random.normal(keys[4], (d, v), jnp.float32) / d**0.5).astype(dtype)
+    return hidden, weight, labels, advantage, teacher
 
-    return value_and_grad(fused), value_and_grad(unfused)
+
+def losses(head, labels, advantage, t_hidden, t_weight, chunk_size):
+    """The fused and unfused scalar losses of (hidden, weight) for ``head``."""
+    if head == "cross_entropy":
+
+        def fused(h, w):
+            return jsoftmax.linear_softmax_cross_entropy(
+                h, w, labels, reduction="mean", chunk_size=chunk_size
+            )
+
+        def unfused(h, w):
+            return jsoftmax.softmax_cross_entropy_with_integer_labels(
+                h @ w, labels, reduction="mean"
+            )
+
+    elif head == "log_probs":  # a policy-gradient loss with an entropy bonus
+
+        def fused(h, w):
+            logp, entropy = jsoftmax.linear_log_probs(
+                h, w, labels, return_entropy=True, chunk_size=chunk_size
+            )
+            return -jnp.mean(advantage * logp) - 0.01 * jnp.mean(entropy)
+
+        def unfused(h, w):
+            log_p = jax.nn.log_softmax((h @ w).astype(jnp.float32))
+            logp = jnp.take_along_axis(log_p, labels[:, None], 1)[:, 0]
+            entropy = -jnp.sum(jnp.exp(log_p) * log_p, -1)
+            return -jnp.mean(advantage * logp) - 0.01 * jnp.mean(entropy)
+
+    else:
+        divergence = head
+
+        def fused(h, w):
+            return jsoftmax.linear_distillation_loss(
+                h,
+                w,
+                t_hidden,
+                t_weight,
+                temperature=2.0,
+                divergence=divergence,
+                reduction="mean",
+                chunk_size=chunk_size,
+            )
+
+        def unfused(h, w):
+            log_q = jax.nn.log_softmax((h @ w).astype(jnp.float32) / 2)
+            log_p = jax.nn.log_softmax((t_hidden @ t_weight).astype(jnp.float32) / 2)
+            p, q = jnp.exp(log_p), jnp.exp(log_q)
+            if divergence == "forward_kl":
+                kl = jnp.sum(p * (log_p - log_q), -1)
+            else:
+                log_m = jnp.log(0.5 * p + 0.5 * q)
+                kl = 0.5 * jnp.sum(p * (log_p - log_m), -1) + 0.5 * jnp.sum(q * (log_q - log_m), -1)
+            return 4 * jnp.mean(kl)
+
+    grad = jax.value_and_grad
+    return grad(fused, argnums=(0, 1)), grad(unfused, argnums=(0, 1))
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sizes", nargs="*", default=SIZES)
+    parser.add_argument("--heads", nargs="*", default=HEADS, choices=HEADS)
+    parser.add_argument("--chunks", nargs="*", default=["default"])
     parser.add_argument("--max-unfused-gib", type=float, default=8.0)
     args = parser.parse_args()
     print(f"device: {device()}")
     print(
-        "| N x V (D=512) | fused ms | unfused ms | time ratio | fused temp MiB "
-        "| unfused temp MiB | temp ratio |\n|---|---:|---:|---:|---:|---:|---:|"
+        "| head | N x D x V, dtype | chunk | fused ms | unfused ms | time ratio "
+        "| fused temp MiB | unfused temp MiB | temp ratio |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|"
     )
-    for size in args.sizes:
-        n, v = map(int, size.split(":"))
-        keys = jax.random.split(jax.random.key(0), 3)
-        hidden = jax.random.normal(keys[0], (n, D), jnp.float32)
-        weight = jax.random.normal(keys[1], (D, v), jnp.float32) / D**0.5
-        labels = jax.random.randint(keys[2], (n,), 0, v)
-        fused, unfused = losses(labels)
-        need = 3 * n * v * 4 / 2**30  # the unfused logits, their gradient, a temp
-        if need > args.max_unfused_gib:
-            _, mem = compiled(fused, hidden, weight)
-            print(
-                f"| {n} x {v} | | | unfused skipped (~{need:.0f} GiB) | {mem / 2**20:.1f} | | |",
-                flush=True,
-            )
-            continue
-        r = compare(fused, unfused, (hidden, weight), args.repeats)
-        print(
-            f"| {n} x {v} | {r['ours_ms']:.0f} | {r['theirs_ms']:.0f} | {r['time_ratio']:.2f}x "
-            f"| {r['ours_temp'] / 2**20:.1f} | {r['theirs_temp'] / 2**20:.1f} "
-            f"| {r['mem_ratio']:.3f}x |",
-            flush=True,
-        )
+    for n, d, v, dtype in sizes():
+        hidden, weight, labels, advantage, t_weight = problem(n, d, v, dtype)
+        for head in args.heads:
+            # The unfused computation's [N, V] float32 arrays (more for distillation).
+            need = (8 if head in ("forward_kl", "jsd") else 4) * n * v * 4 / 2**30
+            for chunk in args.chunks:
+                chunk_size = None if chunk == "default" else int(chunk)
+                fused, unfused = losses(head, labels, advantage, hidden, t_weight, chunk_size)
+                label = f"| {head} | {n} x {d} x {v}, {jnp.dtype(dtype).name} | {chunk} "
+                if need > args.max_unfused_gib:
+                    _, mem = compiled(fused, hidden, weight)
+                    print(f"{label}| | | unfused skipped | {mem / 2**20:.0f} | | |", flush=True)
+                    continue
+                r = compare(fused, unfused, (hidden, weight), args.repeats)
+                print(
+                    f"{label}| {r['ours_ms']:.1f} | {r['theirs_ms']:.1f} | {r['time_ratio']:.2f}x "
+                    f"| {r['ours_temp'] / 2**20:.0f} | {r['theirs_temp'] / 2**20:.0f} "
+                    f"| {r['mem_ratio']:.2f}x |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -34,14 +34,15 @@ from jax.typing import ArrayLike
 from jsoftmax import _checks
 from jsoftmax._losses import _check_reduction, _check_softcap, _hyper, _options
 
-# Default chunks, in tokens, by backend. CPU: 256, or more while a chunk's
-# [chunk_size, V] logits stay within 2**23 elements (32 MiB of float32): each
-# chunk also reads and writes the [D, V] weight gradient, so much smaller
-# chunks cost time. GPU/TPU: 2048 (within 1.08x of the unfused loss's time on
-# an H100 at Llama-3 and Gemma-2 heads), fewer while a chunk's logits exceed
-# 2**29 elements (2 GiB of float32) for the largest vocabularies.
-_CHUNK = {"cpu": (256, 2**23, None)}
-_ACCELERATOR_CHUNK = (None, 2**29, 2048)
+# Default chunks, by backend: at most _CHUNK[backend][0] tokens, fewer while a
+# chunk's [chunk_size, V] logits exceed _CHUNK[backend][1] elements. Each chunk
+# reads and writes the [D, V] weight gradient, so small chunks cost time. CPU:
+# at 4096 x 512 x 32000, chunks of 256, 512, 1024 and 2048 tokens took 1.19x,
+# 1.05x, 0.99x and 1.06x the unfused loss's time. GPU/TPU: 2048 tokens was
+# 1.03-1.08x the unfused loss's time in issue 13's H100 measurements at the
+# Llama-3 and Gemma-2 heads, 1024 was 1.14-1.19x.
+_CHUNK = {"cpu": (1024, 2**25)}
+_ACCELERATOR_CHUNK = (2048, 2**29)
 
 
 class _Config(NamedTuple):
@@ -64,6 +65,9 @@ class _Hyper(NamedTuple):
     alpha: jax.Array | float = 0.0
     z_loss: jax.Array | float = 0.0
     beta: jax.Array | float = 0.5
+
+
+# ---------------------------------------------------------------- the public heads
 
 
 def linear_softmax_cross_entropy(
@@ -101,9 +105,12 @@ def linear_softmax_cross_entropy(
       logit_softcap: ``c > 0`` replaces the logits by ``c * tanh(logits / c)``.
       reduction: "none" (per token, ``labels``' shape), "sum", or "mean" (over
         the counting tokens; 0 when none counts).
-      chunk_size: tokens per chunk (static); by default 256, or the largest
-        power of two keeping a chunk's logits within 2**23 elements (32 MiB
-        of float32) when that is more.
+      chunk_size: tokens per chunk (static). Memory is the float32 ``[D, V]``
+        weight-gradient accumulator (the gradient itself for a float32
+        weight) plus a few ``[chunk_size, V]`` float32 arrays; smaller chunks
+        cost time. By default, by backend and never by ``N``: on CPU 1024, on
+        GPU and TPU 2048, or the largest power of two keeping a chunk's
+        logits within 2**25 (CPU) or 2**29 elements when that is less.
       axis_name: the mesh axis along which ``weight`` and ``bias`` are sharded
         by vocabulary, inside ``jax.shard_map``; None when not sharded.
 
@@ -158,9 +165,6 @@ def linear_softmax_cross_entropy(
     hyper = lax.stop_gradient(_Hyper(jnp.ones(()), alpha, z_loss_))
     out = _call(config, hidden, (weight, bias), None, labels, where, ignore_index, hyper, reduction)
     return out[0] if reduction == "none" else out
-
-
-# ---------------------------------------------------------------- the public heads
 
 
 def linear_log_probs(
@@ -376,15 +380,18 @@ def _temperature(fname, temperature):
 
 
 def _chunk_size(fname, chunk_size, vocab, tokens):
-    """The static chunk: as given (checked), or the backend's default for ``vocab``."""
+    """The static chunk: as given (checked), or the default for this backend and ``vocab``."""
     if chunk_size is None:
-        low, elements, high = _CHUNK.get(jax.default_backend(), _ACCELERATOR_CHUNK)
-        size = elements // vocab
-        size = max(size, low) if low is not None else min(size, high)
-        chunk_size = 1 << (max(size, 1).bit_length() - 1)
+        chunk_size = _default_chunk(vocab, jax.default_backend())
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{fname}: chunk_size must be an integer >= 1, got {chunk_size!r}")
     return min(chunk_size, max(1, tokens))
+
+
+def _default_chunk(vocab, backend):
+    """A power of two, from the vocabulary (this shard's) and the backend, never from ``N``."""
+    tokens, elements = _CHUNK.get(backend, _ACCELERATOR_CHUNK)
+    return 1 << (max(1, min(tokens, elements // vocab)).bit_length() - 1)
 
 
 # ---------------------------------------------------------------- the heads

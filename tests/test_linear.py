@@ -103,6 +103,31 @@ def test_leading_axes_jit_and_no_bias():
     assert_same(grad(hidden, weight), reference(hidden, weight), rtol=1e-4, atol=1e-5)
 
 
+def test_vmap_over_heads_and_over_batches():
+    hidden, weight, bias, labels, where = problem(10, 8, 21, batch=(3,))
+    weights = np.stack([weight, 0.5 * weight, -weight])
+
+    def fused_mean(h, w, y, m):
+        return jsoftmax.linear_softmax_cross_entropy(
+            h, w, y, bias=bias, where=m, reduction="mean", chunk_size=4, label_smoothing=0.1
+        )
+
+    def unfused_mean(h, w, y, m):
+        return unfused(h, w, bias, y, m, reduction="mean", label_smoothing=0.1)
+
+    for in_axes in [(None, 0, None, None), (0, None, 0, 0), (0, 0, 0, 0)]:
+        batched = (hidden, weights, labels, where)
+        args = [x if a == 0 else x[0] for x, a in zip(batched, in_axes, strict=True)]
+        ours = jax.vmap(jax.value_and_grad(fused_mean, argnums=(0, 1)), in_axes)(*args)
+        theirs = [
+            jax.value_and_grad(unfused_mean, argnums=(0, 1))(
+                *(x[i] if a == 0 else x for x, a in zip(args, in_axes, strict=True))
+            )
+            for i in range(3)
+        ]
+        assert_same(ours, jax.tree.map(lambda *t: np.stack(t), *theirs), rtol=1e-4, atol=1e-5)
+
+
 def test_float64(x64):
     hidden, weight, bias, labels, where = problem(9, 4, 13, dtype=np.float64)
     ours = value_and_grads(fused, hidden, weight, bias, labels, where, reduction="mean")
@@ -147,6 +172,36 @@ def test_never_materialises_the_logits():
         assert temp_bytes(unfused, reduction) >= logits_bytes
         ours = temp_bytes(lambda *a, **k: fused(*a, **k, chunk_size=64), reduction)
         assert ours < 0.25 * logits_bytes
+
+
+def test_default_chunk_by_backend_and_vocabulary_never_by_token_count():
+    from jsoftmax._linear import _default_chunk
+
+    # CPU: 1024 tokens, fewer while a chunk's logits exceed 2**25 elements.
+    assert [_default_chunk(v, "cpu") for v in (10, 32000, 128000, 256000)] == [1024, 1024, 256, 128]
+    # GPU/TPU: 2048 tokens, fewer while a chunk's logits exceed 2**29 elements.
+    for backend in ("gpu", "cuda", "tpu"):
+        sizes = [_default_chunk(v, backend) for v in (1000, 128256, 256000, 10**6)]
+        assert sizes == [2048, 2048, 2048, 512]
+
+
+def test_float32_weights_accumulate_their_gradient_in_place():
+    """bfloat16 compute with float32 weights (flax's default param_dtype): no second float32
+    [D, V] buffer beside the gradient, which bfloat16 weights need as their accumulator."""
+    n, d, v = 512, 256, 8192
+    hidden, weight, _, labels, _ = problem(n, d, v)
+    hidden = hidden.astype(jnp.bfloat16)
+
+    def temp_bytes(w):
+        def loss(h, w):
+            return jsoftmax.linear_softmax_cross_entropy(
+                h, w, labels, reduction="mean", chunk_size=128
+            )
+
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(hidden, w).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(weight) + d * v * 4 <= temp_bytes(weight.astype(jnp.bfloat16))
 
 
 def test_empty_mean_is_zero_with_zero_gradients():
