@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jax.typing import ArrayLike
 
 Axis = int | tuple[int, ...]
@@ -17,7 +18,7 @@ Axis = int | tuple[int, ...]
 
 def is_traced(value: object) -> bool:
     """Whether ``value`` is a tracer, whose contents are unknown at trace time."""
-    return isinstance(value, jax.core.Tracer)
+    return isinstance(value, Tracer)
 
 
 def floating(fname: str, name: str, x: ArrayLike) -> jax.Array:

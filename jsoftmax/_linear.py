@@ -61,10 +61,10 @@ class _Config(NamedTuple):
 class _Hyper(NamedTuple):
     """The heads' scalar hyperparameters (arrays; only ``temperature`` is ever differentiated)."""
 
-    temperature: jax.Array
-    alpha: jax.Array | float = 0.0
-    z_loss: jax.Array | float = 0.0
-    beta: jax.Array | float = 0.5
+    temperature: jax.Array | None
+    alpha: ArrayLike | None = 0.0
+    z_loss: ArrayLike | None = 0.0
+    beta: ArrayLike | None = 0.5
 
 
 # ---------------------------------------------------------------- the public heads
@@ -341,8 +341,8 @@ def linear_distillation_loss(
     tokens = hidden.shape[:-1]
     where = _checks.mask(fname, where, tokens)
     beta_ = _hyper(fname, "beta", beta, 0.0, 1.0)
-    if divergence == "jsd" and not _checks.is_traced(beta) and float(beta) in (0.0, 1.0):
-        raise ValueError(f"{fname}: beta must be in (0, 1) for the jsd, got {float(beta)}")
+    if divergence == "jsd" and not _checks.is_traced(beta) and float(beta_) in (0.0, 1.0):
+        raise ValueError(f"{fname}: beta must be in (0, 1) for the jsd, got {float(beta_)}")
     beta_ = jnp.where((beta_ > 0) & (beta_ < 1), beta_, jnp.nan)
     hyper = lax.stop_gradient(_Hyper(_temperature(fname, temperature), beta=beta_))
     size = _chunk_size(fname, chunk_size, weight.shape[1], int(np.prod(tokens)))
@@ -557,7 +557,7 @@ def _chunk(config, h, params, teacher, rows, hyper, cts):
     t_hidden, labels, counts = rows
     dtype = _compute_dtype(h, weight, *(teacher or ()))
     z = _project(h, weight, bias, dtype)
-    t = None if teacher is None else _project(t_hidden, *teacher, dtype)
+    t = None if teacher is None else _project(t_hidden, teacher[0], teacher[1], dtype)
     values, dz, d_temperature = _HEADS[config.head](config, z, t, labels, counts, hyper, cts)
     if cts is None:
         return values, None
@@ -588,7 +588,7 @@ def _scan(config, h, params, teacher, rows, hyper, cts):
     def body(carry, x):
         h_c, rows_c, cts_c = x
         values, g = _chunk(config, h_c, params, teacher, rows_c, hyper, cts_c)
-        if cts is None:
+        if g is None:
             return carry, values
         dh, *sums = g
         return jax.tree.map(jnp.add, carry, tuple(sums)), (values, dh)
@@ -627,7 +627,7 @@ def _call(config, hidden, params, teacher, labels, where, ignore, hyper, reducti
     rows = (t_hidden, labels, counts)
     if reduction == "none":
         values = _per_token(config, h, params, teacher, rows, hyper)
-        return tuple(v.reshape(shape) for v in values)
+        return jax.tree.map(lambda v: v.reshape(shape), values)
     dtype = _compute_dtype(h, params[0], *(teacher or ()))
     scale = 1 / jnp.maximum(jnp.sum(counts.astype(dtype)), 1) if reduction == "mean" else 1
     return _total(config, h, params, teacher, rows, hyper, jnp.asarray(scale, dtype))

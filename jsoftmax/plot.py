@@ -42,10 +42,11 @@ def reliability_diagram(
     stats = _statistics(probs, labels, num_bins=num_bins, where=where)
     confidence, accuracy, count, edges = (np.asarray(a, dtype=np.float64) for a in stats)
     if axes is None:
-        _, axes = plt.subplots(
+        _, (top, bottom) = plt.subplots(
             2, 1, figsize=(4, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
         )
-    top, bottom = axes
+    else:
+        top, bottom = axes
     left, width = edges[:-1], np.diff(edges)
     full = count > 0
     top.bar(
