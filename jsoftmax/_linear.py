@@ -341,8 +341,8 @@ def linear_distillation_loss(
     tokens = hidden.shape[:-1]
     where = _checks.mask(fname, where, tokens)
     beta_ = _hyper(fname, "beta", beta, 0.0, 1.0)
-    if divergence == "jsd" and not _checks.is_traced(beta) and float(beta_) in (0.0, 1.0):
-        raise ValueError(f"{fname}: beta must be in (0, 1) for the jsd, got {float(beta_)}")
+    if divergence == "jsd" and not _checks.is_traced(beta) and np.asarray(beta) in (0.0, 1.0):
+        raise ValueError(f"{fname}: beta must be in (0, 1) for the jsd, got {np.asarray(beta)}")
     beta_ = jnp.where((beta_ > 0) & (beta_ < 1), beta_, jnp.nan)
     hyper = lax.stop_gradient(_Hyper(_temperature(fname, temperature), beta=beta_))
     size = _chunk_size(fname, chunk_size, weight.shape[1], int(np.prod(tokens)))
