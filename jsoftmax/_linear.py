@@ -115,8 +115,8 @@ def linear_softmax_cross_entropy(
         by vocabulary, inside ``jax.shard_map``; None when not sharded.
 
     Returns:
-      float32 (float64 for float64 inputs): per token for "none", else a
-      scalar. Gradients come back in the inputs' dtypes; bfloat16 and float16
+      The loss per token for "none", else a scalar; float32 (float64 for
+      float64 inputs). Gradients come back in the inputs' dtypes; bfloat16 and float16
       inputs are multiplied with float32 accumulation.
 
     Examples:
@@ -306,8 +306,8 @@ def linear_distillation_loss(
         vocabulary, inside ``jax.shard_map``; None when not sharded.
 
     Returns:
-      float32 (float64 for float64 inputs): per token for "none", else a
-      scalar. Gradients flow to the student's hidden, weight and bias only:
+      The loss per token for "none", else a scalar; float32 (float64 for
+      float64 inputs). Gradients flow to the student's hidden, weight and bias only:
       the teacher is a constant.
 
     Examples:

@@ -305,7 +305,8 @@ def softmax_cross_entropy(
         (not fully masked), as PyTorch's probability targets do.
 
     Returns:
-      float32 (float64 for float64 logits): per row for "none", else a scalar.
+      The loss per row for "none", else a scalar; float32 (float64 for
+      float64 logits).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -393,7 +394,8 @@ def softmax_cross_entropy_with_integer_labels(
       reduction: "none", "sum" or "mean".
 
     Returns:
-      float32 (float64 for float64 logits): per row for "none", else a scalar.
+      The loss per row for "none", else a scalar; float32 (float64 for
+      float64 logits).
 
     Examples:
       >>> import jax.numpy as jnp
