@@ -199,7 +199,8 @@ def linear_log_probs(
       labels: integers ``[...]`` (global class ids, also when sharded).
       bias: floating ``[V]`` (or this device's slice), or None.
       temperature: a positive scalar ``T``. Differentiable.
-      where: boolean ``[...]``; False tokens give 0 and zero gradients.
+      where: boolean ``[...]``; False tokens give 0 and zero gradients (their
+        labels are not read).
       return_entropy: also return each token's entropy.
       chunk_size: tokens per chunk (static); by default chosen by backend as
         in :func:`linear_softmax_cross_entropy`.
@@ -232,10 +233,12 @@ def linear_log_probs(
     fname = "linear_log_probs"
     hidden, weight, bias = _head_inputs(fname, "", hidden, weight, bias)
     shards = 1 if axis_name is None else lax.axis_size(axis_name)
+    where = _checks.mask(fname, where, hidden.shape[:-1])
+    if where is not None and jnp.shape(labels) == where.shape:
+        labels = jnp.where(where, jnp.asarray(labels), 0)  # a masked token's label is not read
     labels = _checks.integer_labels(
         fname, labels, hidden.shape[:-1], weight.shape[1] * shards, f"hidden {hidden.shape}"
     )
-    where = _checks.mask(fname, where, labels.shape)
     hyper = _Hyper(_temperature(fname, temperature))
     config = _Config(
         "log_probs",
@@ -301,7 +304,7 @@ def linear_distillation_loss(
       reduction: "none" (per token), "sum", or "mean" (over the counting
         tokens; 0 when none counts).
       chunk_size: tokens per chunk (static); by default chosen by backend as
-        in :func:`linear_softmax_cross_entropy`.
+        in :func:`linear_softmax_cross_entropy`, counting both models' logits.
       axis_name: the mesh axis along which both heads are sharded by
         vocabulary, inside ``jax.shard_map``; None when not sharded.
 
@@ -340,12 +343,15 @@ def linear_distillation_loss(
     _check_reduction(fname, reduction)
     tokens = hidden.shape[:-1]
     where = _checks.mask(fname, where, tokens)
-    beta_ = _hyper(fname, "beta", beta, 0.0, 1.0)
-    if divergence == "jsd" and not _checks.is_traced(beta) and np.asarray(beta) in (0.0, 1.0):
-        raise ValueError(f"{fname}: beta must be in (0, 1) for the jsd, got {np.asarray(beta)}")
-    beta_ = jnp.where((beta_ > 0) & (beta_ < 1), beta_, jnp.nan)
+    dtype = _compute_dtype(hidden, weight, student_bias, t_hidden, t_weight, teacher_bias)
+    beta_ = _hyper(fname, "beta", beta, 0.0, 1.0).astype(dtype)
+    if divergence == "jsd":  # 0 < beta < 1 as computed (0.999999999 is 1 in float32)
+        if not _checks.is_traced(beta) and not 0 < np.asarray(beta, dtype) < 1:
+            raise ValueError(f"{fname}: beta must be in (0, 1) for the jsd, got {beta}")
+        beta_ = jnp.where((beta_ > 0) & (beta_ < 1), beta_, jnp.nan)
     hyper = lax.stop_gradient(_Hyper(_temperature(fname, temperature), beta=beta_))
-    size = _chunk_size(fname, chunk_size, weight.shape[1], int(np.prod(tokens)))
+    # A chunk holds both models' logits: the default budget counts both.
+    size = _chunk_size(fname, chunk_size, 2 * weight.shape[1], int(np.prod(tokens)))
     config = _Config("distillation", size, axis_name, divergence=divergence)
     teacher = (t_hidden, t_weight, t_bias)
     out = _call(config, hidden, (weight, bias), teacher, None, where, None, hyper, reduction)
@@ -403,11 +409,25 @@ def _merged(config, collective, x):
 
 
 def _normalized(config, z):
-    """``exp(z - m)``, its row sum and the row's logsumexp, over the global vocabulary."""
+    """The row max ``m``, the shifted logits ``d = z - m``, ``exp(d)`` and its row sum ``s``.
+
+    Over the global vocabulary (``m`` is the max over every shard): the row's
+    logsumexp is ``m + log s`` and ``log softmax(z) = d - log s``, which keeps
+    the precision of confident rows (no large ``z`` is subtracted from another).
+    """
     m = _merged(config, lax.pmax, jnp.max(z, axis=1))
-    e = jnp.exp(z - m[:, None])
-    s = _merged(config, lax.psum, jnp.sum(e, axis=1))
-    return e, s, m + jnp.log(s)
+    d = z - m[:, None]
+    e = jnp.exp(d)
+    return m, d, e, _merged(config, lax.psum, jnp.sum(e, axis=1))
+
+
+def _weighted(w, a):
+    """``w * a``, and 0 where ``w`` is 0 (the limit, also where ``a`` is infinite).
+
+    A ``-inf`` logit (a masked class, say a padded vocabulary's ``-inf`` bias)
+    has probability 0, and its log-probability times it contributes nothing.
+    """
+    return jnp.where(w > 0, w * a, 0.0)
 
 
 def _vocabulary(config, local):
@@ -442,7 +462,8 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
     alpha, z_loss = hyper.alpha, hyper.z_loss
     if config.softcap is not None:
         z = config.softcap * jnp.tanh(z / config.softcap)
-    e, s, lse = _normalized(config, z)
+    m, _, e, s = _normalized(config, z)
+    lse = m + jnp.log(s)
     index, z_label, bad = _label_terms(config, z, labels, counts)
     vocab = _vocabulary(config, z.shape[1])[1]
     loss = lse - (1 - alpha) * z_label
@@ -464,27 +485,30 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
 
 
 def _log_probs_head(config, z, t, labels, counts, hyper, cts):
-    r"""``log p_y`` and ``H = lse - sum_k p_k z_k`` of ``z / T``; with ``x = z / T``,
-    ``d/dx = g_1 ([k = y] - p) - g_2 p (x - (lse - H))``, ``d/dz = d/dx / T`` and
-    ``d/dT = -sum_k x_k d/dx_k / T``."""
+    r"""``log p_y = d_y - log s`` and ``H = log s - sum_k p_k d_k`` of ``x = z / T``
+    (``d = x - m``); ``d/dx = g_1 ([k = y] - p) - g_2 p (d - sum_k p_k d_k)``,
+    ``d/dz = d/dx / T`` and ``d/dT = -sum_k x_k d/dx_k / T = -sum_k d_k d/dx_k / T``
+    (``d/dx`` sums to 0 over a row)."""
     del t
     temperature = hyper.temperature
-    x = z / temperature
-    e, s, lse = _normalized(config, x)
-    index, x_label, bad = _label_terms(config, x, labels, counts)
-    outputs = [x_label - lse]
+    _, d, e, s = _normalized(config, z / temperature)
+    log_s = jnp.log(s)
+    index, d_label, bad = _label_terms(config, d, labels, counts)
+    outputs = [d_label - log_s]
+    p = e / s[:, None]
     if config.entropy:
-        mean = _merged(config, lax.psum, jnp.sum(e * x, axis=1)) / s  # sum_k p_k x_k
-        outputs.append(lse - mean)
+        p_d = _weighted(p, d)
+        mean = _merged(config, lax.psum, jnp.sum(p_d, axis=1))  # sum_k p_k d_k
+        outputs.append(log_s - mean)
     outputs = tuple(jnp.where(counts, o, 0.0) * bad for o in outputs)
     if cts is None:
         return outputs, None, None
     g = [jnp.where(counts, c, 0.0) * bad for c in cts]
-    p = e / s[:, None]
-    dx = _at_label(x, index, g[0]) - g[0][:, None] * p
+    dx = _at_label(d, index, g[0]) - g[0][:, None] * p
     if config.entropy:
-        dx = dx - g[1][:, None] * p * (x - mean[:, None])
-    return outputs, dx / temperature, -jnp.sum(dx * x) / temperature
+        dx = dx - g[1][:, None] * (p_d - p * mean[:, None])
+    d_temperature = -jnp.sum(jnp.where(d == -jnp.inf, 0.0, dx * d)) / temperature
+    return outputs, dx / temperature, d_temperature
 
 
 def _distillation_head(config, z, t, labels, counts, hyper, cts):
@@ -492,36 +516,36 @@ def _distillation_head(config, z, t, labels, counts, hyper, cts):
 
     With ``x = z / T``: forward KL's ``d/dx = Q - P``; reverse KL's
     ``Q (log Q - log P - KL)``; the JSD's ``(1 - beta) Q (log Q - log M - KL(Q || M))``.
+    Terms weighted by a zero probability are 0, also against a ``-inf`` logit.
     """
     del labels
     temperature, beta = hyper.temperature, hyper.beta
-    x, y = z / temperature, t / temperature
-    e_q, s_q, lse_q = _normalized(config, x)
-    e_p, s_p, lse_p = _normalized(config, y)
+    _, d_q, e_q, s_q = _normalized(config, z / temperature)
+    _, d_p, e_p, s_p = _normalized(config, t / temperature)
     q, p = e_q / s_q[:, None], e_p / s_p[:, None]
-    log_q, log_p = x - lse_q[:, None], y - lse_p[:, None]
+    log_q, log_p = d_q - jnp.log(s_q)[:, None], d_p - jnp.log(s_p)[:, None]
 
     def total(terms):
         return _merged(config, lax.psum, jnp.sum(terms, axis=1))
 
     if config.divergence == "forward_kl":
-        loss = total(p * (log_p - log_q))
+        kl = total(_weighted(p, log_p - log_q))
     elif config.divergence == "reverse_kl":
-        loss = total(q * (log_q - log_p))
+        kl = total(_weighted(q, log_q - log_p))
     else:
         log_m = jnp.logaddexp(jnp.log(beta) + log_p, jnp.log1p(-beta) + log_q)
-        kl_pm, kl_qm = total(p * (log_p - log_m)), total(q * (log_q - log_m))
-        loss = beta * kl_pm + (1 - beta) * kl_qm
-    loss = jnp.where(counts, temperature**2 * loss, 0.0)
+        kl_qm = total(_weighted(q, log_q - log_m))
+        kl = beta * total(_weighted(p, log_p - log_m)) + (1 - beta) * kl_qm
+    loss = jnp.where(counts, temperature**2 * kl, 0.0)
     if cts is None:
         return (loss,), None, None
     r = jnp.where(counts, cts[0], 0.0) * temperature  # T**2 from the loss, 1 / T from x
     if config.divergence == "forward_kl":
         dx = q - p
     elif config.divergence == "reverse_kl":
-        dx = q * (log_q - log_p - (loss / temperature**2)[:, None])
+        dx = _weighted(q, log_q - log_p - kl[:, None])
     else:
-        dx = (1 - beta) * q * (log_q - log_m - kl_qm[:, None])
+        dx = (1 - beta) * _weighted(q, log_q - log_m - kl_qm[:, None])
     return (loss,), r[:, None] * dx, None
 
 
@@ -555,7 +579,7 @@ def _chunk(config, h, params, teacher, rows, hyper, cts):
     """
     weight, bias = params
     t_hidden, labels, counts = rows
-    dtype = _compute_dtype(h, weight, *(teacher or ()))
+    dtype = _compute_dtype(h, weight, bias, t_hidden, *(teacher or ()))
     z = _project(h, weight, bias, dtype)
     t = None if teacher is None else _project(t_hidden, teacher[0], teacher[1], dtype)
     values, dz, d_temperature = _HEADS[config.head](config, z, t, labels, counts, hyper, cts)

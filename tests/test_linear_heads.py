@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jsoftmax
+from tests.conftest import lowered_for
 from tests.test_linear import assert_same, on_eight_cpu_devices, problem
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -96,7 +97,7 @@ def vjp_all(f, primals, seed=3):
     leaves, structure = jax.tree.flatten(value)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     cts = [
-        np.asarray(jax.random.normal(k, v.shape, v.dtype))
+        np.asarray(jax.random.normal(k, v.shape, jnp.float32), v.dtype)  # the same in any dtype
         for k, v in zip(keys, leaves, strict=True)
     ]
     cts = jax.tree.unflatten(structure, cts)
@@ -204,6 +205,40 @@ def test_log_probs_errors():
         f(hidden, weight, labels, chunk_size=0)
 
 
+def test_log_probs_padded_vocabulary_confident_rows_and_masked_padding_labels(x64):
+    """A -inf bias (padded classes), low temperatures (confident rows) and -100 labels on
+    masked tokens: the float64 computation of the same float32 inputs is the reference."""
+    hidden, weight, bias, labels, where = problem(12, 8, 40, seed=7)
+    bias[-5:] = -np.inf
+    labels = np.where(where, labels % 35, -100)
+    for temperature in (1.0, 0.05):
+
+        def fused(h, w, b, t):
+            return jsoftmax.linear_log_probs(
+                h,
+                w,
+                labels,
+                bias=b,
+                temperature=t,
+                where=where,
+                return_entropy=True,
+                chunk_size=5,
+            )
+
+        def reference(h, w, b, t):
+            log_p = jsoftmax.log_softmax(h @ w + b, temperature=t)
+            logp = jnp.take_along_axis(log_p, np.maximum(labels, 0)[:, None], -1)[:, 0]
+            entropy = -jnp.sum(jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * log_p, 0.0), -1)
+            return jnp.where(where, logp, 0.0), jnp.where(where, entropy, 0.0)
+
+        primals = (hidden, weight, bias, np.float32(temperature))
+        ours = vjp_all(fused, primals)
+        theirs = vjp_all(reference, [np.float64(a) for a in primals])
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+            assert np.isfinite(a).all()
+            np.testing.assert_allclose(a, np.asarray(b, np.float32), rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- linear_distillation_loss
 
 
@@ -305,6 +340,29 @@ def test_distillation_low_precision_in_float32_out(dtype):
         np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=2e-2, atol=2e-3)
 
 
+def test_distillation_padded_vocabulary_and_confident_teacher():
+    """-inf biases on padded classes (both heads) and a teacher whose probabilities underflow:
+    finite, and equal to the divergence over the real classes."""
+    s_h, s_w, s_b, _, _ = problem(10, 8, 30, seed=8)
+    t_h, t_w, t_b = teacher(10, 6, 30, seed=8)
+    t_w = 40 * t_w  # a confident teacher: most of its probabilities are exactly 0
+    s_b[-4:] = t_b[-4:] = -np.inf
+    for divergence in DIVERGENCES:
+
+        def fused(h, w, b, d=divergence):
+            return fused_distillation(h, w, b, t_h, t_w, t_b, divergence=d, temperature=1.5)
+
+        def reference(h, w, b, d=divergence):
+            return unfused_distillation(
+                h, w[:, :-4], b[:-4], t_h, t_w[:, :-4], t_b[:-4], divergence=d, temperature=1.5
+            )
+
+        ours = vjp_all(fused, (s_h, s_w, s_b))
+        theirs = vjp_all(reference, (s_h, s_w, s_b))
+        assert all(np.isfinite(a).all() for a in jax.tree.leaves(ours))
+        assert_same(ours, theirs, rtol=1e-4, atol=1e-5)  # 0 for the padded classes
+
+
 def test_distillation_errors():
     s_h, s_w, _, _, where = problem(6, 4, 10)
     t_h, t_w, _ = teacher(6, 5, 10, seed=0)
@@ -319,8 +377,9 @@ def test_distillation_errors():
         f(s_h, s_w, t_h, t_w[:, :9])
     with pytest.raises(ValueError, match="divergence must be one of"):
         f(s_h, s_w, t_h, t_w, divergence="kl")
-    with pytest.raises(ValueError, match=r"beta must be in \(0, 1\)"):
-        f(s_h, s_w, t_h, t_w, divergence="jsd", beta=1.0)
+    for beta in (0.0, 1.0, 0.999999999):  # the last is 1 in float32, the compute dtype
+        with pytest.raises(ValueError, match=r"beta must be in \(0, 1\) for the jsd"):
+            f(s_h, s_w, t_h, t_w, divergence="jsd", beta=beta)
     with pytest.raises(ValueError, match=r"beta must be in \[0.0, 1.0\]"):
         f(s_h, s_w, t_h, t_w, divergence="jsd", beta=2.0)
     with pytest.raises(ValueError, match="temperature must be positive"):
@@ -370,6 +429,27 @@ def test_heads_never_materialise_the_logits():
         small, large = temp_bytes(1024, divergence), temp_bytes(2048, divergence)
         assert large <= 1.05 * small
         assert small < 0.5 * 1024 * v * 4
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerator_programs_hold_no_optimization_barrier(platform):
+    hidden, weight, bias, labels, _ = (
+        a.astype(jnp.bfloat16) if a.dtype == np.float32 else a for a in problem(64, 16, 128)
+    )
+    t_h, t_w, _ = (a.astype(jnp.bfloat16) for a in teacher(64, 8, 128, seed=0))
+    heads = [
+        lambda h, w: jnp.sum(jsoftmax.linear_log_probs(h, w, labels, return_entropy=True)[1]),
+        lambda h, w: jsoftmax.linear_softmax_cross_entropy(h, w, labels, reduction="mean"),
+        *(
+            lambda h, w, d=d: jsoftmax.linear_distillation_loss(
+                h, w, t_h, t_w, divergence=d, reduction="mean"
+            )
+            for d in DIVERGENCES
+        ),
+    ]
+    for head in heads:
+        program = lowered_for(jax.value_and_grad(head, argnums=(0, 1)), platform, hidden, weight)
+        assert "optimization_barrier" not in program
 
 
 # ---------------------------------------------------------------- sharded
