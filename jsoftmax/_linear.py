@@ -496,9 +496,9 @@ def _log_probs_head(config, z, t, labels, counts, hyper, cts):
     index, d_label, bad = _label_terms(config, d, labels, counts)
     outputs = [d_label - log_s]
     p = e / s[:, None]
+    finite = jnp.where(d == -jnp.inf, 0.0, d)  # a -inf logit has p = 0: 0 * d counts as 0
     if config.entropy:
-        p_d = _weighted(p, d)
-        mean = _merged(config, lax.psum, jnp.sum(p_d, axis=1))  # sum_k p_k d_k
+        mean = _merged(config, lax.psum, jnp.sum(p * finite, axis=1))  # sum_k p_k d_k
         outputs.append(log_s - mean)
     outputs = tuple(jnp.where(counts, o, 0.0) * bad for o in outputs)
     if cts is None:
@@ -506,8 +506,8 @@ def _log_probs_head(config, z, t, labels, counts, hyper, cts):
     g = [jnp.where(counts, c, 0.0) * bad for c in cts]
     dx = _at_label(d, index, g[0]) - g[0][:, None] * p
     if config.entropy:
-        dx = dx - g[1][:, None] * (p_d - p * mean[:, None])
-    d_temperature = -jnp.sum(jnp.where(d == -jnp.inf, 0.0, dx * d)) / temperature
+        dx = dx - g[1][:, None] * p * (finite - mean[:, None])
+    d_temperature = -jnp.sum(dx * finite) / temperature
     return outputs, dx / temperature, d_temperature
 
 
