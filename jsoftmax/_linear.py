@@ -304,7 +304,7 @@ def linear_distillation_loss(
       reduction: "none" (per token), "sum", or "mean" (over the counting
         tokens; 0 when none counts).
       chunk_size: tokens per chunk (static); by default chosen by backend as
-        in :func:`linear_softmax_cross_entropy`, counting both models' logits.
+        in :func:`linear_softmax_cross_entropy`.
       axis_name: the mesh axis along which both heads are sharded by
         vocabulary, inside ``jax.shard_map``; None when not sharded.
 
@@ -350,8 +350,7 @@ def linear_distillation_loss(
             raise ValueError(f"{fname}: beta must be in (0, 1) for the jsd, got {beta}")
         beta_ = jnp.where((beta_ > 0) & (beta_ < 1), beta_, jnp.nan)
     hyper = lax.stop_gradient(_Hyper(_temperature(fname, temperature), beta=beta_))
-    # A chunk holds both models' logits: the default budget counts both.
-    size = _chunk_size(fname, chunk_size, 2 * weight.shape[1], int(np.prod(tokens)))
+    size = _chunk_size(fname, chunk_size, weight.shape[1], int(np.prod(tokens)))
     config = _Config("distillation", size, axis_name, divergence=divergence)
     teacher = (t_hidden, t_weight, t_bias)
     out = _call(config, hidden, (weight, bias), teacher, None, where, None, hyper, reduction)
