@@ -343,7 +343,7 @@ def linear_distillation_loss(
     _check_reduction(fname, reduction)
     tokens = hidden.shape[:-1]
     where = _checks.mask(fname, where, tokens)
-    dtype = _compute_dtype(hidden, weight, student_bias, t_hidden, t_weight, teacher_bias)
+    dtype = _compute_dtype(hidden, (weight, bias), (t_weight, t_bias), t_hidden)
     beta_ = _hyper(fname, "beta", beta, 0.0, 1.0).astype(dtype)
     if divergence == "jsd":  # 0 < beta < 1 as computed (0.999999999 is 1 in float32)
         if not _checks.is_traced(beta) and not 0 < np.asarray(beta, dtype) < 1:
@@ -558,9 +558,10 @@ _HEADS = {
 # ---------------------------------------------------------------- the chunked core
 
 
-def _compute_dtype(*arrays):
-    """float32 for float16/bfloat16/float32 inputs, float64 if any is float64."""
-    return _checks.compute_dtype(jnp.result_type(*(a for a in arrays if a is not None)))
+def _compute_dtype(h, params, teacher, t_hidden):
+    """One call's compute dtype, from every floating input: float32 for float16, bfloat16 and
+    float32, float64 if any is float64 (the chunks and the scan's accumulators agree)."""
+    return _checks.compute_dtype(jnp.result_type(*jax.tree.leaves((h, params, teacher, t_hidden))))
 
 
 def _project(h, weight, bias, dtype):
@@ -578,7 +579,7 @@ def _chunk(config, h, params, teacher, rows, hyper, cts):
     """
     weight, bias = params
     t_hidden, labels, counts = rows
-    dtype = _compute_dtype(h, weight, bias, t_hidden, *(teacher or ()))
+    dtype = _compute_dtype(h, params, teacher, t_hidden)
     z = _project(h, weight, bias, dtype)
     t = None if teacher is None else _project(t_hidden, teacher[0], teacher[1], dtype)
     values, dz, d_temperature = _HEADS[config.head](config, z, t, labels, counts, hyper, cts)
@@ -621,7 +622,7 @@ def _scan(config, h, params, teacher, rows, hyper, cts):
 
     if cts is None:
         return jax.tree.map(unchunked, lax.scan(body, (), xs)[1]), None
-    dtype = _compute_dtype(h, params[0], *(teacher or ()))
+    dtype = _compute_dtype(h, params, teacher, rows[0])
     # Under shard_map the sums vary along every mesh axis their terms vary along.
     inputs = jax.tree.leaves((h, params, teacher, rows, hyper, cts))
     axes = frozenset().union(*map(_varying, inputs))
@@ -651,7 +652,7 @@ def _call(config, hidden, params, teacher, labels, where, ignore, hyper, reducti
     if reduction == "none":
         values = _per_token(config, h, params, teacher, rows, hyper)
         return jax.tree.map(lambda v: v.reshape(shape), values)
-    dtype = _compute_dtype(h, params[0], *(teacher or ()))
+    dtype = _compute_dtype(h, params, teacher, t_hidden)
     scale = 1 / jnp.maximum(jnp.sum(counts.astype(dtype)), 1) if reduction == "mean" else 1
     return _total(config, h, params, teacher, rows, hyper, jnp.asarray(scale, dtype))
 

@@ -136,6 +136,21 @@ def test_float64(x64):
     assert_same(ours, theirs, rtol=1e-12, atol=1e-13)
 
 
+def test_mixed_input_dtypes_compute_in_the_widest(x64):
+    """A float64 bias with float32 hidden states and weight: every chunk and accumulator in
+    float64, gradients in each input's dtype."""
+    hidden, weight, bias, labels, where = problem(9, 4, 13)
+    bias = bias.astype(np.float64)
+    for reduction in ("mean", "none"):
+        ours = value_and_grads(
+            fused, hidden, weight, bias, labels, where, reduction=reduction, chunk_size=4
+        )
+        theirs = value_and_grads(unfused, hidden, weight, bias, labels, where, reduction=reduction)
+        assert ours[0].dtype == jnp.float64
+        assert [g.dtype for g in ours[1]] == [jnp.float32, jnp.float32, jnp.float64]
+        assert_same(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_accumulates_in_float32(dtype):
     hidden, weight, bias, labels, where = (
