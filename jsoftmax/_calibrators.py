@@ -1,0 +1,767 @@
+r"""Calibrators beyond one temperature: fits that return a pytree, and :func:`calibrate`.
+
+Every ``fit_*`` takes validation logits ``[N, K]``, integer labels ``[N]`` and
+an optional row mask ``where`` (False rows are padding), runs under
+``jax.jit`` and ``jax.vmap`` (stacked problems fit as one batched iteration)
+and returns a calibrator: a ``NamedTuple`` of arrays, so it can be stacked,
+saved and passed through transformations like any pytree.
+:func:`calibrate` applies any of them to new logits and returns
+log-probabilities.
+
+The parametric calibrators (vector, matrix and Dirichlet scaling) minimise a
+convex objective, the mean negative log-likelihood plus their penalty, by
+L-BFGS (:func:`_minimize`) from the identity map, until the gradient's largest
+entry is below ``_GRADIENT_TOL`` times the objective's scale or no step
+decreases it (the dtype's precision is reached). A class whose logit is
+``-inf`` stays impossible after calibration, and its input never enters a
+product (it is read as the row's smallest finite logit).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.flatten_util import ravel_pytree
+from jax.typing import ArrayLike
+
+from jsoftmax import _checks
+from jsoftmax._calibration import _bin_index, _bin_sums, _bounds, _count, _rows, _scale
+from jsoftmax._calibration import _num_bins as _checked_num_bins
+
+_MAX_ITERATIONS = 500
+_HISTORY = 10
+_GRADIENT_TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.float64): 1e-9}
+
+
+class VectorScaling(NamedTuple):
+    """``log_softmax(scale * logits + bias)``; :func:`fit_vector_scaling`'s result.
+
+    Attributes:
+      scale: ``[K]`` per-class scale.
+      bias: ``[K]`` per-class bias.
+    """
+
+    scale: jax.Array
+    bias: jax.Array
+
+
+class MatrixScaling(NamedTuple):
+    """``log_softmax(logits @ weight + bias)``; :func:`fit_matrix_scaling`'s result.
+
+    Attributes:
+      weight: ``[K, K]``.
+      bias: ``[K]``.
+    """
+
+    weight: jax.Array
+    bias: jax.Array
+
+
+class DirichletCalibration(NamedTuple):
+    """``log_softmax(log_softmax(logits) @ weight + bias)``; see :func:`fit_dirichlet_calibration`.
+
+    Attributes:
+      weight: ``[K, K]``.
+      bias: ``[K]``.
+    """
+
+    weight: jax.Array
+    bias: jax.Array
+
+
+class EnsembleTemperature(NamedTuple):
+    """A mixture of the tempered, raw and uniform predictions; see :func:`fit_ensemble_temperature`.
+
+    Attributes:
+      temperature: scalar ``T``.
+      weights: ``[3]`` on the simplex: of ``softmax(logits / T)``, of
+        ``softmax(logits)`` and of the uniform distribution.
+    """
+
+    temperature: jax.Array
+    weights: jax.Array
+
+
+class HistogramBinning(NamedTuple):
+    """One-vs-rest histogram binning; see :func:`fit_histogram_binning`.
+
+    Attributes:
+      values: ``[K, M]``, the calibrated probability of class ``k`` for a
+        predicted probability in bin ``m`` (the bins of
+        :func:`jsoftmax.expected_calibration_error`).
+    """
+
+    values: jax.Array
+
+
+class IsotonicCalibration(NamedTuple):
+    """One-vs-rest isotonic regression; see :func:`fit_isotonic`.
+
+    Attributes:
+      thresholds: ``[K, N]``, each class's fitted predicted probabilities,
+        sorted (the first ``count`` entries are fitted rows).
+      values: ``[K, N]``, the non-decreasing fitted values at the thresholds.
+      count: scalar, the number of fitted rows.
+    """
+
+    thresholds: jax.Array
+    values: jax.Array
+    count: jax.Array
+
+
+Calibrator = (
+    VectorScaling
+    | MatrixScaling
+    | DirichletCalibration
+    | EnsembleTemperature
+    | HistogramBinning
+    | IsotonicCalibration
+)
+
+
+def calibrate(calibrator: Calibrator, logits: ArrayLike) -> jax.Array:
+    """Applies a fitted calibrator to logits and returns log-probabilities.
+
+    Args:
+      calibrator: the result of one of the ``fit_*`` functions.
+      logits: floating ``[..., K]`` (the uncalibrated model's).
+
+    Returns:
+      Calibrated log-probabilities ``[..., K]`` (float32, float64 for float64
+      logits): ``jnp.exp`` of them sums to 1 over the last axis. A class with
+      ``-inf`` logit keeps log-probability ``-inf``; the histogram and
+      isotonic calibrators can also give ``-inf`` (a calibrated probability
+      of 0) and, where every class maps to 0, the uniform distribution (as
+      scikit-learn's ``CalibratedClassifierCV`` does).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jax.random.normal(jax.random.key(0), (1000, 4))
+      >>> labels = jax.random.categorical(jax.random.key(1), logits)
+      >>> calibrator = jsoftmax.fit_vector_scaling(2.0 * logits, labels)
+      >>> jsoftmax.calibrate(calibrator, 2.0 * logits).shape
+      (1000, 4)
+    """
+    fname = "calibrate"
+    if not isinstance(calibrator, Calibrator):
+        raise TypeError(
+            f"{fname}: calibrator must be one of the fit_* functions' results, "
+            f"got {type(calibrator).__name__}"
+        )
+    logits = _checks.floating(fname, "logits", logits)
+    if logits.ndim == 0:
+        raise ValueError(f"{fname}: logits must have a class axis, got shape ()")
+    num_classes = _num_classes(calibrator)
+    if num_classes not in (None, logits.shape[-1]):
+        raise ValueError(
+            f"{fname}: logits has {logits.shape[-1]} classes (shape {logits.shape}) but the "
+            f"calibrator was fitted on {num_classes}"
+        )
+    flat = logits.reshape(-1, logits.shape[-1])
+    return _apply(calibrator, flat).reshape(logits.shape)
+
+
+def _num_classes(calibrator) -> int | None:
+    """The number of classes a calibrator was fitted on (None: it applies to any)."""
+    if isinstance(calibrator, EnsembleTemperature):
+        return None
+    if isinstance(calibrator, HistogramBinning | IsotonicCalibration):
+        return jnp.shape(calibrator[0])[0]
+    return jnp.shape(calibrator.bias)[-1]
+
+
+@jax.jit
+def _apply(calibrator, logits):
+    x = logits.astype(_checks.compute_dtype(logits.dtype))
+    possible = x != -jnp.inf
+    if isinstance(calibrator, VectorScaling):
+        return _log_softmax(calibrator.scale * _features(x) + calibrator.bias, possible)
+    if isinstance(calibrator, MatrixScaling):
+        return _log_softmax(_features(x) @ calibrator.weight + calibrator.bias, possible)
+    if isinstance(calibrator, DirichletCalibration):
+        log_p = _features(_log_softmax(x, possible))
+        return _log_softmax(log_p @ calibrator.weight + calibrator.bias, possible)
+    p = jnp.exp(_log_softmax(x, possible))
+    if isinstance(calibrator, EnsembleTemperature):
+        tempered = jnp.exp(_log_softmax(_scale(x, calibrator.temperature), possible))
+        w = calibrator.weights
+        return jnp.log(w[0] * tempered + w[1] * p + w[2] / x.shape[-1])
+    if isinstance(calibrator, HistogramBinning):
+        index = _bin_index(p, calibrator.values.shape[-1])
+        q = jnp.take_along_axis(calibrator.values, index.T, axis=1).T
+    else:
+        q = jax.vmap(_interpolate, (0, 0, None, 1), 1)(
+            calibrator.thresholds, calibrator.values, calibrator.count, p
+        )
+    total = jnp.sum(q, axis=-1, keepdims=True)
+    uniform = -jnp.log(jnp.asarray(x.shape[-1], x.dtype))
+    return jnp.where(total > 0, jnp.log(q) - jnp.log(jnp.where(total > 0, total, 1.0)), uniform)
+
+
+def _log_softmax(z, possible):
+    """``log_softmax`` over the possible classes (``-inf`` elsewhere)."""
+    z = jnp.where(possible, z, -jnp.inf)
+    return z - jax.scipy.special.logsumexp(z, axis=-1, keepdims=True)
+
+
+def _features(x):
+    """``x`` with each ``-inf`` entry read as the row's smallest finite entry."""
+    finite = jnp.isfinite(x)
+    low = jnp.min(jnp.where(finite, x, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(x == -jnp.inf, jnp.where(jnp.isfinite(low), low, 0.0), x)
+
+
+def _interpolate(thresholds, values, count, p):
+    """scikit-learn's ``np.interp`` through the first ``count`` (sorted) points, clipped."""
+    hi = jnp.minimum(jnp.searchsorted(thresholds, p, side="right"), count)
+    lo = jnp.maximum(hi - 1, 0)
+    x0, x1 = thresholds[lo], thresholds[jnp.minimum(hi, count - 1)]
+    f0, f1 = values[lo], values[jnp.minimum(hi, count - 1)]
+    inside = (hi > 0) & (hi < count)
+    between = f0 + (p - x0) * (f1 - f0) / jnp.where(inside, x1 - x0, 1.0)
+    clipped = jnp.where(hi == 0, values[0], f0)
+    # Nothing was fitted: the calibrator is the identity.
+    return jnp.where(count > 0, jnp.where(inside, between, clipped), p)
+
+
+def _minimize(fun, x0):
+    """Minimises a smooth convex ``fun`` of a flat vector by L-BFGS from ``x0``.
+
+    Backtracking (Armijo) line search; stops when the gradient's largest entry
+    is below ``_GRADIENT_TOL``, when no step along the search direction
+    decreases ``fun`` (its precision is reached), or after ``_MAX_ITERATIONS``.
+    """
+    dtype = x0.dtype
+    value_and_grad = jax.value_and_grad(fun)
+    tol = _GRADIENT_TOL[jnp.dtype(dtype)]
+
+    def direction(g, s, y, rho, k):
+        # The two-loop recursion over the stored pairs, newest first; empty slots have rho = 0.
+        def newest_first(i, carry):
+            q, alpha = carry
+            j = (k - 1 - i) % _HISTORY
+            a = rho[j] * jnp.dot(s[j], q)
+            return q - a * y[j], alpha.at[j].set(a)
+
+        q, alpha = lax.fori_loop(0, _HISTORY, newest_first, (g, jnp.zeros(_HISTORY, dtype)))
+        newest = (k - 1) % _HISTORY
+        yy = jnp.dot(y[newest], y[newest])
+        first = jnp.minimum(1.0, 1.0 / jnp.maximum(jnp.linalg.norm(g), jnp.finfo(dtype).tiny))
+        gamma = jnp.where(rho[newest] > 0, 1.0 / jnp.maximum(rho[newest] * yy, 1e-30), first)
+
+        def oldest_first(i, r):
+            j = (k - _HISTORY + i) % _HISTORY
+            return r + s[j] * (alpha[j] - rho[j] * jnp.dot(y[j], r))
+
+        return -lax.fori_loop(0, _HISTORY, oldest_first, gamma * q)
+
+    def line_search(x, f, g, d):
+        slope = jnp.dot(g, d)
+
+        # Armijo's condition, up to the rounding of f: near the optimum of a float32
+        # objective, its changes are below that rounding while the gradient still
+        # points the way (the approximate Wolfe condition of Hager and Zhang).
+        slack = 2 * jnp.finfo(dtype).eps * jnp.abs(f)
+
+        def shrinking(state):
+            t, f_new, _, tries = state
+            return (tries < 50) & ~(f_new <= f + 1e-4 * t * slope + slack)
+
+        def shrink(state):
+            t, _, _, tries = state
+            f_new, g_new = value_and_grad(x + 0.5 * t * d)
+            return 0.5 * t, f_new, g_new, tries + 1
+
+        f_new, g_new = value_and_grad(x + d)
+        return lax.while_loop(shrinking, shrink, (jnp.ones((), dtype), f_new, g_new, 0))
+
+    def running(state):
+        i, _, _, _, g, _, _, _, stalled = state
+        return (i < _MAX_ITERATIONS) & ~stalled & ~(jnp.max(jnp.abs(g)) <= tol)
+
+    def step(state):
+        i, k, x, f, g, s, y, rho, _ = state  # k: the number of pairs stored
+        d = direction(g, s, y, rho, k)
+        d = jnp.where(jnp.dot(g, d) < 0, d, -g)  # a lost descent direction restarts
+        t, f_new, g_new, tries = line_search(x, f, g, d)
+        decreased = tries < 50
+        sk, yk = t * d, g_new - g
+        sy = jnp.dot(sk, yk)
+        keep = decreased & (sy > 0)
+        slot = k % _HISTORY
+        s = jnp.where(keep, s.at[slot].set(sk), s)
+        y = jnp.where(keep, y.at[slot].set(yk), y)
+        rho = jnp.where(keep, rho.at[slot].set(1.0 / jnp.where(keep, sy, 1.0)), rho)
+        x, f, g = (
+            jnp.where(decreased, new, old) for new, old in ((x + sk, x), (f_new, f), (g_new, g))
+        )
+        return i + 1, k + keep, x, f, g, s, y, rho, ~decreased
+
+    f0, g0 = value_and_grad(x0)
+    history = jnp.zeros((_HISTORY, x0.size), dtype)
+    start = (0, 0, x0, f0, g0, history, history, jnp.zeros(_HISTORY, dtype), False)
+    return lax.while_loop(running, step, start)[2]
+
+
+def _mean_nll(z, possible, labels, where, n):
+    """The mean over kept rows of ``-log_softmax(z)[label]``, impossible classes excluded."""
+    z = jnp.where(possible, z, -jnp.inf)
+    z_label = jnp.take_along_axis(z, labels[:, None], axis=1, mode="clip")[:, 0]
+    nll = jax.scipy.special.logsumexp(z, axis=1) - z_label
+    return jnp.sum(jnp.where(where, nll, 0.0)) / jnp.maximum(n, 1)
+
+
+def _prepared(logits, labels, where):
+    """The logits in the compute dtype, their possible classes, ``N`` and the bad-label factor."""
+    x = logits.astype(_checks.compute_dtype(logits.dtype))
+    return x, x != -jnp.inf, *_count(x, labels, where)
+
+
+@functools.partial(jax.jit, static_argnames=("kind",))
+def _fit_affine(logits, labels, where, kind, penalties):
+    """Vector, matrix or Dirichlet scaling: the penalised mean NLL minimised from the identity."""
+    x, possible, n, nan_if_bad = _prepared(logits, labels, where)
+    k = x.shape[1]
+    if kind == "dirichlet":
+        x = _log_softmax(x, possible)
+    features = _features(x)
+    eye = jnp.eye(k, dtype=x.dtype)
+    if kind == "vector":
+        params0 = (jnp.ones(k, x.dtype), jnp.zeros(k, x.dtype))
+    else:
+        params0 = (eye, jnp.zeros(k, x.dtype))
+    flat0, unflatten = ravel_pytree(params0)
+
+    def objective(flat):
+        w, b = unflatten(flat)
+        z = (w * features if kind == "vector" else features @ w) + b
+        loss = _mean_nll(z, possible, labels, where, n)
+        if kind == "matrix":
+            loss = loss + penalties[0] * (jnp.sum((w - eye) ** 2) + jnp.sum(b**2))
+        elif kind == "dirichlet":
+            off = jnp.sum((w * (1 - eye)) ** 2) / max(k * (k - 1), 1)
+            loss = loss + penalties[0] * off + penalties[1] * jnp.sum(b**2) / k
+        return loss
+
+    w, b = unflatten(_minimize(objective, flat0) * nan_if_bad)
+    return w, b
+
+
+def _penalty(fname, name, value):
+    """A non-negative regularisation strength: checked when concrete, NaN when traced and bad."""
+    value = jnp.asarray(value)
+    if not (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)):
+        raise TypeError(f"{fname}: {name} must be a real number, got dtype {value.dtype}")
+    if value.ndim != 0:
+        raise ValueError(f"{fname}: {name} must be a scalar, got shape {value.shape}")
+    if not _checks.is_traced(value) and not (float(value) >= 0 and float(value) < float("inf")):
+        raise ValueError(f"{fname}: {name} must be finite and >= 0, got {float(value)}")
+    return jnp.where(value >= 0, value, jnp.nan)
+
+
+def fit_vector_scaling(
+    logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None
+) -> VectorScaling:
+    r"""Fits vector scaling: a per-class scale and bias of the logits (Guo et al. 2017).
+
+    .. math::
+        (a^\star, b^\star) = \arg\min_{a, b \in \mathbb{R}^K} \frac{1}{N} \sum_i
+        -\log \mathrm{softmax}(a \odot x_i + b)_{y_i}
+
+    a convex problem, solved by L-BFGS from ``a = 1, b = 0`` (the identity)
+    until the gradient's largest entry is below 1e-5 (1e-9 for float64) or
+    the objective stops decreasing.
+
+    Args:
+      logits: floating ``[N, K]``, the uncalibrated model's validation logits;
+        ``-inf`` marks an impossible class.
+      labels: integers ``[N]`` in ``[0, K)``.
+      where: boolean ``[N]``; False rows are padding and ignored.
+
+    Returns:
+      A :class:`VectorScaling` (float32, float64 for float64 logits), applied
+      by :func:`calibrate`. Traced out-of-range labels give NaN parameters;
+      on separable data the optimum is at infinity and the fit stops at its
+      iteration limit.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jax.random.normal(jax.random.key(0), (2000, 3))
+      >>> labels = jax.random.categorical(jax.random.key(1), logits)
+      >>> fitted = jsoftmax.fit_vector_scaling(3.0 * logits, labels)  # overconfident by 3
+      >>> bool(jnp.all(jnp.abs(fitted.scale - 1 / 3) < 0.05))
+      True
+
+    References:
+      Guo et al., `On Calibration of Modern Neural Networks
+      <https://arxiv.org/abs/1706.04599>`_, ICML 2017.
+    """
+    logits, labels, where = _rows("fit_vector_scaling", logits, labels, where, "logits")
+    return VectorScaling(*_fit_affine(logits, labels, where, "vector", ()))
+
+
+def fit_matrix_scaling(
+    logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None, l2: float = 0.0
+) -> MatrixScaling:
+    r"""Fits matrix scaling: an affine map of the logits (Guo et al. 2017).
+
+    .. math::
+        (W^\star, b^\star) = \arg\min_{W, b} \frac{1}{N} \sum_i
+        -\log \mathrm{softmax}(x_i W + b)_{y_i}
+        + \lambda \big(\lVert W - I \rVert_F^2 + \lVert b \rVert^2\big)
+
+    a convex problem, solved by L-BFGS from ``W = I, b = 0`` (the identity,
+    which is also where a large ``l2`` pulls it) to the tolerance of
+    :func:`fit_vector_scaling`. With ``K^2 + K`` parameters it overfits small
+    validation sets; ``l2`` or :func:`fit_dirichlet_calibration`'s ODIR
+    penalty is the remedy.
+
+    Args:
+      logits: floating ``[N, K]``; ``-inf`` marks an impossible class.
+      labels: integers ``[N]`` in ``[0, K)``.
+      where: boolean ``[N]``; False rows are padding and ignored.
+      l2: ``lambda >= 0``.
+
+    Returns:
+      A :class:`MatrixScaling`, applied by :func:`calibrate`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jax.random.normal(jax.random.key(0), (2000, 3))
+      >>> labels = jax.random.categorical(jax.random.key(1), logits)
+      >>> jsoftmax.fit_matrix_scaling(2.0 * logits, labels, l2=1e-3).weight.shape
+      (3, 3)
+
+    References:
+      Guo et al., `On Calibration of Modern Neural Networks
+      <https://arxiv.org/abs/1706.04599>`_, ICML 2017.
+    """
+    fname = "fit_matrix_scaling"
+    logits, labels, where = _rows(fname, logits, labels, where, "logits")
+    l2 = _penalty(fname, "l2", l2)
+    return MatrixScaling(*_fit_affine(logits, labels, where, "matrix", (l2,)))
+
+
+def fit_dirichlet_calibration(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    off_diagonal: float = 0.0,
+    intercept: float = 0.0,
+) -> DirichletCalibration:
+    r"""Fits Dirichlet calibration with ODIR regularisation (Kull et al. 2019).
+
+    Matrix scaling of the log-probabilities ``l_i = log_softmax(x_i)``:
+
+    .. math::
+        \min_{W, b}\ \frac{1}{N} \sum_i -\log \mathrm{softmax}(l_i W + b)_{y_i}
+        + \frac{\lambda}{K (K - 1)} \sum_{j \ne k} W_{jk}^2
+        + \frac{\mu}{K} \sum_k b_k^2
+
+    (Off-Diagonal and Intercept Regularisation), convex, solved by L-BFGS from
+    ``W = I, b = 0`` (the identity) to the tolerance of
+    :func:`fit_vector_scaling`.
+
+    Args:
+      logits: floating ``[N, K]``; ``-inf`` marks an impossible class.
+      labels: integers ``[N]`` in ``[0, K)``.
+      where: boolean ``[N]``; False rows are padding and ignored.
+      off_diagonal: ``lambda >= 0``.
+      intercept: ``mu >= 0``.
+
+    Returns:
+      A :class:`DirichletCalibration`, applied by :func:`calibrate`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jax.random.normal(jax.random.key(0), (2000, 3))
+      >>> labels = jax.random.categorical(jax.random.key(1), logits)
+      >>> fitted = jsoftmax.fit_dirichlet_calibration(2.0 * logits, labels, off_diagonal=1e-2)
+      >>> jnp.diag(fitted.weight).round(1)
+      Array([0.5, 0.5, 0.5], dtype=float32)
+
+    References:
+      Kull et al., `Beyond temperature scaling: Obtaining well-calibrated
+      multi-class probabilities with Dirichlet calibration
+      <https://arxiv.org/abs/1910.12656>`_, NeurIPS 2019.
+    """
+    fname = "fit_dirichlet_calibration"
+    logits, labels, where = _rows(fname, logits, labels, where, "logits")
+    penalties = (
+        _penalty(fname, "off_diagonal", off_diagonal),
+        _penalty(fname, "intercept", intercept),
+    )
+    return DirichletCalibration(*_fit_affine(logits, labels, where, "dirichlet", penalties))
+
+
+def fit_ensemble_temperature(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    bounds: tuple[float, float] = (0.01, 100.0),
+) -> EnsembleTemperature:
+    r"""Fits ensemble temperature scaling (Zhang, Kailkhura and Han 2020, "Mix-n-Match").
+
+    .. math::
+        q_i = w_1\, \mathrm{softmax}(x_i / T) + w_2\, \mathrm{softmax}(x_i) + w_3 / K,
+        \qquad w \in \Delta^2
+
+    fitted as the paper does, both steps on the Brier score
+    ``BS = mean_i sum_k (q_ik - [y_i = k])^2``: first ``T`` minimising the
+    Brier score of ``softmax(x / T)`` over ``bounds`` (a grid of 16
+    log-spaced temperatures, then golden-section search around the best),
+    then the weights minimising the Brier score of ``q`` on the simplex, a
+    quadratic program solved exactly (each face's KKT system, the best
+    feasible point). ``w = (1, 0, 0)`` is feasible, so the fitted Brier score
+    is never above that of temperature scaling with the same ``T``.
+
+    Args:
+      logits: floating ``[N, K]``; ``-inf`` marks an impossible class.
+      labels: integers ``[N]`` in ``[0, K)``.
+      where: boolean ``[N]``; False rows are padding and ignored.
+      bounds: ``(T_lo, T_hi)``, as :func:`jsoftmax.fit_temperature`'s.
+
+    Returns:
+      An :class:`EnsembleTemperature`, applied by :func:`calibrate` to logits
+      with any number of classes.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jax.random.normal(jax.random.key(0), (2000, 5))
+      >>> labels = jax.random.categorical(jax.random.key(1), logits)
+      >>> fitted = jsoftmax.fit_ensemble_temperature(3.0 * logits, labels)
+      >>> bool(2.5 < fitted.temperature < 3.5), float(fitted.weights.sum())
+      (True, 1.0)
+
+    References:
+      Zhang, Kailkhura and Han, `Mix-n-Match: Ensemble and Compositional
+      Methods for Uncertainty Calibration in Deep Learning
+      <https://arxiv.org/abs/2003.07329>`_, ICML 2020.
+    """
+    fname = "fit_ensemble_temperature"
+    logits, labels, where = _rows(fname, logits, labels, where, "logits")
+    low, high = _bounds(fname, bounds)
+    return EnsembleTemperature(*_fit_ensemble(logits, labels, where, low, high))
+
+
+_GRID = 16
+_GOLDEN_STEPS = 60
+# The supports of the simplex's faces: three vertices, three edges, the interior.
+_FACES = ((1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
+
+
+@jax.jit
+def _fit_ensemble(logits, labels, where, low, high):
+    x, possible, n, nan_if_bad = _prepared(logits, labels, where)
+    k = x.shape[1]
+    rows = where.astype(x.dtype)[:, None] / jnp.maximum(n, 1)
+    label = jnp.arange(k) == labels[:, None]
+
+    def probs(t):
+        return jnp.exp(_log_softmax(_scale(x, t), possible))
+
+    def brier(log_t):
+        return jnp.sum(rows * (probs(jnp.exp(log_t)) - label) ** 2)
+
+    # A grid brackets the best temperature; golden-section search narrows it.
+    grid = jnp.linspace(jnp.log(low), jnp.log(high), _GRID, dtype=x.dtype)
+    best = jnp.argmin(lax.map(brier, grid))
+    a, b = grid[jnp.maximum(best - 1, 0)], grid[jnp.minimum(best + 1, _GRID - 1)]
+    ratio = (jnp.sqrt(5.0) - 1) / 2
+
+    def golden(_, bracket):
+        a, b = bracket
+        c, d = b - ratio * (b - a), a + ratio * (b - a)
+        left = brier(c) < brier(d)
+        return jnp.where(left, a, c), jnp.where(left, d, b)
+
+    a, b = lax.fori_loop(0, _GOLDEN_STEPS, golden, (a, b))
+    t = jnp.exp((a + b) / 2)
+
+    # The Brier score of q = sum_j w_j P_j is w' A w - 2 c' w + 1: a quadratic on the simplex.
+    members = jnp.stack([probs(t), probs(1.0), jnp.full_like(x, 1.0 / k)])
+    gram = jnp.einsum("jnk,mnk->jm", members * rows, members)
+    c = jnp.sum(jnp.where(label, members * rows, 0.0), axis=(1, 2))
+
+    def solve(face):
+        face = jnp.asarray(face, bool)
+        kkt = jnp.block(
+            [
+                [2 * gram * (face[:, None] & face) + jnp.diag(~face), face[:, None]],
+                [face[None, :], jnp.zeros((1, 1))],
+            ]
+        ).astype(x.dtype)
+        w = jnp.linalg.solve(kkt, jnp.concatenate([2 * c * face, jnp.ones(1, x.dtype)]))[:3]
+        feasible = jnp.all(jnp.isfinite(w)) & jnp.all(w >= 0)
+        return jnp.where(feasible, w @ gram @ w - 2 * c @ w, jnp.inf), jnp.clip(w, 0, 1)
+
+    scores, weights = jax.vmap(solve)(jnp.asarray(_FACES))
+    w = weights[jnp.argmin(scores)]
+    return t * nan_if_bad, w / jnp.sum(w) * nan_if_bad
+
+
+def fit_histogram_binning(
+    logits: ArrayLike, labels: ArrayLike, *, num_bins: int = 15, where: ArrayLike | None = None
+) -> HistogramBinning:
+    r"""Fits one-vs-rest histogram binning (Zadrozny and Elkan 2001; Guo et al. 2017).
+
+    For each class ``k``, the softmax probabilities ``p_ik`` are binned into
+    ``M`` equal-width bins (the bins of
+    :func:`jsoftmax.expected_calibration_error`) and each bin predicts the
+    frequency of class ``k`` among its rows:
+
+    .. math::
+        \theta_{km} = \frac{\sum_{i: p_{ik} \in B_m} [y_i = k]}{|\{i : p_{ik} \in B_m\}|},
+        \qquad q_{ik} = \frac{\theta_{k, m(p_{ik})}}{\sum_j \theta_{j, m(p_{ij})}}
+
+    An empty bin predicts its centre ``(m - 1/2) / M``. :func:`calibrate`
+    renormalises over the classes (uniform where every class gets 0).
+
+    Args:
+      logits: floating ``[N, K]``; ``-inf`` marks an impossible class.
+      labels: integers ``[N]`` in ``[0, K)``.
+      num_bins: ``M >= 1`` (static).
+      where: boolean ``[N]``; False rows are padding and ignored.
+
+    Returns:
+      A :class:`HistogramBinning`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jnp.log(jnp.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]]))
+      >>> jsoftmax.fit_histogram_binning(logits, jnp.array([0, 1, 1]), num_bins=2).values
+      Array([[0. , 0.5],
+             [0.5, 1. ]], dtype=float32)
+
+    References:
+      Zadrozny and Elkan, `Obtaining calibrated probability estimates from
+      decision trees and naive Bayesian classifiers
+      <https://dl.acm.org/doi/10.5555/645530.655813>`_, ICML 2001.
+    """
+    fname = "fit_histogram_binning"
+    logits, labels, where = _rows(fname, logits, labels, where, "logits")
+    return HistogramBinning(
+        _fit_histogram(logits, labels, where, _checked_num_bins(fname, num_bins))
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("num_bins",))
+def _fit_histogram(logits, labels, where, num_bins):
+    x, possible, _, nan_if_bad = _prepared(logits, labels, where)
+    k = x.shape[1]
+    p = jnp.exp(_log_softmax(x, possible))
+    hit = (labels[:, None] == jnp.arange(k)).astype(x.dtype)
+    index = _bin_index(p, num_bins) + num_bins * jnp.arange(k)
+    kept = jnp.broadcast_to(where[:, None], p.shape)
+    count, hits, _ = _bin_sums(index, kept, hit, jnp.zeros_like(p), num_bins * k)
+    centres = (jnp.arange(num_bins, dtype=x.dtype) + 0.5) / num_bins
+    values = jnp.where(count > 0, hits / jnp.maximum(count, 1), jnp.tile(centres, k))
+    return values.reshape(k, num_bins) * nan_if_bad
+
+
+def fit_isotonic(
+    logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None
+) -> IsotonicCalibration:
+    r"""Fits one-vs-rest isotonic regression on the softmax probabilities.
+
+    For each class ``k``, the non-decreasing function ``g_k`` minimising
+    ``sum_i (g_k(p_ik) - [y_i = k])^2`` over the kept rows (rows whose ``p_ik``
+    are equal to within the dtype's resolution share a value), linearly interpolated between the fitted points
+    and clipped outside them: per class equal to scikit-learn's
+    ``IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip")``.
+    :func:`calibrate` then renormalises ``g_k(p_k)`` over the classes (uniform
+    where every class gets 0).
+
+    The pool-adjacent-violators algorithm runs in parallel rounds: each round
+    pools every maximal run of adjacent blocks whose means do not increase
+    (such blocks share a value in the solution), until none is left.
+
+    Args:
+      logits: floating ``[N, K]``; ``-inf`` marks an impossible class.
+      labels: integers ``[N]`` in ``[0, K)``.
+      where: boolean ``[N]``; False rows are padding and ignored.
+
+    Returns:
+      An :class:`IsotonicCalibration` holding ``[K, N]`` sorted thresholds
+      and values; with no kept row, the identity.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jnp.log(jnp.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]]))
+      >>> jsoftmax.fit_isotonic(logits, jnp.array([0, 1, 1, 0])).values[0]
+      Array([0. , 0.5, 0.5, 1. ], dtype=float32)
+
+    References:
+      Zadrozny and Elkan, `Transforming classifier scores into accurate
+      multiclass probability estimates <https://doi.org/10.1145/775047.775151>`_,
+      KDD 2002.
+    """
+    logits, labels, where = _rows("fit_isotonic", logits, labels, where, "logits")
+    return IsotonicCalibration(*_fit_isotonic(logits, labels, where))
+
+
+@jax.jit
+def _fit_isotonic(logits, labels, where):
+    x, possible, n, nan_if_bad = _prepared(logits, labels, where)
+    p = jnp.exp(_log_softmax(x, possible))
+    hit = (labels[:, None] == jnp.arange(x.shape[1])).astype(x.dtype)
+    thresholds, values = jax.vmap(_isotonic, (1, 1, None))(p, hit, where)
+    return thresholds, values * nan_if_bad, n.astype(jnp.int32)
+
+
+def _isotonic(p, y, where):
+    """Pool adjacent violators on one class: sorted thresholds and fitted values."""
+    size = p.shape[0]
+    key = jnp.where(where, p, jnp.inf)  # padding sorts last, with no weight
+    order = jnp.argsort(key)
+    xs, ys, ws = key[order], y[order], where[order].astype(p.dtype)
+    position = jnp.arange(size)
+    # scikit-learn pools rows whose values are within the dtype's resolution of
+    # their group's first value: a row opens a group when it is that far from
+    # the first value of the group before it. Iterated to its fixed point: each
+    # round settles at least the first row still wrong.
+    resolution = jnp.finfo(p.dtype).resolution
+
+    def grouped(opens):
+        first = xs[lax.cummax(jnp.where(opens, position, 0))]
+        return (position == 0) | (xs - jnp.concatenate([xs[:1], first[:-1]]) >= resolution)
+
+    opens = lax.while_loop(
+        lambda s: jnp.any(s[0] != s[1]),
+        lambda s: (s[1], grouped(s[1])),
+        (position < 0, grouped(position == 0)),
+    )[1]
+
+    def means(starts):
+        block = jnp.cumsum(starts) - 1
+        total = jax.ops.segment_sum(ws * ys, block, size)
+        weight = jax.ops.segment_sum(ws, block, size)
+        # A block of padding alone has no weight: +inf never violates.
+        return jnp.where(weight > 0, total / jnp.where(weight > 0, weight, 1.0), jnp.inf), block
+
+    def violated(starts):
+        mean, block = means(starts)
+        previous = jnp.concatenate([jnp.full(1, -jnp.inf, p.dtype), mean[block][:-1]])
+        return starts & (position > 0) & (previous >= mean[block])
+
+    def pool(state):
+        starts, violations = state
+        starts = starts & ~violations
+        return starts, violated(starts)
+
+    starts, _ = lax.while_loop(lambda s: jnp.any(s[1]), pool, (opens, violated(opens)))
+    mean, block = means(starts)
+    return xs, mean[block]

@@ -1,0 +1,295 @@
+"""The calibrators: fits at their optimum (float64 SciPy and scikit-learn references), calibrate."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+from scipy.special import log_softmax, softmax
+from sklearn.isotonic import IsotonicRegression
+
+import jsoftmax
+from tests.conftest import TRANSFORMS
+
+
+def miscalibrated(n, k, seed, scale=3.0, shift=0.5):
+    """Logits overconfident by ``scale``, biased by ``shift`` on class 0; labels from the truth."""
+    rng = np.random.default_rng(seed)
+    truth = rng.standard_normal((n, k))
+    p = softmax(truth, axis=1)
+    labels = (rng.random((n, 1)) > np.cumsum(p, axis=1)).sum(1).clip(0, k - 1)
+    logits = scale * truth
+    logits[:, 0] += shift
+    return logits, labels.astype(np.int32)
+
+
+def nll(z, labels):
+    return -np.mean(log_softmax(z, axis=1)[np.arange(len(labels)), labels])
+
+
+def objective(kind, logits, labels, params, l2=0.0, off_diagonal=0.0, intercept=0.0):
+    """The float64 objective each affine fit minimises."""
+    k = logits.shape[1]
+    if kind == "vector":
+        a, b = params[:k], params[k:]
+        return nll(a * logits + b, labels)
+    w, b = params[: k * k].reshape(k, k), params[k * k :]
+    if kind == "matrix":
+        return nll(logits @ w + b, labels) + l2 * (np.sum((w - np.eye(k)) ** 2) + np.sum(b**2))
+    off = np.sum((w * (1 - np.eye(k))) ** 2) / (k * (k - 1))
+    loss = nll(log_softmax(logits, axis=1) @ w + b, labels)
+    return loss + off_diagonal * off + intercept * np.sum(b**2) / k
+
+
+FITS = {
+    "vector": (jsoftmax.fit_vector_scaling, {}),
+    "matrix": (jsoftmax.fit_matrix_scaling, {"l2": 1e-3}),
+    "dirichlet": (jsoftmax.fit_dirichlet_calibration, {"off_diagonal": 1e-2, "intercept": 1e-3}),
+}
+
+
+def flat(calibrator):
+    return np.concatenate([np.ravel(a) for a in calibrator]).astype(np.float64)
+
+
+@pytest.mark.parametrize("kind", FITS)
+def test_affine_fits_reach_the_optimum(kind, x64):
+    logits, labels = miscalibrated(3000, 4, seed=1)
+    fit, options = FITS[kind]
+    ours = flat(fit(logits, labels, **options))
+    f = functools.partial(objective, kind, logits, labels, **options)
+    reference = scipy.optimize.minimize(
+        f,
+        _identity(kind, 4),
+        method="L-BFGS-B",
+        options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10_000},
+    )
+    assert f(ours) <= reference.fun + 1e-12
+    assert f(_identity(kind, 4)) - f(ours) > 0.05  # the data are miscalibrated
+    # The optimum's gradient is zero (central differences).
+    gradient = scipy.optimize.approx_fprime(ours, f, 1e-7)
+    assert np.max(np.abs(gradient)) < 1e-6
+
+
+def _identity(kind, k):
+    if kind == "vector":
+        return np.concatenate([np.ones(k), np.zeros(k)])
+    return np.concatenate([np.eye(k).ravel(), np.zeros(k)])
+
+
+@pytest.mark.parametrize("kind", FITS)
+def test_affine_fits_in_float32_are_near_the_float64_optimum(kind):
+    logits, labels = miscalibrated(3000, 4, seed=2)
+    fit, options = FITS[kind]
+    f = functools.partial(objective, kind, logits, labels, **options)
+    with jax.enable_x64(True):
+        best = f(flat(fit(logits, labels, **options)))
+    ours = fit(logits.astype(np.float32), labels, **options)
+    assert all(a.dtype == jnp.float32 for a in ours)
+    assert f(flat(ours)) - best < 1e-5
+
+
+@pytest.mark.parametrize("tx", TRANSFORMS)
+@pytest.mark.parametrize("kind", FITS)
+def test_calibrate_applies_the_affine_map(tx, kind):
+    logits, labels = miscalibrated(500, 3, seed=3)
+    fit, options = FITS[kind]
+    fitted = tx(lambda x, y: fit(x, y, **options))(logits.astype(np.float32), labels)
+    got = tx(jsoftmax.calibrate)(fitted, logits.astype(np.float32))
+    w, b = (np.asarray(a, np.float64) for a in fitted)
+    features = log_softmax(logits, axis=1) if kind == "dirichlet" else logits
+    z = w * features + b if kind == "vector" else features @ w + b
+    np.testing.assert_allclose(got, log_softmax(z, axis=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "fit",
+    [
+        jsoftmax.fit_vector_scaling,
+        jsoftmax.fit_matrix_scaling,
+        jsoftmax.fit_dirichlet_calibration,
+        jsoftmax.fit_ensemble_temperature,
+        jsoftmax.fit_histogram_binning,
+        jsoftmax.fit_isotonic,
+    ],
+)
+def test_fits_vmap_over_problems_and_ignore_masked_rows(fit):
+    problems = [miscalibrated(300, 3, seed=s, scale=1.0 + s) for s in range(3)]
+    logits = np.stack([x for x, _ in problems]).astype(np.float32)
+    labels = np.stack([y for _, y in problems])
+    batched = jax.jit(jax.vmap(fit))(logits, labels)
+    predictions = jax.vmap(jsoftmax.calibrate)(batched, logits)
+    for i in range(3):
+        want = jsoftmax.calibrate(fit(logits[i], labels[i]), logits[i])
+        np.testing.assert_allclose(predictions[i], want, atol=1e-3)
+    # Padding rows (garbage logits and labels) change nothing. (Compared through the
+    # predictions: a flat direction of the affine fits, W + u 1', leaves them unchanged.)
+    where = np.arange(400) < 300
+    padded_logits = np.concatenate([logits[0], 50 * np.ones((100, 3), np.float32)])
+    padded_labels = np.concatenate([labels[0], np.zeros(100, np.int32)])
+    masked = fit(padded_logits, padded_labels, where=where)
+    np.testing.assert_allclose(jsoftmax.calibrate(masked, logits[0]), predictions[0], atol=1e-3)
+
+
+def brier(p, labels):
+    return np.mean(np.sum((p - np.eye(p.shape[1])[labels]) ** 2, axis=1))
+
+
+def test_ensemble_temperature_as_the_paper_fits_it(x64):
+    logits, labels = miscalibrated(2000, 5, seed=4, scale=2.5)
+    fitted = jsoftmax.fit_ensemble_temperature(logits, labels)
+    t, w = float(fitted.temperature), np.asarray(fitted.weights)
+    # T minimises the Brier score of softmax(x / T) (SciPy's bounded scalar minimiser) ...
+    tempered = scipy.optimize.minimize_scalar(
+        lambda t: brier(softmax(logits / t, axis=1), labels),
+        bounds=(0.01, 100.0),
+        method="bounded",
+        options={"xatol": 1e-10},
+    )
+    np.testing.assert_allclose(t, tempered.x, rtol=1e-5)
+    # ... the weights the Brier score of the mixture on the simplex (SLSQP, as the paper) ...
+    members = [softmax(logits / t, axis=1), softmax(logits, axis=1), np.full(logits.shape, 0.2)]
+
+    def mixed(w):
+        return brier(sum(wj * pj for wj, pj in zip(w, members, strict=True)), labels)
+
+    slsqp = scipy.optimize.minimize(
+        mixed,
+        np.array([1.0, 0.0, 0.0]),
+        method="SLSQP",
+        bounds=[(0, 1)] * 3,
+        constraints={"type": "eq", "fun": lambda w: np.sum(w) - 1},
+        tol=1e-14,
+    )
+    assert mixed(w) <= slsqp.fun + 1e-12
+    np.testing.assert_allclose(w, slsqp.x, atol=1e-5)
+    # ... so its Brier score is never above temperature scaling's, at either temperature.
+    got = np.exp(np.asarray(jsoftmax.calibrate(fitted, logits)))
+    np.testing.assert_allclose(got, sum(wj * pj for wj, pj in zip(w, members, strict=True)))
+    nll_t = float(jsoftmax.fit_temperature(logits, labels))
+    assert brier(got, labels) <= brier(members[0], labels) + 1e-15
+    assert brier(got, labels) <= brier(softmax(logits / nll_t, axis=1), labels)
+
+
+def test_ensemble_weights_reach_every_face_of_the_simplex(x64):
+    """Calibrated logits keep the raw prediction; pure noise is best predicted as uniform."""
+    logits, labels = miscalibrated(3000, 4, seed=5, scale=1.0, shift=0.0)
+    w = np.asarray(jsoftmax.fit_ensemble_temperature(logits, labels).weights)
+    assert w.min() >= 0 and abs(w.sum() - 1) < 1e-12
+    noise = np.random.default_rng(0).standard_normal((3000, 4)) * 5
+    w = np.asarray(jsoftmax.fit_ensemble_temperature(noise, labels).weights)
+    assert w[2] > 0.9
+
+
+def test_histogram_binning_equals_the_per_class_bin_frequencies(x64):
+    logits, labels = miscalibrated(2000, 3, seed=6)
+    num_bins = 10
+    fitted = jsoftmax.fit_histogram_binning(logits, labels, num_bins=num_bins)
+    p = softmax(logits, axis=1)
+    bins = np.clip(np.ceil(p * num_bins).astype(int) - 1, 0, num_bins - 1)
+    want = np.empty((3, num_bins))
+    for k in range(3):
+        for m in range(num_bins):
+            rows = bins[:, k] == m
+            want[k, m] = np.mean(labels[rows] == k) if rows.any() else (m + 0.5) / num_bins
+    np.testing.assert_allclose(fitted.values, want, rtol=1e-12)
+    q = want[np.arange(3), bins]
+    got = np.exp(np.asarray(jsoftmax.calibrate(fitted, logits)))
+    np.testing.assert_allclose(got, q / q.sum(1, keepdims=True), rtol=1e-12)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_isotonic_equals_scikit_learn_per_class(ties, x64):
+    logits, labels = miscalibrated(3000, 4, seed=7)
+    if ties:  # many rows share a probability (bit for bit): scikit-learn pools them first
+        logits = np.round(logits)
+        logits -= logits.max(1, keepdims=True)
+    fitted = jsoftmax.fit_isotonic(logits, labels)
+    p = softmax(logits, axis=1)
+    fresh = softmax(miscalibrated(1000, 4, seed=8, scale=4.0)[0], axis=1)
+    q = np.empty_like(fresh)
+    for k in range(4):
+        isotonic = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip")
+        isotonic.fit(p[:, k], (labels == k).astype(np.float64))
+        q[:, k] = isotonic.predict(fresh[:, k])
+        # The fitted values at the training points, too.
+        order = np.argsort(p[:, k], kind="stable")
+        np.testing.assert_allclose(fitted.values[k], isotonic.predict(p[order, k]), atol=1e-12)
+    got = np.exp(np.asarray(jsoftmax.calibrate(fitted, np.log(fresh))))
+    total = q.sum(1, keepdims=True)
+    want = np.where(total > 0, q / np.where(total > 0, total, 1), 0.25)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_isotonic_and_histogram_edge_cases():
+    logits = np.log(np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]], np.float32))
+    labels = np.array([0, 1, 1])
+    nothing = np.zeros(3, bool)
+    # No kept row: isotonic is the identity, histogram binning the bin centres.
+    identity = jsoftmax.calibrate(jsoftmax.fit_isotonic(logits, labels, where=nothing), logits)
+    np.testing.assert_allclose(identity, logits, rtol=1e-6)
+    centres = jsoftmax.fit_histogram_binning(logits, labels, num_bins=4, where=nothing).values
+    np.testing.assert_allclose(centres, [[0.125, 0.375, 0.625, 0.875]] * 2)
+    # Every class mapped to 0: the uniform distribution (scikit-learn's convention).
+    zeros = jsoftmax.HistogramBinning(np.zeros((2, 4), np.float32))
+    np.testing.assert_allclose(np.exp(jsoftmax.calibrate(zeros, logits)), np.full((3, 2), 0.5))
+
+
+ALL_FITS = [
+    jsoftmax.fit_vector_scaling,
+    jsoftmax.fit_matrix_scaling,
+    jsoftmax.fit_dirichlet_calibration,
+    jsoftmax.fit_ensemble_temperature,
+    jsoftmax.fit_histogram_binning,
+    jsoftmax.fit_isotonic,
+]
+
+
+@pytest.mark.parametrize("fit", ALL_FITS)
+def test_impossible_classes_stay_impossible(fit):
+    logits, labels = miscalibrated(400, 4, seed=9)
+    logits = logits.astype(np.float32)
+    logits[:, 3] = -np.inf
+    labels = labels % 3
+    fitted = fit(logits, labels)
+    assert all(np.all(np.isfinite(a)) for a in fitted)
+    got = np.asarray(jsoftmax.calibrate(fitted, logits))
+    assert np.all(got[:, 3] == -np.inf)
+    assert not np.any(np.isnan(got))
+    np.testing.assert_allclose(np.exp(got).sum(1), 1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fit", ALL_FITS)
+def test_bad_labels(fit):
+    logits, labels = miscalibrated(50, 3, seed=10)
+    with pytest.raises(ValueError, match=f"{fit.__name__}: label 3 at position"):
+        fit(logits, np.where(np.arange(50) == 7, 3, labels))
+    fitted = jax.jit(fit)(logits.astype(np.float32), np.where(np.arange(50) == 7, -1, labels))
+    assert any(np.all(np.isnan(a)) for a in fitted)
+
+
+def test_bad_input_messages():
+    logits, labels = miscalibrated(50, 3, seed=11)
+    with pytest.raises(ValueError, match=r"logits must have shape \[N, K\], got \(50,\)"):
+        jsoftmax.fit_isotonic(logits[:, 0], labels)
+    with pytest.raises(TypeError, match="logits must be floating"):
+        jsoftmax.fit_vector_scaling(labels[:, None], labels)
+    with pytest.raises(ValueError, match="l2 must be finite and >= 0"):
+        jsoftmax.fit_matrix_scaling(logits, labels, l2=-1.0)
+    with pytest.raises(ValueError, match="off_diagonal must be finite and >= 0"):
+        jsoftmax.fit_dirichlet_calibration(logits, labels, off_diagonal=np.inf)
+    with pytest.raises(ValueError, match="num_bins must be an integer >= 1"):
+        jsoftmax.fit_histogram_binning(logits, labels, num_bins=0)
+    with pytest.raises(ValueError, match="bounds must satisfy"):
+        jsoftmax.fit_ensemble_temperature(logits, labels, bounds=(2.0, 1.0))
+    fitted = jsoftmax.fit_vector_scaling(logits, labels)
+    with pytest.raises(ValueError, match=r"logits has 4 classes \(shape \(2, 4\)\) but the"):
+        jsoftmax.calibrate(fitted, np.zeros((2, 4)))
+    with pytest.raises(TypeError, match="calibrator must be one of the fit_"):
+        jsoftmax.calibrate((1.0, 2.0), logits)
+    # Leading axes are kept; the ensemble applies to any number of classes.
+    ensemble = jsoftmax.fit_ensemble_temperature(logits, labels)
+    assert jsoftmax.calibrate(ensemble, np.zeros((2, 5, 7))).shape == (2, 5, 7)
+    assert jsoftmax.calibrate(fitted, np.zeros((2, 5, 3))).shape == (2, 5, 3)
