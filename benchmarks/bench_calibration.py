@@ -1,11 +1,16 @@
-"""jsoftmax's calibration metrics under jit against NumPy ``bincount`` implementations.
+"""jsoftmax's calibration metrics under jit against NumPy and the reference libraries.
 
 Run: python benchmarks/bench_calibration.py [--repeats N]
 Prints a markdown table: median times and the median of per-pair time ratios
-(jsoftmax / NumPy, interleaved in one process), 1,000,000 x 10 predictions.
+(jsoftmax / theirs, interleaved in one process), 1,000,000 x 10 predictions,
+and the time of 1,000 bootstrap resamples of the ECE over 100,000 x 10.
+Theirs are NumPy ``bincount`` implementations, ``relplot.smECE`` and
+``calibration.get_calibration_error`` (uncertainty-calibration).
 """
 
 import argparse
+import functools
+import time
 
 import jax
 import numpy as np
@@ -59,6 +64,65 @@ def numpy_brier(probs, labels):
     return np.mean(np.sum(probs**2, axis=1) - 2 * probs[np.arange(len(labels)), labels] + 1)
 
 
+def numpy_nll(probs, labels):
+    return -np.mean(np.log(probs[np.arange(len(labels)), labels]))
+
+
+def relplot_smooth(probs, labels):
+    import relplot
+
+    return relplot.smECE(*relplot.multiclass_logits_to_confidences(probs, labels, probs=True))
+
+
+def debiased(mode):
+    def theirs(probs, labels):
+        import calibration
+
+        return calibration.get_calibration_error(probs, labels, p=2, debias=True, mode=mode)
+
+    return theirs
+
+
+# One row a metric: (name, jsoftmax callable, reference callable), both of (probs, labels).
+METRICS = [
+    ("expected_calibration_error", jsoftmax.expected_calibration_error, numpy_ece),
+    ("maximum_calibration_error", jsoftmax.maximum_calibration_error, numpy_mce),
+    ("adaptive_calibration_error", jsoftmax.adaptive_calibration_error, numpy_adaptive),
+    ("classwise_calibration_error", jsoftmax.classwise_calibration_error, numpy_classwise),
+    ("brier_score", jsoftmax.brier_score, numpy_brier),
+    ("negative_log_likelihood", jsoftmax.negative_log_likelihood, numpy_nll),
+    ("smooth_calibration_error (relplot)", jsoftmax.smooth_calibration_error, relplot_smooth),
+    (
+        "debiased_calibration_error (uncertainty-calibration)",
+        jsoftmax.debiased_calibration_error,
+        debiased("top-label"),
+    ),
+    (
+        "debiased_calibration_error marginal (uncertainty-calibration)",
+        functools.partial(jsoftmax.debiased_calibration_error, mode="marginal"),
+        debiased("marginal"),
+    ),
+]
+
+
+def bootstrap_seconds(num_rows=100_000, num_resamples=1000, repeats=3):
+    """Median seconds of ``num_resamples`` bootstrap resamples of the ECE, jitted."""
+    probs = jax.nn.softmax(3 * jax.random.normal(jax.random.key(0), (num_rows, K)))
+    labels = jax.random.randint(jax.random.key(1), (num_rows,), 0, K)
+    run = jax.jit(
+        lambda p, y, key: jsoftmax.bootstrap(
+            jsoftmax.expected_calibration_error, p, y, key=key, num_resamples=num_resamples
+        )
+    )
+    jax.block_until_ready(run(probs, labels, jax.random.key(2)))
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(probs, labels, jax.random.key(3 + i)))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=9)
@@ -67,24 +131,22 @@ def main():
     probs = jax.nn.softmax(3 * jax.random.normal(jax.random.key(0), (N, K)))
     labels = jax.random.randint(jax.random.key(1), (N,), 0, K)
     probs_np, labels_np = np.asarray(probs), np.asarray(labels)
-    cases = [
-        ("expected_calibration_error", numpy_ece),
-        ("maximum_calibration_error", numpy_mce),
-        ("adaptive_calibration_error", numpy_adaptive),
-        ("classwise_calibration_error", numpy_classwise),
-        ("brier_score", numpy_brier),
-    ]
-    print(f"| metric [{N:,} x {K}] | jsoftmax jit ms | NumPy ms | time ratio |")
+    print(f"| metric [{N:,} x {K}] | jsoftmax jit ms | theirs ms | time ratio |")
     print("|---|---:|---:|---:|")
-    for name, theirs in cases:
-        ours = jax.jit(getattr(jsoftmax, name))
-        np.testing.assert_allclose(ours(probs, labels), theirs(probs_np, labels_np), rtol=1e-4)
+    for name, ours, theirs in METRICS:
+        ours = jax.jit(ours)
+        np.testing.assert_allclose(
+            ours(probs, labels), theirs(probs_np, labels_np), rtol=1e-4, atol=1e-5
+        )
         r = interleaved(
             lambda ours=ours: ours(probs, labels),
             lambda theirs=theirs: theirs(probs_np, labels_np),
             repeats,
         )
         print(f"| {name} | {r['ours_ms']:.1f} | {r['theirs_ms']:.1f} | {r['time_ratio']:.2f}x |")
+    print(
+        f"\nbootstrap, 1,000 resamples of the ECE over 100,000 x {K}: {bootstrap_seconds():.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from jsoftmax._calibrators import fit_histogram_binning as fit_histogram_binning
 from jsoftmax._calibrators import fit_isotonic as fit_isotonic
 from jsoftmax._calibrators import fit_matrix_scaling as fit_matrix_scaling
 from jsoftmax._calibrators import fit_vector_scaling as fit_vector_scaling
+from jsoftmax._focal import softmax_focal_loss as softmax_focal_loss
 from jsoftmax._linear import linear_distillation_loss as linear_distillation_loss
 from jsoftmax._linear import linear_log_probs as linear_log_probs
 from jsoftmax._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
@@ -32,6 +33,12 @@ from jsoftmax._losses import softmax_cross_entropy as softmax_cross_entropy
 from jsoftmax._losses import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
+from jsoftmax._metrics import SmoothReliabilityDiagram as SmoothReliabilityDiagram
+from jsoftmax._metrics import bootstrap as bootstrap
+from jsoftmax._metrics import debiased_calibration_error as debiased_calibration_error
+from jsoftmax._metrics import negative_log_likelihood as negative_log_likelihood
+from jsoftmax._metrics import smooth_calibration_error as smooth_calibration_error
+from jsoftmax._metrics import smooth_reliability_diagram as smooth_reliability_diagram
 from jsoftmax._softmax import log_softmax as log_softmax
 from jsoftmax._softmax import logsumexp as logsumexp
 from jsoftmax._softmax import softmax as softmax

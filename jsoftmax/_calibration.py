@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -220,6 +221,32 @@ def _num_bins(fname, num_bins):
     return int(num_bins)
 
 
+class _Metric(NamedTuple):
+    """A metric as per-row statistics and a reduction over per-row integer weights.
+
+    ``rows(probs, labels, where, *options)`` returns ``(statistics, flag)``:
+    arrays computed once from ``[N, K]`` (padding rows zeroed) and a factor
+    that is NaN when a kept label is out of range. ``reduce(statistics,
+    weights, *options)`` gives the metric of the rows repeated ``weights[i]``
+    times: ``where`` as 0/1 for the metric itself, resample counts for
+    :func:`jsoftmax.bootstrap`.
+    """
+
+    rows: Callable[..., tuple[Any, jax.Array]]
+    reduce: Callable[..., jax.Array]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _evaluate(metric, options, probs, labels, where):
+    statistics, flag = metric.rows(probs, labels, where, *options)
+    return metric.reduce(statistics, where.astype(jnp.int32), *options) * flag
+
+
+def _weighted(weights, values):
+    """``weights * values`` that is 0 where a weight is 0, even for infinite or NaN values."""
+    return jnp.where(weights > 0, weights.astype(values.dtype) * values, 0.0)
+
+
 def _bin_index(c, num_bins):
     """The bin of each confidence under the module's edge rule."""
     m = jnp.asarray(num_bins, c.dtype)
@@ -231,10 +258,14 @@ def _bin_index(c, num_bins):
     return jnp.clip(index, 0, num_bins - 1)
 
 
-def _bin_sums(index, kept, hit, value, num_segments):
-    """Per bin: the count, ``sum(hit - value)`` and ``sum(value)`` over the ``kept`` entries."""
-    stats = jnp.stack([jnp.ones_like(value), hit - value, value], axis=-1).reshape(-1, 3)
-    stats = jnp.where(kept.reshape(-1, 1), stats, 0.0)
+def _bin_sums(index, weights, hit, value, num_segments):
+    """Per bin: the total weight, ``sum(w * (hit - value))`` and ``sum(w * value)``."""
+    weights = jnp.broadcast_to(weights, value.shape)
+    stats = jnp.stack(
+        [_weighted(weights, jnp.ones_like(value)), _weighted(weights, hit - value)]
+        + [_weighted(weights, value)],
+        axis=-1,
+    ).reshape(-1, 3)
     # A scatter-add accumulates sequentially (error ~ size * eps); partial sums
     # over blocks of ~sqrt(size) entries, added afterwards, keep it ~ sqrt(size) * eps.
     size = stats.shape[0]
@@ -247,12 +278,12 @@ def _bin_sums(index, kept, hit, value, num_segments):
 
 
 def _top1(probs, labels, where):
-    """Top-1 confidence, whether it is right, ``N`` and a NaN flag for bad labels."""
+    """Top-1 confidence and whether it is right (0 in padding rows), and the bad-label flag."""
     dtype = _checks.compute_dtype(probs.dtype)
     p = probs.astype(dtype)
-    confidence = jnp.max(p, axis=1)
-    hit = (jnp.argmax(p, axis=1) == labels).astype(dtype)
-    return confidence, hit, *_count(p, labels, where)
+    confidence = jnp.where(where, jnp.max(p, axis=1), 0.0)
+    hit = jnp.where(where, (jnp.argmax(p, axis=1) == labels).astype(dtype), 0.0)
+    return confidence, hit, _count(p, labels, where)[1]
 
 
 def _count(p, labels, where):
@@ -261,30 +292,65 @@ def _count(p, labels, where):
     return jnp.sum(where.astype(p.dtype)), jnp.where(bad, jnp.nan, 1.0).astype(p.dtype)
 
 
-def _empty_is_zero(total, n, nan_if_bad):
-    return jnp.where(n > 0, total / jnp.maximum(n, 1), 0.0) * nan_if_bad
+def _mean(total, n):
+    """``total / n``, 0 when ``n`` is 0."""
+    return jnp.where(n > 0, total / jnp.maximum(n, 1), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("num_bins", "kind"))
-def _top1_metric(probs, labels, where, num_bins, kind):
-    confidence, hit, n, nan_if_bad = _top1(probs, labels, where)
-    if kind == "adaptive":
-        # Equal-mass bins: rank r of the n kept rows (sorted by confidence) goes to
-        # bin m when start_m <= r < start_{m+1}, start_m = ceil(m * n / M), which
-        # is m * (n // M) + ceil(m * (n % M) / M) in int32 without overflow.
-        order = jnp.argsort(jnp.where(where, confidence, jnp.inf))
-        confidence, hit, where = confidence[order], hit[order], where[order]
-        kept = jnp.sum(where.astype(jnp.int32))
-        m = jnp.arange(1, num_bins, dtype=jnp.int32)
-        starts = m * (kept // num_bins) + (m * (kept % num_bins) + num_bins - 1) // num_bins
-        index = jnp.searchsorted(starts, jnp.arange(confidence.shape[0]), side="right")
-    else:
-        index = _bin_index(confidence, num_bins)
-    count, gap, _ = _bin_sums(index, where, hit, confidence, num_bins)
+def _binned_rows(probs, labels, where, num_bins, kind):
+    confidence, hit, flag = _top1(probs, labels, where)
+    return (_bin_index(confidence, num_bins), confidence, hit), flag
+
+
+def _binned_reduce(statistics, weights, num_bins, kind):
+    index, confidence, hit = statistics
+    count, gap, _ = _bin_sums(index, weights, hit, confidence, num_bins)
     if kind == "max":
-        gaps = jnp.where(count > 0, jnp.abs(gap) / jnp.maximum(count, 1), 0.0)
-        return jnp.max(gaps) * nan_if_bad
-    return _empty_is_zero(jnp.sum(jnp.abs(gap)), n, nan_if_bad)
+        return jnp.max(jnp.where(count > 0, jnp.abs(gap) / jnp.maximum(count, 1), 0.0))
+    return _mean(jnp.sum(jnp.abs(gap)), jnp.sum(count))
+
+
+_BINNED = _Metric(_binned_rows, _binned_reduce)
+
+
+def _sorted_rows(probs, labels, where, num_bins):
+    """Top-1 statistics sorted (stably) by confidence, with the sorting permutation."""
+    confidence, hit, flag = _top1(probs, labels, where)
+    order = jnp.argsort(confidence, stable=True)
+    return (order, confidence[order], hit[order]), flag
+
+
+def _at_ranks(cumulative, ranks):
+    """The sorted row holding each 0-based rank of the expanded rows (copies adjacent)."""
+    rows = jnp.searchsorted(cumulative, ranks, side="right", method="compare_all")
+    return jnp.minimum(rows, cumulative.shape[0] - 1)
+
+
+def _equal_mass_starts(n, num_bins):
+    """``ceil(m n / M)`` for m = 0..M in int32 without overflow."""
+    m = jnp.arange(num_bins + 1, dtype=jnp.int32)
+    return m * (n // num_bins) + (m * (n % num_bins) + num_bins - 1) // num_bins
+
+
+def _adaptive_reduce(statistics, weights, num_bins):
+    order, confidence, hit = statistics
+    if order.shape[0] == 0:
+        return jnp.zeros((), confidence.dtype)
+    counts = weights[order]
+    cumulative = jnp.cumsum(counts)
+    prefix = jnp.cumsum(_weighted(counts, hit - confidence))
+    # S(r) = sum of (hit - c) over the first r expanded ranks; a bin is S(end) - S(start),
+    # exact when a repeated row's copies straddle a bin edge.
+    starts = _equal_mass_starts(cumulative[-1], num_bins)
+    row = _at_ranks(cumulative, starts)
+    before = cumulative[row] - counts[row]
+    inside = (starts - before).astype(hit.dtype) * (hit - confidence)[row]
+    partial = prefix[row] - _weighted(counts[row], (hit - confidence)[row]) + inside
+    partial = jnp.where(starts >= cumulative[-1], prefix[-1], partial)
+    return _mean(jnp.sum(jnp.abs(jnp.diff(partial))), cumulative[-1].astype(hit.dtype))
+
+
+_ADAPTIVE = _Metric(_sorted_rows, _adaptive_reduce)
 
 
 def expected_calibration_error(
@@ -322,7 +388,7 @@ def expected_calibration_error(
     """
     fname = "expected_calibration_error"
     probs, labels, where = _rows(fname, probs, labels, where, "probs")
-    return _top1_metric(probs, labels, where, _num_bins(fname, num_bins), "equal")
+    return _evaluate(_BINNED, (_num_bins(fname, num_bins), "sum"), probs, labels, where)
 
 
 def maximum_calibration_error(
@@ -353,7 +419,7 @@ def maximum_calibration_error(
     """
     fname = "maximum_calibration_error"
     probs, labels, where = _rows(fname, probs, labels, where, "probs")
-    return _top1_metric(probs, labels, where, _num_bins(fname, num_bins), "max")
+    return _evaluate(_BINNED, (_num_bins(fname, num_bins), "max"), probs, labels, where)
 
 
 def adaptive_calibration_error(
@@ -389,7 +455,7 @@ def adaptive_calibration_error(
     """
     fname = "adaptive_calibration_error"
     probs, labels, where = _rows(fname, probs, labels, where, "probs")
-    return _top1_metric(probs, labels, where, _num_bins(fname, num_bins), "adaptive")
+    return _evaluate(_ADAPTIVE, (_num_bins(fname, num_bins),), probs, labels, where)
 
 
 def classwise_calibration_error(
@@ -428,20 +494,25 @@ def classwise_calibration_error(
     """
     fname = "classwise_calibration_error"
     probs, labels, where = _rows(fname, probs, labels, where, "probs")
-    return _classwise(probs, labels, where, _num_bins(fname, num_bins))
+    return _evaluate(_CLASSWISE, (_num_bins(fname, num_bins),), probs, labels, where)
 
 
-@functools.partial(jax.jit, static_argnames=("num_bins",))
-def _classwise(probs, labels, where, num_bins):
+def _classwise_rows(probs, labels, where, num_bins):
     dtype = _checks.compute_dtype(probs.dtype)
-    p = probs.astype(dtype)
-    n, nan_if_bad = _count(p, labels, where)
-    classes = jnp.arange(p.shape[1])
-    hit = (labels[:, None] == classes).astype(dtype)
-    index = _bin_index(p, num_bins) + num_bins * classes
-    kept = jnp.broadcast_to(where[:, None], p.shape)
-    _, gap, _ = _bin_sums(index, kept, hit, p, num_bins * p.shape[1])
-    return _empty_is_zero(jnp.sum(jnp.abs(gap)) / p.shape[1], n, nan_if_bad)
+    p = jnp.where(where[:, None], probs.astype(dtype), 0.0)
+    hit = (labels[:, None] == jnp.arange(p.shape[1])).astype(dtype)
+    return (_bin_index(p, num_bins), p, hit), _count(p, labels, where)[1]
+
+
+def _classwise_reduce(statistics, weights, num_bins):
+    index, p, hit = statistics
+    num_classes = p.shape[1]
+    index = index + num_bins * jnp.arange(num_classes)
+    _, gap, _ = _bin_sums(index, weights[:, None], hit, p, num_bins * num_classes)
+    return _mean(jnp.sum(jnp.abs(gap)) / num_classes, jnp.sum(weights))
+
+
+_CLASSWISE = _Metric(_classwise_rows, _classwise_reduce)
 
 
 def brier_score(probs: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None):
@@ -469,16 +540,21 @@ def brier_score(probs: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None 
     """
     fname = "brier_score"
     probs, labels, where = _rows(fname, probs, labels, where, "probs")
-    return _brier(probs, labels, where)
+    return _evaluate(_BRIER, (), probs, labels, where)
 
 
-@jax.jit
-def _brier(probs, labels, where):
+def _brier_rows(probs, labels, where):
     p = probs.astype(_checks.compute_dtype(probs.dtype))
-    n, nan_if_bad = _count(p, labels, where)
     p_label = jnp.take_along_axis(p, labels[:, None], axis=1, mode="clip")[:, 0]
-    per_row = jnp.sum(p * p, axis=1) - 2 * p_label + 1
-    return _empty_is_zero(jnp.sum(jnp.where(where, per_row, 0.0)), n, nan_if_bad)
+    per_row = jnp.where(where, jnp.sum(p * p, axis=1) - 2 * p_label + 1, 0.0)
+    return per_row, _count(p, labels, where)[1]
+
+
+def _per_row_mean(per_row, weights):
+    return _mean(jnp.sum(_weighted(weights, per_row)), jnp.sum(weights).astype(per_row.dtype))
+
+
+_BRIER = _Metric(_brier_rows, _per_row_mean)
 
 
 class ReliabilityDiagram(NamedTuple):
@@ -528,10 +604,9 @@ def reliability_diagram(
 
 @functools.partial(jax.jit, static_argnames=("num_bins",))
 def _diagram(probs, labels, where, num_bins):
-    confidence, hit, _, nan_if_bad = _top1(probs, labels, where)
-    index = _bin_index(confidence, num_bins)
-    count, gap, total = _bin_sums(index, where, hit, confidence, num_bins)
-    mean = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan) * nan_if_bad
+    (index, confidence, hit), flag = _binned_rows(probs, labels, where, num_bins, "sum")
+    count, gap, total = _bin_sums(index, where.astype(jnp.int32), hit, confidence, num_bins)
+    mean = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan) * flag
     accuracy = mean + jnp.where(count > 0, gap / jnp.maximum(count, 1), jnp.nan)
     edges = jnp.arange(num_bins + 1, dtype=confidence.dtype) / num_bins
     return ReliabilityDiagram(mean, accuracy, count, edges)

@@ -445,8 +445,8 @@ def fit_matrix_scaling(
     """
     fname = "fit_matrix_scaling"
     logits, labels, where = _rows(fname, logits, labels, where, "logits")
-    l2 = _penalty(fname, "l2", l2)
-    return MatrixScaling(*_fit_affine(logits, labels, where, "matrix", (l2,)))
+    penalties = (_penalty(fname, "l2", l2),)
+    return MatrixScaling(*_fit_affine(logits, labels, where, "matrix", penalties))
 
 
 def fit_dirichlet_calibration(
@@ -678,8 +678,9 @@ def fit_isotonic(
 
     For each class ``k``, the non-decreasing function ``g_k`` minimising
     ``sum_i (g_k(p_ik) - [y_i = k])^2`` over the kept rows (rows whose ``p_ik``
-    are equal to within the dtype's resolution share a value), linearly interpolated between the fitted points
-    and clipped outside them: per class equal to scikit-learn's
+    are equal to within the dtype's resolution share a value), linearly
+    interpolated between the fitted points and clipped outside them: per
+    class equal to scikit-learn's
     ``IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip")``.
     :func:`calibrate` then renormalises ``g_k(p_k)`` over the classes (uniform
     where every class gets 0).

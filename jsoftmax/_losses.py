@@ -423,23 +423,9 @@ def softmax_cross_entropy_with_integer_labels(
       Gemma Team, `Gemma 2 <https://arxiv.org/abs/2408.00118>`_, 2024 (soft-capping).
     """
     fname = "softmax_cross_entropy_with_integer_labels"
-    z, where, axes, _ = _class_last(fname, logits, axis, where)
-    labels = _checks.integer_labels(
-        fname,
-        labels,
-        z.shape[:-1],
-        z.shape[-1],
-        f"logits {z.shape[:-1]} + classes with axis={axes}",
-        ignore_index,
+    z, labels, where, class_weights = _integer_inputs(
+        fname, logits, labels, axis, where, class_weights, ignore_index
     )
-    num_classes = z.shape[-1]
-    if class_weights is not None:
-        class_weights = _checks.floating(fname, "class_weights", class_weights)
-        if class_weights.shape != (num_classes,):
-            raise ValueError(
-                f"{fname}: class_weights has shape {class_weights.shape} but the logits "
-                f"have {num_classes} classes; it needs ({num_classes},)"
-            )
     _check_softcap(fname, logit_softcap)
     alpha, z_loss_, smooth, with_z_loss = _options(fname, reduction, label_smoothing, z_loss)
     return _integer_loss(
@@ -464,11 +450,47 @@ def _integer_loss(
     alpha, z_loss = lax.stop_gradient(alpha), lax.stop_gradient(z_loss)
     if weights is not None:
         weights = lax.stop_gradient(weights.astype(_checks.compute_dtype(x.dtype)))
-    ignored = (labels == ignore) if ignore is not None else jnp.zeros(labels.shape, bool)
-    bad = ((labels < 0) | (labels >= x.shape[-1])) & ~ignored
-    safe_labels = jnp.where(ignored | bad, 0, labels)
     options = _Options(False, smooth, with_z_loss, softcap)
-    loss, kept = _cross_entropy(x, where, safe_labels, weights, alpha, z_loss, options)
+
+    def loss_of(safe_labels):
+        return _cross_entropy(x, where, safe_labels, weights, alpha, z_loss, options)
+
+    return _per_label(loss_of, labels, x.shape[-1], weights, ignore, reduction)
+
+
+def _integer_inputs(fname, logits, labels, axis, where, class_weights, ignore_index):
+    """Validates an integer-label loss's data: returns the logits with one class axis last,
+    the labels, the mask and the class weights (see :func:`_class_last`)."""
+    z, where, axes, _ = _class_last(fname, logits, axis, where)
+    labels = _checks.integer_labels(
+        fname,
+        labels,
+        z.shape[:-1],
+        z.shape[-1],
+        f"logits {z.shape[:-1]} + classes with axis={axes}",
+        ignore_index,
+    )
+    num_classes = z.shape[-1]
+    if class_weights is not None:
+        class_weights = _checks.floating(fname, "class_weights", class_weights)
+        if class_weights.shape != (num_classes,):
+            raise ValueError(
+                f"{fname}: class_weights has shape {class_weights.shape} but the logits "
+                f"have {num_classes} classes; it needs ({num_classes},)"
+            )
+    return z, labels, where, class_weights
+
+
+def _per_label(loss_of, labels, num_classes, weights, ignore, reduction):
+    """An integer-label loss's rules around its kernel ``loss_of(safe_labels) -> (loss, kept)``.
+
+    Ignored rows cost 0 and do not count, out-of-range (traced) labels make
+    their row NaN, and "mean" divides by the counting rows' ``w_y``.
+    """
+    ignored = (labels == ignore) if ignore is not None else jnp.zeros(labels.shape, bool)
+    bad = ((labels < 0) | (labels >= num_classes)) & ~ignored
+    safe_labels = jnp.where(ignored | bad, 0, labels)
+    loss, kept = loss_of(safe_labels)
     counts = kept & ~ignored
     loss = jnp.where(counts, loss, 0.0)
     loss = loss * jnp.where(bad, jnp.nan, 1.0)  # NaN with a NaN gradient, this row only

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from jax.typing import ArrayLike
 
+from jsoftmax import _calibration, _metrics
 from jsoftmax._calibration import reliability_diagram as _statistics
 
 
@@ -78,3 +79,76 @@ def reliability_diagram(
     bottom.bar(left, count, width, align="edge", color="gray", edgecolor="black")
     bottom.set(xlabel="confidence", ylabel="count")
     return top, bottom
+
+
+def smooth_reliability_diagram(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    key: ArrayLike,
+    num_bins: int = 15,
+    where: ArrayLike | None = None,
+    num_points: int = 200,
+    num_resamples: int = 200,
+    level: float = 0.95,
+    axes: tuple[Any, Any, Any, Any] | None = None,
+) -> tuple[Any, Any, Any, Any]:
+    """Draws the smoothed reliability curve with its bootstrap band next to the binned diagram.
+
+    Left: the kernel-smoothed accuracy of :func:`jsoftmax.smooth_reliability_diagram`
+    with the ``level`` percentile band of the curve over ``num_resamples``
+    bootstrap resamples of the rows (at the same bandwidth, as relplot draws
+    it), the smooth ECE, and below it the density of the confidences. Right:
+    :func:`reliability_diagram` with ``num_bins`` bins.
+
+    Args:
+      probs: floating ``[N, K]`` predicted probabilities.
+      labels: integers ``[N]``.
+      key: a ``jax.random`` key for the resamples.
+      num_bins: number of equal-width bins of the binned diagram.
+      where: boolean ``[N]``; False rows are padding.
+      num_points: points of [0, 1] where the curve is evaluated.
+      num_resamples: bootstrap resamples for the band.
+      level: the band's coverage in (0, 1).
+      axes: four matplotlib axes (smooth top, smooth bottom, binned top, binned
+        bottom); by default a new figure with two columns.
+
+    Returns:
+      The four axes.
+    """
+    import matplotlib.pyplot as plt
+
+    fname = "smooth_reliability_diagram"
+    num_points = _metrics._num_points(fname, num_points)
+    num_resamples, level = _metrics._resamples(fname, num_resamples, level)
+    p, y, w = _calibration._rows(fname, probs, labels, where, "probs")
+    diagram, low, high = _metrics._smooth_band(num_resamples, level, num_points, p, y, w, key)
+    grid, accuracy, density, low, high = (
+        np.asarray(a, dtype=np.float64)
+        for a in (diagram.grid, diagram.accuracy, diagram.density, low, high)
+    )
+    if axes is None:
+        _, ((top, right_top), (bottom, right_bottom)) = plt.subplots(
+            2, 2, figsize=(8, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+        )
+    else:
+        top, bottom, right_top, right_bottom = axes
+    top.fill_between(grid, low, high, color="tab:red", alpha=0.25, label=f"{level:.0%} band")
+    top.plot(grid, accuracy, color="tab:red", label="smoothed accuracy")
+    top.plot([0, 1], [0, 1], "--", color="gray")
+    top.text(
+        0.04, 0.9, f"smECE {100 * float(diagram.calibration_error):.2f}%", transform=top.transAxes
+    )
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title="smoothed")
+    top.legend(loc="lower right")
+    bottom.fill_between(grid, density, color="gray")
+    bottom.set(xlabel="confidence", ylabel="density")
+    reliability_diagram(
+        probs,
+        labels,
+        num_bins=num_bins,
+        where=where,
+        title="binned",
+        axes=(right_top, right_bottom),
+    )
+    return top, bottom, right_top, right_bottom

@@ -201,3 +201,164 @@ def fit_temperature(logits, labels, bounds=(0.01, 100.0)):
         nll, bounds=(low, high), method="bounded", options={"xatol": 1e-12}
     )
     return float(np.exp(best.x))
+
+
+def softmax_focal_loss(
+    logits,
+    labels,
+    where=None,
+    gamma=2.0,
+    alpha=0.0,
+    weights=None,
+    ignore_index=None,
+    softcap=None,
+    reduction="none",
+):
+    """sum_k c_k (1 - p_k)**gamma (-log p_k) row by row in float64, c the cross-entropy's target.
+
+    gamma="flsd-53" is Mukhoti et al.'s: 5 where p_y < 0.2, else 3. The rules for masks,
+    ignored rows and "mean" are integer_cross_entropy's.
+    """
+    x = np.asarray(logits, np.float64)
+    n, k = x.shape
+    kept = x != -np.inf if where is None else np.asarray(where) & (x != -np.inf)
+    kept = np.broadcast_to(kept, x.shape)
+    if softcap is not None:
+        x = softcap * np.tanh(x / softcap)
+    w = np.ones(k) if weights is None else np.asarray(weights, np.float64)
+    losses, denominator = np.zeros(n), 0.0
+    for i in range(n):
+        y = int(labels[i])
+        if y == ignore_index or not kept[i].any():
+            continue
+        lp = np.where(kept[i], x[i] - special.logsumexp(x[i][kept[i]]), -np.inf)
+        p = np.exp(lp)
+        g = (5.0 if p[y] < 0.2 else 3.0) if gamma == "flsd-53" else float(gamma)
+        with np.errstate(invalid="ignore"):
+            focal = np.where(kept[i], -((1 - p) ** g) * lp, 0.0)
+        target = 0.0 if alpha == 1 else (1 - alpha) * w[y] * (focal[y] if kept[i, y] else np.inf)
+        uniform = alpha / kept[i].sum() * np.sum(w * focal)
+        losses[i] = target + uniform
+        denominator += w[y]
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / denominator if denominator else 0.0
+
+
+def negative_log_likelihood(probs, labels, where=None):
+    probs = np.asarray(probs, np.float64)
+    with np.errstate(divide="ignore"):
+        per_row = -np.log(probs[np.arange(len(probs)), np.asarray(labels)])
+    if where is not None:
+        per_row = per_row[np.asarray(where)]
+    return per_row.mean() if per_row.size else 0.0
+
+
+def _debiased_squared(values, outcomes, num_bins):
+    """Kumar et al.'s debiased squared l2 error over np.array_split equal-mass bins."""
+    n = len(values)
+    if n == 0:
+        return 0.0
+    s = np.sort(values)
+    parts = np.array_split(s, min(num_bins, n))
+    edges = [
+        (a[-1] + b[0]) / np.asarray(2, values.dtype) for a, b in zip(parts, parts[1:], strict=False)
+    ]
+    bins = np.array([sum(e < v for e in edges) for v in values])
+    total = 0.0
+    for b in range(len(parts)):
+        members = bins == b
+        count = members.sum()
+        if count >= 2:
+            q, y = values[members].astype(np.float64), outcomes[members]
+            total += (
+                count / n * ((q.mean() - y.mean()) ** 2 - y.mean() * (1 - y.mean()) / (count - 1))
+            )
+    return total
+
+
+def debiased_calibration_error(probs, labels, num_bins=15, mode="top-label", where=None):
+    """Edges from the values in their own dtype (as the package does), sums in float64."""
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    if where is not None:
+        probs, labels = probs[np.asarray(where)], labels[np.asarray(where)]
+    if mode == "top-label":
+        hit = (np.argmax(probs, axis=1) == labels).astype(np.float64)
+        squared = [_debiased_squared(np.max(probs, axis=1), hit, num_bins)]
+    else:
+        squared = [
+            _debiased_squared(probs[:, k], (labels == k).astype(np.float64), num_bins)
+            for k in range(probs.shape[1])
+        ]
+    return np.sqrt(np.mean(np.maximum(squared, 0.0)))
+
+
+def _reflected_smooth(f, values, sigma, points):
+    """Block-Nakkiran kernel smoothing as relplot discretises it, by direct sums in float64.
+
+    Rows spread linearly onto G = max(2000, round(20 / sigma)) // 2 + 1 grid points;
+    grid point j receives from every point g of the grid reflected at both ends
+    (g -> -g, g -> 2 (G - 1) - g) the Gaussian density at (j - g + shift) / (G - 1),
+    cut beyond half the grid (shift 1/2 when G is even, relplot's centring); the
+    result is interpolated linearly at ``points``.
+    """
+    grid = max(2000, round(20 / sigma)) // 2 + 1
+    last = grid - 1
+    x = f * last
+    left = np.clip(np.trunc(x), 0, last - 1).astype(int)
+    frac = x - left
+    spread = np.zeros((grid, values.shape[1]))
+    np.add.at(spread, left, values * (1 - frac)[:, None])
+    np.add.at(spread, left + 1, values * frac[:, None])
+    source = np.arange(-last, 2 * last + 1)
+    reflected = spread[
+        np.where(source < 0, -source, np.where(source > last, 2 * last - source, source))
+    ]
+    # Grid point j sums source g with weight gauss(j - g + shift), |j - g + shift| <= last / 2.
+    shift = 0.0 if grid % 2 else 0.5
+    taps = np.arange(-(last // 2) - 1, last // 2 + 2)
+    offsets = taps + shift
+    kernel = np.exp(-((offsets / last) ** 2) / (2 * sigma**2)) / (np.sqrt(2 * np.pi) * sigma)
+    kernel = np.where(np.abs(offsets) <= last / 2, kernel, 0.0)
+    smoothed = np.zeros_like(spread)
+    for tap, weight in zip(taps, kernel, strict=True):
+        if weight:  # source g = j + tap sits at index j + tap + last of the reflected grid
+            smoothed += weight * reflected[last + tap : last + tap + grid]
+    inds = np.clip(np.trunc(points * last), 0, last - 1).astype(int)
+    residual = (points - inds / last) * last
+    return smoothed[inds] * (1 - residual)[:, None] + smoothed[inds + 1] * residual[:, None]
+
+
+def smooth_ece_at(confidence, hit, sigma):
+    mesh = np.linspace(0, 1, max(round(10 / sigma), 200))
+    columns = np.stack([confidence - hit, np.ones_like(confidence)], axis=1)
+    smoothed = _reflected_smooth(confidence, columns, sigma, mesh)
+    density = smoothed[:, 1] + 1e-4
+    return np.sum(np.abs(smoothed[:, 0] / density) * density) / np.sum(density)
+
+
+def smooth_calibration_error(probs, labels, where=None, return_bandwidth=False):
+    """smECE at relplot's fixed point: 10 halvings of [0, 1] keeping the failing end."""
+    c, hit = _top1(probs, labels, where)
+
+    def passes(sigma):
+        return sigma < 1e-3 or sigma < smooth_ece_at(c, hit, sigma)
+
+    sigma = 1.0
+    if not passes(sigma):
+        start, end = 1.0, 0.0
+        for _ in range(10):
+            mid = (start + end) / 2
+            start, end = (start, mid) if passes(mid) else (mid, end)
+        sigma = start
+    value = smooth_ece_at(c, hit, sigma) if len(c) else 0.0
+    return (value, sigma) if return_bandwidth else value
+
+
+def smooth_accuracy(probs, labels, sigma, points):
+    c, hit = _top1(probs, labels, None)
+    columns = np.stack([hit, np.ones_like(c)], axis=1)
+    smoothed = _reflected_smooth(c, columns, sigma, points)
+    return smoothed[:, 0] / (smoothed[:, 1] + 1e-4)

@@ -208,9 +208,9 @@ def test_errors(name):
 def test_metrics_do_not_retrace():
     probs, labels = probabilities(30, 3, seed=0)
     jsoftmax.expected_calibration_error(probs, labels)
-    before = jsoftmax._calibration._top1_metric._cache_size()
+    before = jsoftmax._calibration._evaluate._cache_size()
     jsoftmax.expected_calibration_error(probs + 1e-3, labels)
-    assert jsoftmax._calibration._top1_metric._cache_size() == before
+    assert jsoftmax._calibration._evaluate._cache_size() == before
 
 
 # ---------------------------------------------------------------- temperature

@@ -49,4 +49,3 @@ def test_isotonic_equals_netcal(x64):
     assert defined.mean() > 0.9
     np.testing.assert_allclose(got[defined], want[defined], atol=1e-9)
     np.testing.assert_allclose(got[~defined], 0.25)
-

@@ -1,0 +1,335 @@
+r"""The softmax focal loss on integer labels (Lin et al. 2017), with the
+sample-dependent gamma of Mukhoti et al. 2020.
+
+It shares the cross-entropy's logits ``z`` (``_logits``: upcast, soft-capped,
+masked to ``-inf``), its integer-label rules and its reductions
+(:mod:`jsoftmax._losses`). Per row, with ``q_k = log p_k = d_k - log s``
+(``d = z - m`` and ``s`` as there), the focal term of a class is
+
+.. math::
+    f(q) = -(1 - e^q)^\gamma\, q, \qquad
+    f'(q) = -(1 - e^q)^\gamma \Bigl(1 + \gamma\, \frac{q\, e^q}{e^q - 1}\Bigr),
+
+and the loss is ``sum_k c_k f(q_k)`` with the cross-entropy's target
+``c = (1 - alpha) w_y e_y + alpha / K w v``: a gather at the label and, with
+label smoothing, a row sum over the kept classes (one more pass over the row,
+as ``f`` needs ``log s``). ``1 - e^q`` is ``-expm1(q)``, exact for confident
+classes, and ``f'`` is written without the ``(1 - e^q)^(gamma - 1)`` that is
+``0^(gamma - 1)`` at ``p = 1``.
+
+A ``jax.custom_jvp`` owns the derivative,
+
+.. math::
+    \frac{\partial \ell}{\partial z_j} = c_j f'(q_j) - p_j B, \qquad B = \sum_k c_k f'(q_k),
+
+where ``B`` is a per-row vector from the forward pass: reverse mode keeps the
+logits as the caller gave them, the labels and per-row vectors, and recomputes
+the gradient in one elementwise pass (and a scatter for the label), as the
+cross-entropy does.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from jsoftmax import _checks
+from jsoftmax._checks import Axis
+from jsoftmax._losses import (
+    _check_reduction,
+    _check_softcap,
+    _hyper,
+    _integer_inputs,
+    _integer_loss,
+    _is_zero,
+    _label_logit,
+    _per_label,
+    _row_sums,
+)
+from jsoftmax._softmax import _logits, _nonzero, _normalizer, _shifted
+
+FLSD_53 = "flsd-53"
+
+
+class _Rows(NamedTuple):
+    """Per-row statistics of the logits over the last axis (see the module docstring)."""
+
+    m: jax.Array  # the shift: the row max, clamped to be finite
+    log_s: jax.Array  # log sum(exp(z - m))
+    has_class: jax.Array  # whether the row keeps a class (NaN rows do)
+    gamma: jax.Array  # the row's gamma (a scalar unless sample-dependent)
+    q_y: jax.Array  # log p at the label
+    w_y: jax.Array  # the label's class weight
+    count: jax.Array | None  # smoothing: the number of kept classes,
+    w_f: jax.Array | None  # sum of w_k f(q_k) over them
+    w_slope: jax.Array | None  # and of w_k f'(q_k)
+
+
+class _Options(NamedTuple):
+    """The static options of the focal kernel."""
+
+    smooth: bool
+    flsd: bool  # gamma = 5 where p_y < 0.2, else 3 (Mukhoti et al.'s FLSD-53)
+    softcap: float | None
+
+
+def _pow(u, gamma):
+    """``u ** gamma`` for ``u`` in [0, 1], ``0 ** 0 = 1``, with finite derivatives at ``u = 0``."""
+    zero = u == 0
+    return jnp.where(zero, jnp.where(gamma == 0, 1.0, 0.0), jnp.where(zero, 1.0, u) ** gamma)
+
+
+def _focal_terms(q, gamma):
+    """``f(q)`` and ``f'(q)`` for ``q = log p <= 0``: ``+inf`` and ``-1`` at ``q = -inf``.
+
+    Each edge (``q = -inf``, ``q = 0``) is selected before any operation that
+    would divide by zero there, so higher derivatives stay finite too.
+    """
+    finite = q != -jnp.inf  # NaN stays NaN
+    q = jnp.where(finite, q, -1.0)
+    u_gamma = _pow(-jnp.expm1(q), gamma)
+    inside = q < 0
+    q_in = jnp.where(inside, q, -1.0)
+    ph = jnp.where(inside, q_in * jnp.exp(q_in) / jnp.expm1(q_in), 1.0)  # q p / (p - 1)
+    f = jnp.where(finite, -u_gamma * q, jnp.inf)
+    slope = jnp.where(finite, -u_gamma * (1 + gamma * ph), -1.0)
+    return f, slope
+
+
+def _rows(x, where, labels, weights, gamma, options) -> _Rows:
+    """The max, the normaliser, then (with label smoothing) one pass for the row sums."""
+    z = _logits(x, where, softcap=options.softcap)
+    top, m, s = _normalizer(z, (-1,))
+    log_s = jnp.log(s)
+    z_y = _label_logit(x, where, labels, options.softcap)
+    q_y = (_shifted(z_y, m) - log_s)[..., 0]
+    if options.flsd:
+        gamma = lax.stop_gradient(jnp.where(jnp.exp(q_y) < 0.2, 5.0, 3.0).astype(z.dtype))
+    w_y = jnp.ones(q_y.shape, z.dtype) if weights is None else weights[labels]
+    count = w_f = w_slope = None
+    if options.smooth:
+        q = _shifted(z, m) - log_s
+        kept = z != -jnp.inf
+        f, slope = _focal_terms(q, gamma[..., None] if options.flsd else gamma)
+        w = 1.0 if weights is None else weights
+        count, w_f, w_slope = _row_sums(
+            [kept.astype(z.dtype), jnp.where(kept, w * f, 0.0), jnp.where(kept, w * slope, 0.0)]
+        )
+    has_class = top[..., 0] != -jnp.inf
+    return _Rows(m[..., 0], log_s[..., 0], has_class, gamma, q_y, w_y, count, w_f, w_slope)
+
+
+def _coefficients(rows, alpha, options):
+    """Per row: ``c_y`` (the label's part of the target) and, with smoothing, ``alpha / K``."""
+    label = jnp.where(rows.has_class, 1 - alpha if options.smooth else 1.0, 0.0) * rows.w_y
+    if not options.smooth:
+        return label, None
+    return label, jnp.where(rows.has_class, alpha / jnp.maximum(rows.count, 1.0), 0.0)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+def _focal(x, where, labels, weights, alpha, gamma, options):
+    """Per-row focal loss of the logits over the last axis, and whether the row keeps a class."""
+    rows = _rows(x, where, labels, weights, gamma, options)
+    return _loss(rows, alpha, options), rows.has_class
+
+
+def _loss(rows, alpha, options):
+    loss = rows.w_y * _focal_terms(rows.q_y, rows.gamma)[0]
+    if options.smooth:
+        uniform = rows.w_f / jnp.maximum(rows.count, 1.0)
+        # alpha = 1 drops the label's term, +inf where its class is masked.
+        loss = jnp.where(alpha == 1, 0.0, (1 - alpha) * loss) + alpha * uniform
+    return jnp.where(rows.has_class, loss, 0.0)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(0,), prevent_cse=False)
+def _focal_tangent(options, x, where, labels, weights, alpha, rows, t_x):
+    """The loss's tangent, recomputed from ``x`` and the per-row statistics in one pass.
+
+    Under ``jax.checkpoint``, reverse mode keeps only these arguments: the
+    logits and labels as given and per-row vectors.
+    """
+    z = _logits(x, where, softcap=options.softcap)
+    kept = z != -jnp.inf  # masked and -inf classes are constants: no gradient
+    q = _shifted(z, rows.m[..., None]) - rows.log_s[..., None]
+    label, uniform = _coefficients(rows, alpha, options)
+    label = label * _focal_terms(rows.q_y, rows.gamma)[1]  # c_y f'(q_y)
+    b = label if uniform is None else label + uniform * rows.w_slope  # sum_k c_k f'(q_k)
+    g = -b[..., None] * jnp.exp(q)  # 0 on masked classes (b is finite)
+    if uniform is not None:
+        gamma = rows.gamma[..., None] if options.flsd else rows.gamma
+        w = 1.0 if weights is None else weights
+        g = g + uniform[..., None] * w * _focal_terms(q, gamma)[1]
+    if options.softcap is not None:  # d cap(x) / dx, from the capped logit
+        g = g * (1 - (jnp.where(kept, z, 0.0) / options.softcap) ** 2)
+    if options.smooth or options.softcap is not None:
+        g = jnp.where(kept, g, 0.0)
+    t = t_x.astype(z.dtype)
+    t_y = jnp.take_along_axis(t, labels[..., None], -1, mode="clip")[..., 0]
+    z_y = _label_logit(x, where, labels, options.softcap)[..., 0]
+    cap = 1.0 if options.softcap is None else 1 - (z_y / options.softcap) ** 2
+    return jnp.sum(g * t, -1) + jnp.where(z_y == -jnp.inf, 0.0, label * cap) * t_y
+
+
+def _focal_jvp(options, primals, tangents):
+    x, where, labels, weights, alpha, gamma = primals
+    (t_x,) = _nonzero(tangents[0])
+    # The value through the rule itself, so that higher derivatives use it too.
+    loss, has_class = _focal(x, where, labels, weights, alpha, gamma, options)
+    if t_x is None:
+        t_loss = jnp.zeros_like(loss)
+    else:
+        rows = _rows(x, where, labels, weights, gamma, options)
+        t_loss = _focal_tangent(options, x, where, labels, weights, alpha, rows, t_x)
+    return (loss, has_class), (t_loss, np.zeros(has_class.shape, jax.dtypes.float0))
+
+
+_focal.defjvp(_focal_jvp, symbolic_zeros=True)
+
+
+def softmax_focal_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    gamma: ArrayLike | str = 2.0,
+    class_weights: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    logit_softcap: float | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Softmax focal loss with integer labels: cross-entropy down-weighting confident classes.
+
+    Per row, with ``p = softmax(x)``, label ``y``, class weights ``w`` (all 1
+    by default) and the ``K`` kept classes (not masked, logit not ``-inf``):
+
+    .. math::
+        \ell = \sum_k c_k\, (1 - p_k)^\gamma\, (-\log p_k), \qquad
+        c = (1 - \alpha)\, w_y\, e_y + \frac{\alpha}{K}\, w \odot [k\ \mathrm{kept}],
+
+    the target ``c`` of :func:`jsoftmax.softmax_cross_entropy_with_integer_labels`
+    with the same options, never built densely: the label's term is a gather
+    and the smoothing's a row sum. ``gamma=0`` is that cross-entropy (computed
+    by its kernel); without smoothing, each row is PyTorch-style focal loss
+    ``-w_y (1 - p_y)^gamma log p_y``.
+
+    Args:
+      logits: floating ``[..., K]`` (the class axes are ``axis``; a tuple is
+        flattened row-major, as optax does).
+      labels: integers, ``logits``' shape without ``axis``.
+      axis: the class axis or axes.
+      where: boolean mask broadcastable to ``logits``; ``[..., 1]`` masks rows.
+      gamma: the focusing parameter ``gamma >= 0``: a number or a scalar array
+        (which may be traced, e.g. a schedule; it is not differentiated), or
+        ``"flsd-53"`` for Mukhoti et al.'s sample-dependent choice, per row
+        ``gamma = 5`` where ``p_y < 0.2`` and ``3`` otherwise (constant in
+        the derivative, as in their implementation).
+      class_weights: ``[K]`` non-negative weights ``w`` (not differentiated).
+      ignore_index: a label value whose rows cost 0 and do not count.
+      label_smoothing: ``alpha`` in [0, 1].
+      logit_softcap: ``c > 0`` replaces logits by ``c * tanh(logits / c)``
+        first; ``-inf`` logits stay masked.
+      reduction: "none", "sum" or "mean" (the sum divided by the sum of ``w_y``
+        over the rows that count, as the cross-entropy).
+
+    Returns:
+      The loss per row (``labels``' shape) for "none", else a scalar; float32
+      (float64 for float64 logits).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+      >>> labels = jnp.array([0, 2])
+      >>> jsoftmax.softmax_focal_loss(logits, labels).round(4)
+      Array([0.0457, 0.4883], dtype=float32)
+      >>> jsoftmax.softmax_focal_loss(logits, labels, gamma=0.0).round(4)
+      Array([0.4076, 1.0986], dtype=float32)
+      >>> # FLSD-53: p_y = 0.09 < 0.2 takes gamma = 5, p_y = 0.67 gamma = 3
+      >>> jsoftmax.softmax_focal_loss(
+      ...     jnp.array([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]]), labels=jnp.array([2, 2]),
+      ...     gamma="flsd-53").round(4)
+      Array([1.5022, 0.0153], dtype=float32)
+
+    Note:
+      The edges are the cross-entropy's: a label whose class is masked or has
+      logit ``-inf`` costs ``+inf``; a fully masked row or an ignored label
+      costs 0 with zero gradient, and if no row counts, "mean" is 0. Masked
+      classes get zero gradient, also where ``p_y = 1`` (the factor
+      ``(1 - p)^(gamma - 1)`` of the textbook derivative is never formed).
+      Labels out of range (other than ``ignore_index``) raise ``ValueError``
+      when concrete; traced ones make that row's loss and gradient NaN, and so
+      does a traced negative ``gamma`` or ``label_smoothing`` outside [0, 1]
+      (every row).
+
+    References:
+      Lin et al., `Focal Loss for Dense Object Detection
+      <https://arxiv.org/abs/1708.02002>`_, 2017.
+      Mukhoti et al., `Calibrating Deep Neural Networks using Focal Loss
+      <https://arxiv.org/abs/2002.09437>`_, 2020 (FLSD-53).
+    """
+    fname = "softmax_focal_loss"
+    z, labels, where, class_weights = _integer_inputs(
+        fname, logits, labels, axis, where, class_weights, ignore_index
+    )
+    _check_softcap(fname, logit_softcap)
+    _check_reduction(fname, reduction)
+    alpha = _hyper(fname, "label_smoothing", label_smoothing, 0.0, 1.0)
+    smooth = not _is_zero(label_smoothing)
+    if isinstance(gamma, str):
+        if gamma.lower() != FLSD_53:
+            raise ValueError(f"{fname}: gamma must be a number >= 0 or {FLSD_53!r}, got {gamma!r}")
+        gamma_, flsd = jnp.zeros(()), True
+    else:
+        gamma_, flsd = _hyper(fname, "gamma", gamma, 0.0), False
+        if _is_zero(gamma):  # the cross-entropy itself, from its own kernel
+            return _integer_loss(
+                z,
+                labels,
+                where,
+                class_weights,
+                alpha,
+                jnp.zeros(()),
+                smooth,
+                False,
+                ignore_index,
+                logit_softcap,
+                reduction,
+            )
+    return _focal_loss(
+        z,
+        labels,
+        where,
+        class_weights,
+        alpha,
+        gamma_,
+        smooth,
+        flsd,
+        ignore_index,
+        logit_softcap,
+        reduction,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7, 8, 9, 10))
+def _focal_loss(x, labels, where, weights, alpha, gamma, smooth, flsd, ignore, softcap, reduction):
+    dtype = _checks.compute_dtype(x.dtype)
+    alpha = lax.stop_gradient(alpha)
+    gamma = lax.stop_gradient(gamma.astype(dtype))
+    if weights is not None:
+        weights = lax.stop_gradient(weights.astype(dtype))
+    options = _Options(smooth, flsd, softcap)
+
+    def loss_of(safe_labels):
+        return _focal(x, where, safe_labels, weights, alpha, gamma, options)
+
+    return _per_label(loss_of, labels, x.shape[-1], weights, ignore, reduction)

@@ -1,0 +1,652 @@
+r"""Smooth and debiased calibration errors, the NLL, and bootstrap intervals for every metric.
+
+Each metric is per-row statistics computed once from ``[N, K]`` and a
+reduction over per-row integer weights (``_calibration._Metric``): the
+metric itself reduces with ``where`` as 0/1 weights, :func:`bootstrap`
+with the resample counts of the rows, so that a resample never copies the
+``[N, K]`` matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from jsoftmax import _calibration as _cal
+from jsoftmax import _checks
+
+# relplot's smECE: bisection from 1 over 10 halvings, so the smallest bandwidth
+# it can evaluate is 2**-10; below 0.001 the fixed-point test always passes.
+_STEPS = 10
+_SMALLEST = 0.001
+_EPS = 1e-4  # added to the smoothed density before dividing, as relplot does
+# Its grid has max(2000, round(20 / sigma)) // 2 + 1 points and its mesh
+# max(round(10 / sigma), 200): at most these many at sigma = 2**-10.
+_GRID = max(2000, round(20 * 2**_STEPS)) // 2 + 1
+_MESH = max(round(10 * 2**_STEPS), 200)
+# The reflected signal has 3 G - 2 points; a circular convolution that long is exact there.
+_FFT = 1 << math.ceil(math.log2(3 * _GRID - 2))
+# Resamples are reduced in batches of about this many row weights.
+_BATCH_ELEMENTS = 1 << 22
+
+
+# ---------------------------------------------------------------- NLL
+
+
+def _nll_rows(probs, labels, where):
+    p = probs.astype(_checks.compute_dtype(probs.dtype))
+    p_label = jnp.take_along_axis(p, labels[:, None], axis=1, mode="clip")[:, 0]
+    return jnp.where(where, -jnp.log(p_label), 0.0), _cal._count(p, labels, where)[1]
+
+
+_NLL = _cal._Metric(_nll_rows, _cal._per_row_mean)
+
+
+def negative_log_likelihood(
+    probs: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None
+) -> jax.Array:
+    r"""Mean negative log-likelihood of the labels under the predicted probabilities.
+
+    .. math::
+        \mathrm{NLL} = -\frac{1}{N} \sum_i \log p_{i y_i}
+
+    Args:
+      probs: floating ``[N, K]`` predicted probabilities.
+      labels: integers ``[N]`` in ``[0, K)``.
+      where: boolean ``[N]``; False rows are padding.
+
+    Returns:
+      A scalar (float32, float64 for float64 ``probs``); 0 when no row is
+      kept, ``inf`` when a kept row gives its label probability 0.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> probs = jnp.array([[0.5, 0.5], [0.25, 0.75]])
+      >>> jsoftmax.negative_log_likelihood(probs, jnp.array([0, 1])).round(4)
+      Array(0.4904, dtype=float32)
+
+    Note:
+      From logits, :func:`jsoftmax.softmax_cross_entropy_with_integer_labels`
+      is more accurate: it never rounds a tiny probability to 0.
+    """
+    fname = "negative_log_likelihood"
+    probs, labels, where = _cal._rows(fname, probs, labels, where, "probs")
+    return _cal._evaluate(_NLL, (), probs, labels, where)
+
+
+# ---------------------------------------------------------------- debiased
+
+
+_MODES = ("top-label", "marginal")
+
+
+def _mode(fname, mode):
+    if mode not in _MODES:
+        raise ValueError(f"{fname}: mode must be 'top-label' or 'marginal', got {mode!r}")
+    return mode
+
+
+def _debiased_rows(probs, labels, where, num_bins, mode):
+    """Per problem (the top label, or each class): values and outcomes sorted by value."""
+    if mode == "top-label":
+        confidence, hit, flag = _cal._top1(probs, labels, where)
+        values, outcomes = confidence[None], hit[None]
+    else:
+        dtype = _checks.compute_dtype(probs.dtype)
+        p = jnp.where(where[:, None], probs.astype(dtype), 0.0)
+        onehot = (labels[:, None] == jnp.arange(p.shape[1])) & where[:, None]
+        values, outcomes, flag = p.T, onehot.T.astype(dtype), _cal._count(p, labels, where)[1]
+    order = jnp.argsort(values, axis=1, stable=True)
+    sort = functools.partial(jnp.take_along_axis, indices=order, axis=1)
+    return (order, sort(values), sort(outcomes)), flag
+
+
+def _debiased_squared(order, values, outcomes, weights, num_bins):
+    """Kumar et al.'s debiased squared error of one problem over its equal-mass bins."""
+    counts = weights[order]
+    cumulative = jnp.cumsum(counts)
+    n = cumulative[-1]
+    # np.array_split of the n sorted values into B = min(M, n) parts; an edge is
+    # the midpoint of the values either side of a split.
+    parts = jnp.maximum(jnp.minimum(num_bins, n), 1)
+    j = jnp.arange(1, num_bins, dtype=jnp.int32)
+    starts = j * (n // parts) + jnp.minimum(j, n % parts)
+    below = values[_cal._at_ranks(cumulative, starts - 1)]
+    above = values[_cal._at_ranks(cumulative, starts)]
+    edges = jnp.where(j < parts, (below + above) / 2, jnp.inf)
+    index = jnp.searchsorted(edges, values, side="left", method="compare_all")
+    count, gap, total = _cal._bin_sums(index, counts, outcomes, values, num_bins)
+    size = jnp.maximum(count, 1)
+    frequency = (gap + total) / size
+    error = (gap / size) ** 2 - frequency * (1 - frequency) / jnp.maximum(count - 1, 1)
+    return _cal._mean(jnp.sum(jnp.where(count >= 2, count * error, 0.0)), n.astype(values.dtype))
+
+
+def _debiased_reduce(statistics, weights, num_bins, mode):
+    order, values, outcomes = statistics
+    if order.shape[1] == 0:
+        return jnp.zeros((), values.dtype)
+    squared = jax.vmap(_debiased_squared, in_axes=(0, 0, 0, None, None))(
+        order, values, outcomes, weights, num_bins
+    )
+    return jnp.sqrt(jnp.mean(jnp.maximum(squared, 0.0)))
+
+
+_DEBIASED = _cal._Metric(_debiased_rows, _debiased_reduce)
+
+
+def debiased_calibration_error(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    num_bins: int = 15,
+    mode: str = "top-label",
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Debiased l2 calibration error over equal-mass bins (Kumar, Liang and Ma 2019).
+
+    For one problem, values ``q_i`` (the top-1 confidence with outcome "the
+    prediction is right", or in ``"marginal"`` mode ``p_ik`` with outcome
+    ``y_i = k``) are split into ``B = min(M, N)`` equal-mass bins: the sorted
+    values are cut as ``np.array_split`` cuts them and each edge is the
+    midpoint of the two values either side of a cut; bin ``b`` holds
+    ``e_{b-1} < q <= e_b``. Then
+
+    .. math::
+        \widehat{\mathrm{CE}}^2 = \sum_{b:\ n_b \ge 2} \frac{n_b}{N}
+        \Big[(\bar q_b - \bar y_b)^2 - \frac{\bar y_b (1 - \bar y_b)}{n_b - 1}\Big],
+        \qquad \mathrm{CE} = \sqrt{\max(\widehat{\mathrm{CE}}^2, 0)}
+
+    removes the plug-in estimate's bias ``Var(y) / n_b`` bin by bin. In
+    ``"marginal"`` mode each class has its own bins and the result is
+    ``sqrt(mean_k max(CE_k^2, 0))``.
+
+    Args:
+      probs: floating ``[N, K]`` predicted probabilities.
+      labels: integers ``[N]`` in ``[0, K)``.
+      num_bins: ``M >= 1`` (static).
+      mode: ``"top-label"`` or ``"marginal"`` (static).
+      where: boolean ``[N]``; False rows are padding.
+
+    Returns:
+      The l2 error (the square root, not its square), a scalar in [0, 1];
+      0 when no row is kept. It equals
+      ``calibration.get_calibration_error(probs, labels, p=2, debias=True,
+      mode=mode)`` of the ``uncertainty-calibration`` package for continuous
+      probabilities (for inputs with few distinct values that package switches
+      to one bin per value).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jax.random.normal(jax.random.key(0), (4000, 5))
+      >>> labels = jax.random.categorical(jax.random.key(1), logits)
+      >>> calibrated = jsoftmax.debiased_calibration_error(jax.nn.softmax(logits), labels)
+      >>> overconfident = jsoftmax.debiased_calibration_error(jax.nn.softmax(3 * logits), labels)
+      >>> bool(calibrated < 0.03 < overconfident)
+      True
+
+    References:
+      Kumar, Liang and Ma, `Verified Uncertainty Calibration
+      <https://arxiv.org/abs/1909.10155>`_, NeurIPS 2019.
+    """
+    fname = "debiased_calibration_error"
+    options = (_cal._num_bins(fname, num_bins), _mode(fname, mode))
+    probs, labels, where = _cal._rows(fname, probs, labels, where, "probs")
+    return _cal._evaluate(_DEBIASED, options, probs, labels, where)
+
+
+# ---------------------------------------------------------------- smooth
+
+
+def _sizes(sigma):
+    """relplot's grid size and mesh size for a bandwidth."""
+    grid = jnp.maximum(2000, jnp.round(20 / sigma)).astype(jnp.int32) // 2 + 1
+    return grid, jnp.maximum(jnp.round(10 / sigma), 200).astype(jnp.int32)
+
+
+def _smooth(f, columns, sigma, points):
+    """relplot's reflected Gaussian smoothing of each column of ``columns`` [N, C] at ``points``.
+
+    The rows' weights are spread linearly onto a grid of G points, the grid
+    reflected at 0 and 1 and convolved with the Gaussian sampled at G points
+    of [-1/2, 1/2] (unnormalised by the grid step, cut beyond 1/2), then
+    interpolated linearly at ``points``.
+    """
+    dtype = columns.dtype
+    grid, _ = _sizes(sigma)
+    last = (grid - 1).astype(dtype)
+    x = f * last
+    left = jnp.clip(jnp.trunc(x), 0, last - 1)
+    frac = x - left
+    left = jnp.where(jnp.isfinite(left), left, 0).astype(jnp.int32)
+    spread = jnp.concatenate([columns * (1 - frac)[:, None], columns * frac[:, None]])
+    values = jax.ops.segment_sum(spread, jnp.concatenate([left, left + 1]), _GRID)
+    # Reflected without repeating the end points, as [flip(v)[:-1], v, flip(v)[1:]].
+    e = jnp.arange(_FFT) - (grid - 1)
+    g = jnp.abs(e)
+    g = jnp.where(g > grid - 1, 2 * (grid - 1) - g, g)
+    extended = jnp.where((e < 2 * grid - 1)[:, None], values[jnp.clip(g, 0, _GRID - 1)], 0.0)
+    m = jnp.arange(_FFT)
+    kernel = jnp.exp(-((m / last - 0.5) ** 2) / (2 * sigma**2)) / (np.sqrt(2 * np.pi) * sigma)
+    kernel = jnp.where(m < grid, kernel, 0.0).astype(dtype)
+    spectrum = jnp.fft.rfft(extended, axis=0) * jnp.fft.rfft(kernel)[:, None]
+    full = jnp.fft.irfft(spectrum, n=_FFT, axis=0).astype(dtype)
+    # np.convolve(extended, kernel, "valid")[G // 2 : G // 2 + G]
+    offset = grid // 2 + grid - 1
+    inds = jnp.clip(jnp.trunc(points * last), 0, last - 1).astype(jnp.int32)
+    residual = (points - inds / last) * last
+    lo, hi = full[offset + inds], full[offset + inds + 1]
+    return lo * (1 - residual)[:, None] + hi * residual[:, None]
+
+
+def _smece_at(f, residual, weights, sigma):
+    """relplot's smECE_sigma of the rows repeated ``weights`` times."""
+    dtype = residual.dtype
+    _, mesh = _sizes(sigma)
+    e = jnp.arange(_MESH)
+    points = jnp.minimum(e / jnp.maximum(mesh - 1, 1), 1).astype(dtype)
+    w = weights.astype(dtype)
+    smoothed = _smooth(f, jnp.stack([_cal._weighted(w, residual), w], axis=1), sigma, points)
+    inside = e < mesh
+    density = smoothed[:, 1] + _EPS
+    ratio = smoothed[:, 0] / density
+    total = jnp.sum(jnp.where(inside, jnp.abs(ratio) * density, 0.0))
+    return total / jnp.sum(jnp.where(inside, density, 0.0))
+
+
+def _bandwidth(f, residual, weights):
+    """relplot's fixed point: 10 bisection steps on sigma < smECE_sigma, and smECE there."""
+    dtype = residual.dtype
+
+    def passes(sigma, value):
+        return (sigma < _SMALLEST) | (sigma < value)
+
+    one = jnp.ones((), dtype)
+    at_one = _smece_at(f, residual, weights, one)
+
+    def step(_, state):
+        start, end, value = state
+        mid = (start + end) / 2
+        at_mid = _smece_at(f, residual, weights, mid)
+        ok = passes(mid, at_mid)
+        return jnp.where(ok, start, mid), jnp.where(ok, mid, end), jnp.where(ok, value, at_mid)
+
+    start, _, value = lax.fori_loop(0, _STEPS, step, (one, jnp.zeros((), dtype), at_one))
+    done = passes(one, at_one)
+    return jnp.where(done, one, start), jnp.where(done, at_one, value)
+
+
+def _smooth_rows(probs, labels, where):
+    confidence, hit, flag = _cal._top1(probs, labels, where)
+    return (confidence, hit), flag
+
+
+def _smooth_reduce(statistics, weights):
+    confidence, hit = statistics
+    return _bandwidth(confidence, confidence - hit, weights)[1]
+
+
+_SMOOTH = _cal._Metric(_smooth_rows, _smooth_reduce)
+
+
+def smooth_calibration_error(
+    probs: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None
+) -> jax.Array:
+    r"""Smooth ECE of the top-1 confidence (Błasiok and Nakkiran 2023).
+
+    With the confidence ``c_i = max_k p_ik``, the residual ``r_i = c_i - hit_i``
+    and a Gaussian kernel ``K_sigma`` reflected at 0 and 1,
+
+    .. math::
+        \hat r_\sigma(t) = \frac{\sum_i K_\sigma(t, c_i)\, r_i}{\sum_i K_\sigma(t, c_i)},
+        \qquad
+        \mathrm{smECE}_\sigma = \int_0^1 |\hat r_\sigma(t)|\, \hat\delta_\sigma(t)\, dt,
+
+    where ``\hat\delta_\sigma`` is the kernel density of the confidences, and
+    the reported error is ``smECE_sigma*`` at the fixed point
+    ``smECE_sigma* = sigma*``, found by bisection. It is computed as
+    ``relplot.smECE`` computes it: 10 bisection steps on
+    ``sigma < smECE_sigma`` from ``[0, 1]`` keeping the upper end, the rows
+    spread linearly onto a grid of ``max(2000, round(20 / sigma)) // 2 + 1``
+    points, the kernel cut at distance 1/2, ``1e-4`` added to the smoothed
+    density, and the integral a mean over ``max(round(10 / sigma), 200)``
+    points of [0, 1].
+
+    Args:
+      probs: floating ``[N, K]`` predicted probabilities.
+      labels: integers ``[N]`` in ``[0, K)``.
+      where: boolean ``[N]``; False rows are padding.
+
+    Returns:
+      A scalar in [0, 1] (float32, float64 for float64 ``probs``); 0 when no
+      row is kept. :func:`smooth_reliability_diagram` gives the bandwidth and
+      the smoothed curve.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jax.random.normal(jax.random.key(0), (4000, 5))
+      >>> labels = jax.random.categorical(jax.random.key(1), logits)
+      >>> calibrated = jsoftmax.smooth_calibration_error(jax.nn.softmax(logits), labels)
+      >>> overconfident = jsoftmax.smooth_calibration_error(jax.nn.softmax(3 * logits), labels)
+      >>> bool(calibrated < 0.03 < overconfident)
+      True
+
+    Note:
+      Every bisection step convolves a grid of up to 10,241 points by FFT,
+      so it costs ``11 * (N + 32768 log 32768)`` operations whatever ``N``.
+
+    References:
+      Błasiok and Nakkiran, `Smooth ECE: Principled Reliability Diagrams via
+      Kernel Smoothing <https://arxiv.org/abs/2309.12236>`_, ICLR 2024.
+    """
+    fname = "smooth_calibration_error"
+    probs, labels, where = _cal._rows(fname, probs, labels, where, "probs")
+    return _cal._evaluate(_SMOOTH, (), probs, labels, where)
+
+
+class SmoothReliabilityDiagram(NamedTuple):
+    """A kernel-smoothed reliability diagram (see :func:`smooth_reliability_diagram`).
+
+    Attributes:
+      grid: ``[P]`` points ``t`` of [0, 1] where the curve is evaluated.
+      accuracy: ``[P]`` smoothed accuracy ``E[hit | c = t]``.
+      density: ``[P]`` kernel density of the confidences.
+      bandwidth: the kernel's ``sigma*``.
+      calibration_error: the smooth ECE at ``sigma*``.
+    """
+
+    grid: jax.Array
+    accuracy: jax.Array
+    density: jax.Array
+    bandwidth: jax.Array
+    calibration_error: jax.Array
+
+
+def _num_points(fname, num_points):
+    valid = isinstance(num_points, int | np.integer) and not isinstance(num_points, bool)
+    if not valid or num_points < 2:
+        raise ValueError(f"{fname}: num_points must be an integer >= 2, got {num_points!r}")
+    return int(num_points)
+
+
+def _curve(confidence, hit, weights, sigma, num_points):
+    """Smoothed accuracy (relplot's kernel regression) and density at ``num_points`` points."""
+    dtype = hit.dtype
+    grid = jnp.linspace(0, 1, num_points, dtype=dtype)
+    w = weights.astype(dtype)
+    columns = jnp.stack([_cal._weighted(w, hit), w / jnp.maximum(jnp.sum(w), 1)], axis=1)
+    smoothed = _smooth(confidence, jnp.concatenate([columns, w[:, None]], axis=1), sigma, grid)
+    accuracy = smoothed[:, 0] / (smoothed[:, 2] + _EPS)
+    return grid, accuracy, smoothed[:, 1]
+
+
+@functools.partial(jax.jit, static_argnames=("num_points",))
+def _smooth_diagram(probs, labels, where, num_points):
+    (confidence, hit), flag = _smooth_rows(probs, labels, where)
+    weights = where.astype(jnp.int32)
+    sigma, error = _bandwidth(confidence, confidence - hit, weights)
+    grid, accuracy, density = _curve(confidence, hit, weights, sigma, num_points)
+    return SmoothReliabilityDiagram(grid, accuracy * flag, density, sigma, error * flag)
+
+
+def smooth_reliability_diagram(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    num_points: int = 200,
+) -> SmoothReliabilityDiagram:
+    r"""The kernel-smoothed reliability curve behind :func:`smooth_calibration_error`.
+
+    .. math::
+        \widehat{\mathrm{acc}}(t) = \frac{\sum_i K_{\sigma^\star}(t, c_i)\, \mathrm{hit}_i}
+        {\sum_i K_{\sigma^\star}(t, c_i) + 10^{-4}}
+
+    with the reflected Gaussian kernel and bandwidth of the smooth ECE, as
+    ``relplot.prepare_rel_diagram`` draws it.
+
+    Args:
+      probs: floating ``[N, K]`` predicted probabilities.
+      labels: integers ``[N]`` in ``[0, K)``.
+      where: boolean ``[N]``; False rows are padding.
+      num_points: ``P >= 2`` evenly spaced points of [0, 1] (static).
+
+    Returns:
+      A :class:`SmoothReliabilityDiagram`. Plot it with
+      :func:`jsoftmax.plot.smooth_reliability_diagram`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> probs = jnp.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+      >>> diagram = jsoftmax.smooth_reliability_diagram(probs, jnp.array([0, 1, 1, 0]))
+      >>> diagram.grid.shape, diagram.accuracy.shape
+      ((200,), (200,))
+
+    References:
+      Błasiok and Nakkiran, `Smooth ECE: Principled Reliability Diagrams via
+      Kernel Smoothing <https://arxiv.org/abs/2309.12236>`_, ICLR 2024.
+    """
+    fname = "smooth_reliability_diagram"
+    num_points = _num_points(fname, num_points)
+    probs, labels, where = _cal._rows(fname, probs, labels, where, "probs")
+    return _smooth_diagram(probs, labels, where, num_points)
+
+
+# ---------------------------------------------------------------- bootstrap
+
+
+def _binned_plan(fname, kind):
+    def plan(num_bins=15):
+        return _cal._BINNED, (_cal._num_bins(fname, num_bins), kind)
+
+    return plan
+
+
+def _plain_plan(metric):
+    def plan():
+        return metric, ()
+
+    return plan
+
+
+def _debiased_plan(num_bins=15, mode="top-label"):
+    fname = "debiased_calibration_error"
+    return _DEBIASED, (_cal._num_bins(fname, num_bins), _mode(fname, mode))
+
+
+def _sorted_plan(fname, metric):
+    def plan(num_bins=15):
+        return metric, (_cal._num_bins(fname, num_bins),)
+
+    return plan
+
+
+_PLANS: dict[Callable[..., Any], Callable[..., tuple[_cal._Metric, tuple]]] = {
+    _cal.expected_calibration_error: _binned_plan("expected_calibration_error", "sum"),
+    _cal.maximum_calibration_error: _binned_plan("maximum_calibration_error", "max"),
+    _cal.adaptive_calibration_error: _sorted_plan("adaptive_calibration_error", _cal._ADAPTIVE),
+    _cal.classwise_calibration_error: _sorted_plan("classwise_calibration_error", _cal._CLASSWISE),
+    _cal.brier_score: _plain_plan(_cal._BRIER),
+    negative_log_likelihood: _plain_plan(_NLL),
+    smooth_calibration_error: _plain_plan(_SMOOTH),
+    debiased_calibration_error: _debiased_plan,
+}
+
+
+def _plan(metric):
+    function, options = metric, {}
+    if isinstance(metric, functools.partial):
+        if metric.args:
+            raise TypeError(
+                f"bootstrap: metric may fix keyword options only, got positional {metric.args!r}"
+            )
+        function, options = metric.func, dict(metric.keywords)
+    plan = next((p for f, p in _PLANS.items() if f is function), None)
+    if plan is None:
+        names = ", ".join(f.__name__ for f in _PLANS)
+        raise TypeError(f"bootstrap: metric must be one of jsoftmax's {names}; got {metric!r}")
+    if "where" in options:
+        raise TypeError("bootstrap: pass where to bootstrap, not to the metric")
+    try:
+        return plan(**options)
+    except TypeError as error:
+        raise TypeError(f"bootstrap: {function.__name__} got bad options: {error}") from None
+
+
+def _high_product(a, b):
+    """``(a * b) >> 32`` of uint32 arrays, from 16-bit halves."""
+    a_hi, a_lo, b_hi, b_lo = a >> 16, a & 0xFFFF, b >> 16, b & 0xFFFF
+    cross, other = a_hi * b_lo, a_lo * b_hi
+    carry = ((cross & 0xFFFF) + (other & 0xFFFF) + ((a_lo * b_lo) >> 16)) >> 16
+    return a_hi * b_hi + (cross >> 16) + (other >> 16) + carry
+
+
+def _counts(key, where):
+    """How often each row is drawn when ``n`` rows are drawn with replacement among the kept.
+
+    A draw maps one random 32-bit word ``u`` to ``floor(u n / 2**32)``: every
+    row's chance is ``1/n`` within ``1 / 2**32`` (``jax.random.randint`` spends
+    two words on each draw, which doubles the cost of a resample).
+    """
+    num_rows = where.shape[0]
+    n = jnp.sum(where, dtype=jnp.int32)
+    kept = jnp.nonzero(where, size=num_rows, fill_value=0)[0]
+    words = jax.random.bits(key, (num_rows,), jnp.uint32)
+    draws = _high_product(words, n.astype(jnp.uint32)).astype(jnp.int32)
+    drawn = (jnp.arange(num_rows) < n).astype(jnp.int32)
+    return jnp.zeros(num_rows, jnp.int32).at[kept[draws]].add(drawn)
+
+
+def _over_resamples(fn, key, where, num_resamples):
+    """``fn(counts)`` for each resample, batched to bound memory."""
+    keys = jax.random.split(key, num_resamples)
+    batch = max(1, min(num_resamples, _BATCH_ELEMENTS // max(where.shape[0], 1)))
+    return lax.map(lambda k: fn(_counts(k, where)), keys, batch_size=batch)
+
+
+def _interval(values, level):
+    quantiles = jnp.quantile(values, jnp.array([(1 - level) / 2, (1 + level) / 2]), axis=0)
+    return jnp.where(jnp.any(jnp.isnan(values), axis=0), jnp.nan, quantiles)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _bootstrap(metric, options, num_resamples, level, probs, labels, where, key):
+    statistics, flag = metric.rows(probs, labels, where, *options)
+    estimate = metric.reduce(statistics, where.astype(jnp.int32), *options)
+    values = _over_resamples(
+        lambda counts: metric.reduce(statistics, counts, *options), key, where, num_resamples
+    )
+    low, high = _interval(values, level)
+    return estimate * flag, low * flag, high * flag
+
+
+def _resamples(fname, num_resamples, level):
+    if (
+        isinstance(num_resamples, bool)
+        or not isinstance(num_resamples, int | np.integer)
+        or num_resamples < 1
+    ):
+        raise ValueError(f"{fname}: num_resamples must be an integer >= 1, got {num_resamples!r}")
+    if _checks.is_traced(level) or not isinstance(level, float | int | np.floating):
+        raise ValueError(f"{fname}: level must be a number in (0, 1), got {level!r}")
+    if not 0 < float(level) < 1:
+        raise ValueError(f"{fname}: level must be a number in (0, 1), got {level!r}")
+    return int(num_resamples), float(level)
+
+
+def bootstrap(
+    metric: Callable[..., jax.Array],
+    probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    key: ArrayLike,
+    num_resamples: int = 1000,
+    level: float = 0.95,
+    where: ArrayLike | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    r"""A metric and its bootstrap percentile interval over resamples of the rows.
+
+    Each resample draws ``N`` rows with replacement among the ``N`` kept rows;
+    with the metric ``m_r`` of resample ``r`` the interval is
+
+    .. math::
+        \big[\,Q_{(1-\ell)/2}(m_1, \dots, m_R),\ Q_{(1+\ell)/2}(m_1, \dots, m_R)\,\big]
+
+    with ``Q`` the linearly interpolated quantile (``jnp.quantile``). A
+    resample is the number of times each row is drawn: the metric's per-row
+    statistics are computed once and reduced with those counts as weights,
+    never copying the ``[N, K]`` probabilities.
+
+    Args:
+      metric: one of :func:`jsoftmax.expected_calibration_error`,
+        :func:`jsoftmax.maximum_calibration_error`,
+        :func:`jsoftmax.adaptive_calibration_error`,
+        :func:`jsoftmax.classwise_calibration_error`,
+        :func:`jsoftmax.brier_score`, :func:`jsoftmax.negative_log_likelihood`,
+        :func:`jsoftmax.smooth_calibration_error` or
+        :func:`jsoftmax.debiased_calibration_error`, or a ``functools.partial``
+        of one fixing its keyword options (``num_bins``, ``mode``).
+      probs: floating ``[N, K]`` predicted probabilities.
+      labels: integers ``[N]`` in ``[0, K)``.
+      key: a ``jax.random`` key; the same key gives the same interval.
+      num_resamples: ``R >= 1`` (static).
+      level: the interval's coverage in (0, 1) (static).
+      where: boolean ``[N]``; False rows are padding and never drawn.
+
+    Returns:
+      ``(estimate, low, high)``: the metric on the kept rows and the
+      interval's ends, scalars of the metric's dtype. The ends are NaN when
+      a resample is NaN; all three are NaN for traced out-of-range labels.
+
+    Examples:
+      >>> import functools, jax
+      >>> import jsoftmax
+      >>> logits = jax.random.normal(jax.random.key(0), (2000, 5))
+      >>> labels = jax.random.categorical(jax.random.key(1), logits)
+      >>> ece = functools.partial(jsoftmax.expected_calibration_error, num_bins=10)
+      >>> estimate, low, high = jsoftmax.bootstrap(
+      ...     ece, jax.nn.softmax(3 * logits), labels, key=jax.random.key(2), num_resamples=200
+      ... )
+      >>> bool(low < estimate < high)
+      True
+
+    Note:
+      It works under ``jax.jit`` with a traced key. The resamples are reduced
+      in batches of ``max(1, 2**22 // N)``; the smooth ECE repeats its
+      bisection for every resample, so it costs far more than the binned
+      metrics.
+
+    References:
+      Efron and Tibshirani, *An Introduction to the Bootstrap*, Chapman & Hall,
+      1993, chapter 13 (percentile intervals).
+    """
+    fname = "bootstrap"
+    spec, options = _plan(metric)
+    num_resamples, level = _resamples(fname, num_resamples, level)
+    probs, labels, where = _cal._rows(fname, probs, labels, where, "probs")
+    return _bootstrap(spec, options, num_resamples, level, probs, labels, where, key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _smooth_band(num_resamples, level, num_points, probs, labels, where, key):
+    """A smoothed diagram and the percentile band of its curve at the same bandwidth."""
+    diagram = _smooth_diagram(probs, labels, where, num_points)
+    (confidence, hit), _ = _smooth_rows(probs, labels, where)
+
+    def curve(counts):
+        return _curve(confidence, hit, counts, diagram.bandwidth, num_points)[1]
+
+    low, high = _interval(_over_resamples(curve, key, where, num_resamples), level)
+    return diagram, low, high
