@@ -5,7 +5,9 @@ Prints a markdown table: median times and the median of per-pair time ratios
 (jsoftmax / theirs, interleaved in one process), 1,000,000 x 10 predictions,
 and the time of 1,000 bootstrap resamples of the ECE over 100,000 x 10.
 Theirs are NumPy ``bincount`` implementations, ``relplot.smECE`` and
-``calibration.get_calibration_error`` (uncertainty-calibration).
+``calibration.get_calibration_error`` (uncertainty-calibration); the fits run against
+scikit-learn's ``IsotonicRegression`` per class and netcal's ``HistogramBinning``
+(``--fits-only`` times only those).
 """
 
 import argparse
@@ -105,6 +107,35 @@ METRICS = [
 ]
 
 
+def sklearn_isotonic(logits, labels):
+    from scipy.special import softmax
+    from sklearn.isotonic import IsotonicRegression
+
+    probs = softmax(logits, axis=1)
+    return [
+        IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(probs[:, k], labels == k)
+        for k in range(logits.shape[1])
+    ]
+
+
+def netcal_histogram(logits, labels):
+    from netcal.binning import HistogramBinning
+    from scipy.special import softmax
+
+    return HistogramBinning(bins=M).fit(softmax(logits, axis=1), labels)
+
+
+# One row a calibrator fit: (name, jsoftmax fit, the library's fit), both of (logits, labels).
+FITS = [
+    ("fit_isotonic (scikit-learn, per class)", jsoftmax.fit_isotonic, sklearn_isotonic),
+    (
+        "fit_histogram_binning (netcal)",
+        functools.partial(jsoftmax.fit_histogram_binning, num_bins=M),
+        netcal_histogram,
+    ),
+]
+
+
 def bootstrap_seconds(num_rows=100_000, num_resamples=1000, repeats=3):
     """Median seconds of ``num_resamples`` bootstrap resamples of the ECE, jitted."""
     probs = jax.nn.softmax(3 * jax.random.normal(jax.random.key(0), (num_rows, K)))
@@ -126,8 +157,13 @@ def bootstrap_seconds(num_rows=100_000, num_resamples=1000, repeats=3):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=9)
-    repeats = parser.parse_args().repeats
+    parser.add_argument("--fits-only", action="store_true")
+    args = parser.parse_args()
+    repeats = args.repeats
     print(f"device: {device()}")
+    fits(repeats)
+    if args.fits_only:
+        return
     probs = jax.nn.softmax(3 * jax.random.normal(jax.random.key(0), (N, K)))
     labels = jax.random.randint(jax.random.key(1), (N,), 0, K)
     probs_np, labels_np = np.asarray(probs), np.asarray(labels)
@@ -147,6 +183,23 @@ def main():
     print(
         f"\nbootstrap, 1,000 resamples of the ECE over 100,000 x {K}: {bootstrap_seconds():.2f} s"
     )
+
+
+def fits(repeats):
+    logits = 3 * jax.random.normal(jax.random.key(4), (N, K))
+    labels = jax.random.randint(jax.random.key(5), (N,), 0, K)
+    logits_np, labels_np = np.asarray(logits, np.float64), np.asarray(labels)
+    print(f"| fit [{N:,} x {K}] | jsoftmax jit ms | theirs ms | time ratio |")
+    print("|---|---:|---:|---:|")
+    for name, ours, theirs in FITS:
+        ours = jax.jit(ours)
+        r = interleaved(
+            lambda ours=ours: ours(logits, labels),
+            lambda theirs=theirs: theirs(logits_np, labels_np),
+            repeats,
+        )
+        print(f"| {name} | {r['ours_ms']:.1f} | {r['theirs_ms']:.1f} | {r['time_ratio']:.2f}x |")
+    print()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ by stochastic optimisation in PyTorch, not to an optimum: ours are checked
 against SciPy's optimisers in ``test_calibrators.py`` instead.
 """
 
+import importlib
 import os
 
 import numpy as np
@@ -19,7 +20,7 @@ from tests.test_calibrators import miscalibrated
 def _library(name):
     """The reference library; CI installs the ``conformance`` extra, so there it must import."""
     if os.environ.get("CI"):
-        return __import__(name)
+        return importlib.import_module(name)
     return pytest.importorskip(name)
 
 
