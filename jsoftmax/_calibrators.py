@@ -198,6 +198,7 @@ def _apply(calibrator, logits):
         q = jax.vmap(_interpolate, (0, 0, None, 1), 1)(
             calibrator.thresholds, calibrator.values, calibrator.count, p
         )
+    q = jnp.where(possible, q, 0.0)  # an impossible class's bin or step may still be > 0
     total = jnp.sum(q, axis=-1, keepdims=True)
     uniform = -jnp.log(jnp.asarray(x.shape[-1], x.dtype))
     return jnp.where(total > 0, jnp.log(q) - jnp.log(jnp.where(total > 0, total, 1.0)), uniform)

@@ -232,6 +232,10 @@ def test_isotonic_and_histogram_edge_cases():
     np.testing.assert_allclose(identity, logits, rtol=1e-6)
     centres = jsoftmax.fit_histogram_binning(logits, labels, num_bins=4, where=nothing).values
     np.testing.assert_allclose(centres, [[0.125, 0.375, 0.625, 0.875]] * 2)
+    # A class impossible only in the new logits stays impossible (its bin's value is 0.5 > 0).
+    fitted = jsoftmax.fit_histogram_binning(logits, labels, num_bins=2)
+    got = jsoftmax.calibrate(fitted, np.array([[0.0, -np.inf]], np.float32))
+    np.testing.assert_array_equal(got, [[0.0, -np.inf]])
     # Every class mapped to 0: the uniform distribution (scikit-learn's convention).
     zeros = jsoftmax.HistogramBinning(np.zeros((2, 4), np.float32))
     np.testing.assert_allclose(np.exp(jsoftmax.calibrate(zeros, logits)), np.full((3, 2), 0.5))
