@@ -157,7 +157,7 @@ def _fit(logits, labels, where, low, high):
     d = u - jnp.max(u, axis=1, keepdims=True)  # <= 0; -inf for impossible classes
     d_label = jnp.take_along_axis(d, labels[:, None], axis=1, mode="clip")
     spread = jnp.where(jnp.isfinite(d), d - d_label, 0.0)  # u_k - u_y, 0 where p_k = 0
-    n, nan_if_bad = _count(x, labels, where)
+    n, nan_if_bad = _fit_count(x, labels, where)
 
     def derivatives(beta):
         """First and second derivative of the mean NLL with respect to beta * c."""
@@ -290,6 +290,12 @@ def _count(p, labels, where):
     """``N``, the number of kept rows, and a factor that is NaN when a kept label is bad."""
     bad = jnp.any(where & ((labels < 0) | (labels >= p.shape[1])))
     return jnp.sum(where.astype(p.dtype)), jnp.where(bad, jnp.nan, 1.0).astype(p.dtype)
+
+
+def _fit_count(x, labels, where):
+    """:func:`_count` for a fit: its factor is NaN also when a kept row has a NaN logit."""
+    n, nan_if_bad = _count(x, labels, where)
+    return n, jnp.where(jnp.any(jnp.isnan(x) & where[:, None]), jnp.nan, nan_if_bad)
 
 
 def _mean(total, n):

@@ -14,7 +14,9 @@ L-BFGS (:func:`_minimize`) from the identity map, until the gradient's largest
 entry is below ``_GRADIENT_TOL`` times the objective's scale or no step
 decreases it (the dtype's precision is reached). A class whose logit is
 ``-inf`` stays impossible after calibration, and its input never enters a
-product (it is read as the row's smallest finite logit).
+product (it is read as the row's smallest finite logit). A NaN logit or a
+traced bad label in a kept row makes the calibrator NaN; padding rows never
+reach a fit.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
 from jsoftmax import _checks
-from jsoftmax._calibration import _bin_index, _bin_sums, _bounds, _count, _rows, _scale
+from jsoftmax._calibration import _bin_index, _bin_sums, _bounds, _fit_count, _rows, _scale
 from jsoftmax._calibration import _num_bins as _checked_num_bins
 
 _MAX_ITERATIONS = 500
@@ -318,9 +320,15 @@ def _mean_nll(z, possible, labels, where, n):
 
 
 def _prepared(logits, labels, where):
-    """The logits in the compute dtype, their possible classes, ``N`` and the bad-label factor."""
+    """The logits in the compute dtype, their possible classes, ``N`` and the bad-input factor.
+
+    The factor is NaN when a kept row has a bad label or a NaN logit; padding
+    rows read as zeros, so nothing in them reaches a fit.
+    """
     x = logits.astype(_checks.compute_dtype(logits.dtype))
-    return x, x != -jnp.inf, *_count(x, labels, where)
+    n, nan_if_bad = _fit_count(x, labels, where)
+    x = jnp.where(where[:, None], x, 0.0)
+    return x, x != -jnp.inf, n, nan_if_bad
 
 
 @functools.partial(jax.jit, static_argnames=("kind",))
@@ -719,51 +727,72 @@ def fit_isotonic(
 def _fit_isotonic(logits, labels, where):
     x, possible, n, nan_if_bad = _prepared(logits, labels, where)
     p = jnp.exp(_log_softmax(x, possible))
-    hit = (labels[:, None] == jnp.arange(x.shape[1])).astype(x.dtype)
-    thresholds, values = jax.vmap(_isotonic, (1, 1, None))(p, hit, where)
+    hit = labels[:, None] == jnp.arange(x.shape[1])
+    thresholds, values = jax.vmap(_isotonic, (1, 1, None, None))(p, hit, where, n)
     return thresholds, values * nan_if_bad, n.astype(jnp.int32)
 
 
-def _isotonic(p, y, where):
+def _isotonic(p, hit, where, n):
     """Pool adjacent violators on one class: sorted thresholds and fitted values."""
     size = p.shape[0]
-    key = jnp.where(where, p, jnp.inf)  # padding sorts last, with no weight
-    order = jnp.argsort(key)
-    xs, ys, ws = key[order], y[order], where[order].astype(p.dtype)
     position = jnp.arange(size)
-    # scikit-learn pools rows whose values are within the dtype's resolution of
-    # their group's first value: a row opens a group when it is that far from
-    # the first value of the group before it. Iterated to its fixed point: each
-    # round settles at least the first row still wrong.
-    resolution = jnp.finfo(p.dtype).resolution
-
-    def grouped(opens):
-        first = xs[lax.cummax(jnp.where(opens, position, 0))]
-        return (position == 0) | (xs - jnp.concatenate([xs[:1], first[:-1]]) >= resolution)
-
-    opens = lax.while_loop(
-        lambda s: jnp.any(s[0] != s[1]),
-        lambda s: (s[1], grouped(s[1])),
-        (position < 0, grouped(position == 0)),
-    )[1]
+    # One integer sort key (XLA's CPU sort is several times faster on one
+    # integer operand than on floats or several operands): a probability in
+    # [0, 1] has a non-negative bit pattern below 2**(bits - 2), ordered as the
+    # value, so twice it plus the label fits. Padding sorts last.
+    bits = lax.bitcast_convert_type(p, jnp.dtype(f"int{8 * p.dtype.itemsize}"))
+    key = jnp.sort(jnp.where(where & ~jnp.isnan(p), 2 * bits + hit, jnp.iinfo(bits.dtype).max))
+    kept = position < n
+    xs = jnp.where(kept, lax.bitcast_convert_type(key >> 1, p.dtype), jnp.inf)
+    # The labels are 0/1 and every kept row weighs 1: block sums are
+    # differences of exact integer prefix sums.
+    hits = jnp.concatenate([jnp.zeros(1, key.dtype), jnp.cumsum(key & 1 & kept)])
+    rows = jnp.minimum(jnp.arange(size + 1), n)
 
     def means(starts):
+        """Each block's mean (+inf for padding alone: it never violates) and each row's block."""
         block = jnp.cumsum(starts) - 1
-        total = jax.ops.segment_sum(ws * ys, block, size)
-        weight = jax.ops.segment_sum(ws, block, size)
-        # A block of padding alone has no weight: +inf never violates.
-        return jnp.where(weight > 0, total / jnp.where(weight > 0, weight, 1.0), jnp.inf), block
+        first = jnp.full(size + 1, size).at[jnp.where(starts, block, size)].set(position)
+        weight = rows[first[1:]] - rows[first[:-1]]
+        total = (hits[first[1:]] - hits[first[:-1]]).astype(p.dtype)
+        return jnp.where(weight > 0, total / jnp.maximum(weight, 1), jnp.inf), block
 
     def violated(starts):
         mean, block = means(starts)
-        previous = jnp.concatenate([jnp.full(1, -jnp.inf, p.dtype), mean[block][:-1]])
-        return starts & (position > 0) & (previous >= mean[block])
+        return starts & jnp.concatenate([jnp.zeros(1, bool), mean[:-1] >= mean[1:]])[block]
 
+    # Each round pools every maximal run of blocks whose means do not increase.
     def pool(state):
         starts, violations = state
         starts = starts & ~violations
         return starts, violated(starts)
 
+    opens = _resolution_groups(xs)
     starts, _ = lax.while_loop(lambda s: jnp.any(s[1]), pool, (opens, violated(opens)))
     mean, block = means(starts)
     return xs, mean[block]
+
+
+def _resolution_groups(xs):
+    """scikit-learn's grouping of sorted ``xs``: the rows that open a group.
+
+    A row opens a group when it is at least the dtype's resolution above the
+    first row of the group before it: row 0 opens one, and so does
+    ``next(i)``, the first row that far above an opener ``i``. The openers are
+    the chain ``0, next(0), next(next(0)), ...``, marked by pointer doubling.
+    """
+    size = xs.shape[0]
+    resolution = jnp.finfo(xs.dtype).resolution
+    # next(i) by bisection on the exact test ``xs[j] - xs[i] >= resolution``
+    # (monotone in j); ``size`` where no row is far enough.
+    low, high = jnp.arange(1, size + 1), jnp.full(size, size)
+    for _ in range(size.bit_length()):
+        middle = (low + high) // 2
+        far = (middle < size) & (xs[jnp.minimum(middle, size - 1)] - xs >= resolution)
+        low, high = jnp.where(far, low, jnp.minimum(middle + 1, high)), jnp.where(far, middle, high)
+    jump = jnp.append(low, size)  # next^(2^l), with ``size`` as its own successor
+    opens = jnp.arange(size + 1) == 0
+    for _ in range(size.bit_length()):
+        opens = opens.at[jnp.where(opens, jump, size)].set(True)
+        jump = jump[jump]
+    return opens[:size]

@@ -322,6 +322,12 @@ def test_fit_temperature_errors():
     with pytest.raises(ValueError, match=r"label -1 at position \(0,\)"):
         jsoftmax.fit_temperature(logits, np.full(10, -1))
     assert np.isnan(jax.jit(jsoftmax.fit_temperature)(logits, np.full(10, 3)))
+    poisoned = np.where(np.arange(10)[:, None] == 4, np.nan, logits)
+    assert np.isnan(jsoftmax.fit_temperature(poisoned, labels))
+    where = np.arange(10) != 4
+    assert jsoftmax.fit_temperature(poisoned, labels, where=where) == jsoftmax.fit_temperature(
+        logits, labels, where=where
+    )
 
 
 @pytest.mark.parametrize("tx", TRANSFORMS)

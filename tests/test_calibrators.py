@@ -274,6 +274,19 @@ def test_bad_labels(fit):
     assert any(np.all(np.isnan(a)) for a in fitted)
 
 
+@pytest.mark.parametrize("fit", ALL_FITS)
+def test_nan_logits_propagate_unless_masked(fit):
+    logits, labels = miscalibrated(60, 3, seed=12)
+    logits = logits.astype(np.float32)
+    poisoned = logits.copy()
+    poisoned[7, 1] = np.nan
+    assert any(np.all(np.isnan(a)) for a in fit(poisoned, labels))
+    where = np.arange(60) != 7
+    got, want = fit(poisoned, labels, where=where), fit(logits, labels, where=where)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_bad_input_messages():
     logits, labels = miscalibrated(50, 3, seed=11)
     with pytest.raises(ValueError, match=r"logits must have shape \[N, K\], got \(50,\)"):
