@@ -1,13 +1,17 @@
-"""jsoftmax's calibration metrics under jit against NumPy and the reference libraries.
+"""jsoftmax's calibration metrics and calibrator fits under jit against the libraries.
 
-Run: python benchmarks/bench_calibration.py [--repeats N]
-Prints a markdown table: median times and the median of per-pair time ratios
-(jsoftmax / theirs, interleaved in one process), 1,000,000 x 10 predictions,
-and the time of 1,000 bootstrap resamples of the ECE over 100,000 x 10.
-Theirs are NumPy ``bincount`` implementations, ``relplot.smECE`` and
-``calibration.get_calibration_error`` (uncertainty-calibration); the fits run against
-scikit-learn's ``IsotonicRegression`` per class and netcal's ``HistogramBinning``
-(``--fits-only`` times only those).
+Run: python benchmarks/bench_calibration.py [--repeats N] [--fits-only] [--small]
+Prints markdown tables: median times and the median of per-pair time ratios
+(jsoftmax / theirs, interleaved in one process) on 1,000,000 x 10 and
+50,000 x 1,000 predictions, and the time of 1,000 bootstrap resamples of the
+ECE over 100,000 x 10. ``--small`` runs only the first size.
+Theirs: NumPy ``bincount`` implementations, ``relplot.smECE``,
+``calibration.get_calibration_error`` (uncertainty-calibration); for the fits
+scikit-learn's ``IsotonicRegression`` per class, netcal's ``HistogramBinning``,
+and SciPy's L-BFGS-B (vector, matrix and Dirichlet scaling on the same float64
+objective, analytic gradient) and the Mix-n-Match recipe (SciPy's bounded
+scalar minimiser, then SLSQP) for ensemble temperature scaling. A fit's note
+gives its objective minus the reference's (negative: ours is lower).
 """
 
 import argparse
@@ -16,11 +20,14 @@ import time
 
 import jax
 import numpy as np
+import scipy.optimize
 from _harness import device, interleaved
+from scipy.special import log_softmax, softmax
 
 import jsoftmax
 
-N, K, M = 1_000_000, 10, 15
+SIZES = [(1_000_000, 10), (50_000, 1_000)]
+M = 15
 
 
 def _gaps(index, hit, value, num_segments):
@@ -50,16 +57,18 @@ def numpy_mce(probs, labels):
 
 def numpy_adaptive(probs, labels):
     confidence, hit = _top1(probs, labels)
+    n = len(labels)
     order = np.argsort(confidence, kind="stable")
-    index = np.arange(N) * M // N
-    return np.abs(_gaps(index, hit[order], confidence[order], M)[0]).sum() / N
+    index = np.arange(n) * M // n
+    return np.abs(_gaps(index, hit[order], confidence[order], M)[0]).sum() / n
 
 
 def numpy_classwise(probs, labels):
-    hit = labels[:, None] == np.arange(K)
-    index = (_equal_width(probs) + M * np.arange(K)).ravel()
-    gap = _gaps(index, hit.ravel(), probs.ravel(), K * M)[0]
-    return np.abs(gap).sum() / (N * K)
+    n, k = probs.shape
+    hit = labels[:, None] == np.arange(k)
+    index = (_equal_width(probs) + M * np.arange(k)).ravel()
+    gap = _gaps(index, hit.ravel(), probs.ravel(), k * M)[0]
+    return np.abs(gap).sum() / (n * k)
 
 
 def numpy_brier(probs, labels):
@@ -108,7 +117,6 @@ METRICS = [
 
 
 def sklearn_isotonic(logits, labels):
-    from scipy.special import softmax
     from sklearn.isotonic import IsotonicRegression
 
     probs = softmax(logits, axis=1)
@@ -120,26 +128,146 @@ def sklearn_isotonic(logits, labels):
 
 def netcal_histogram(logits, labels):
     from netcal.binning import HistogramBinning
-    from scipy.special import softmax
 
     return HistogramBinning(bins=M).fit(softmax(logits, axis=1), labels)
 
 
-# One row a calibrator fit: (name, jsoftmax fit, the library's fit), both of (logits, labels).
+def _mean_nll(z, labels):
+    """Mean NLL of softmax(z) and its gradient with respect to z."""
+    log_p = log_softmax(z, axis=1)
+    grad = np.exp(log_p)
+    grad[np.arange(len(labels)), labels] -= 1
+    return -np.mean(log_p[np.arange(len(labels)), labels]), grad / len(labels)
+
+
+def affine_objective(kind, logits, labels, options):
+    """The float64 objective a fit of ``kind`` minimises, with its gradient, and the start."""
+    k = logits.shape[1]
+    features = log_softmax(logits, axis=1) if kind == "dirichlet" else logits
+    if kind == "vector":
+
+        def f(params):
+            a, b = params[:k], params[k:]
+            value, g = _mean_nll(a * features + b, labels)
+            return value, np.concatenate([np.sum(g * features, axis=0), np.sum(g, axis=0)])
+
+        return f, np.concatenate([np.ones(k), np.zeros(k)])
+    off = 1 - np.eye(k)
+
+    def f(params):
+        w, b = params[: k * k].reshape(k, k), params[k * k :]
+        value, g = _mean_nll(features @ w + b, labels)
+        gw, gb = features.T @ g, np.sum(g, axis=0)
+        if kind == "matrix":
+            l2 = options.get("l2", 0.0)
+            value += l2 * (np.sum((w - np.eye(k)) ** 2) + np.sum(b**2))
+            gw, gb = gw + 2 * l2 * (w - np.eye(k)), gb + 2 * l2 * b
+        else:
+            lam, mu = options.get("off_diagonal", 0.0), options.get("intercept", 0.0)
+            value += lam * np.sum((w * off) ** 2) / (k * (k - 1)) + mu * np.sum(b**2) / k
+            gw, gb = gw + 2 * lam * w * off / (k * (k - 1)), gb + 2 * mu * b / k
+        return value, np.concatenate([gw.ravel(), gb])
+
+    return f, np.concatenate([np.eye(k).ravel(), np.zeros(k)])
+
+
+def scipy_affine(kind, options):
+    def theirs(logits, labels):
+        f, x0 = affine_objective(kind, logits, labels, options)
+        return scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B").x
+
+    return theirs
+
+
+def _brier(probs, labels):
+    return np.mean(np.sum(probs**2, axis=1) - 2 * probs[np.arange(len(labels)), labels] + 1)
+
+
+def _mixture(t, w, logits):
+    return (
+        w[0] * softmax(logits / t, axis=1) + w[1] * softmax(logits, axis=1) + w[2] / logits.shape[1]
+    )
+
+
+def mix_n_match(logits, labels):
+    """The paper's recipe: T by SciPy's bounded minimiser of the Brier score, weights by SLSQP."""
+    t = scipy.optimize.minimize_scalar(
+        lambda t: _brier(softmax(logits / t, axis=1), labels), bounds=(0.05, 20.0), method="bounded"
+    ).x
+    w = scipy.optimize.minimize(
+        lambda w: _brier(_mixture(t, w, logits), labels),
+        np.array([1.0, 0.0, 0.0]),
+        method="SLSQP",
+        bounds=[(0, 1)] * 3,
+        constraints={"type": "eq", "fun": lambda w: np.sum(w) - 1},
+    ).x
+    return t, w
+
+
+def affine_gap(kind, options):
+    """Our objective minus SciPy's, both in float64."""
+
+    def gap(ours, theirs, logits, labels):
+        f = affine_objective(kind, logits, labels, options)[0]
+        flat = np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in ours])
+        return f"objective {f(flat)[0] - f(theirs)[0]:+.1e}"
+
+    return gap
+
+
+def ensemble_gap(ours, theirs, logits, labels):
+    mine = _mixture(float(ours.temperature), np.asarray(ours.weights, np.float64), logits)
+    return f"Brier {_brier(mine, labels) - _brier(_mixture(*theirs, logits), labels):+.1e}"
+
+
+# One row a fit: (name, jsoftmax fit, the reference fit, how close they are or None,
+# whether it runs at K = 1,000), fits of (logits, labels).
+MATRIX = {"l2": 1e-4}
+DIRICHLET = {"off_diagonal": 1e-3, "intercept": 1e-3}
 FITS = [
-    ("fit_isotonic (scikit-learn, per class)", jsoftmax.fit_isotonic, sklearn_isotonic),
+    (
+        "fit_vector_scaling (SciPy L-BFGS-B)",
+        jsoftmax.fit_vector_scaling,
+        scipy_affine("vector", {}),
+        affine_gap("vector", {}),
+        True,
+    ),
+    (
+        "fit_matrix_scaling, l2=1e-4 (SciPy L-BFGS-B)",
+        functools.partial(jsoftmax.fit_matrix_scaling, **MATRIX),
+        scipy_affine("matrix", MATRIX),
+        affine_gap("matrix", MATRIX),
+        False,
+    ),
+    (
+        "fit_dirichlet_calibration, ODIR 1e-3 (SciPy L-BFGS-B)",
+        functools.partial(jsoftmax.fit_dirichlet_calibration, **DIRICHLET),
+        scipy_affine("dirichlet", DIRICHLET),
+        affine_gap("dirichlet", DIRICHLET),
+        False,
+    ),
+    (
+        "fit_ensemble_temperature (Mix-n-Match recipe)",
+        jsoftmax.fit_ensemble_temperature,
+        mix_n_match,
+        ensemble_gap,
+        True,
+    ),
+    ("fit_isotonic (scikit-learn, per class)", jsoftmax.fit_isotonic, sklearn_isotonic, None, True),
     (
         "fit_histogram_binning (netcal)",
         functools.partial(jsoftmax.fit_histogram_binning, num_bins=M),
         netcal_histogram,
+        None,
+        True,
     ),
 ]
 
 
-def bootstrap_seconds(num_rows=100_000, num_resamples=1000, repeats=3):
+def bootstrap_seconds(num_rows=100_000, num_classes=10, num_resamples=1000, repeats=5):
     """Median seconds of ``num_resamples`` bootstrap resamples of the ECE, jitted."""
-    probs = jax.nn.softmax(3 * jax.random.normal(jax.random.key(0), (num_rows, K)))
-    labels = jax.random.randint(jax.random.key(1), (num_rows,), 0, K)
+    probs = jax.nn.softmax(3 * jax.random.normal(jax.random.key(0), (num_rows, num_classes)))
+    labels = jax.random.randint(jax.random.key(1), (num_rows,), 0, num_classes)
     run = jax.jit(
         lambda p, y, key: jsoftmax.bootstrap(
             jsoftmax.expected_calibration_error, p, y, key=key, num_resamples=num_resamples
@@ -154,20 +282,18 @@ def bootstrap_seconds(num_rows=100_000, num_resamples=1000, repeats=3):
     return float(np.median(times))
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--fits-only", action="store_true")
-    args = parser.parse_args()
-    repeats = args.repeats
-    print(f"device: {device()}")
-    fits(repeats)
-    if args.fits_only:
-        return
-    probs = jax.nn.softmax(3 * jax.random.normal(jax.random.key(0), (N, K)))
-    labels = jax.random.randint(jax.random.key(1), (N,), 0, K)
+def data(n, k, seed):
+    """Overconfident logits (3x the truth's) and labels drawn from the truth."""
+    truth = jax.random.normal(jax.random.key(seed), (n, k))
+    labels = jax.random.categorical(jax.random.key(seed + 1), truth)
+    return 3 * truth, labels
+
+
+def metrics(n, k, repeats):
+    logits, labels = data(n, k, 0)
+    probs = jax.nn.softmax(logits)
     probs_np, labels_np = np.asarray(probs), np.asarray(labels)
-    print(f"| metric [{N:,} x {K}] | jsoftmax jit ms | theirs ms | time ratio |")
+    print(f"| metric [{n:,} x {k:,}] | jsoftmax jit ms | theirs ms | time ratio |")
     print("|---|---:|---:|---:|")
     for name, ours, theirs in METRICS:
         ours = jax.jit(ours)
@@ -180,26 +306,48 @@ def main():
             repeats,
         )
         print(f"| {name} | {r['ours_ms']:.1f} | {r['theirs_ms']:.1f} | {r['time_ratio']:.2f}x |")
-    print(
-        f"\nbootstrap, 1,000 resamples of the ECE over 100,000 x {K}: {bootstrap_seconds():.2f} s"
-    )
+    print()
 
 
-def fits(repeats):
-    logits = 3 * jax.random.normal(jax.random.key(4), (N, K))
-    labels = jax.random.randint(jax.random.key(5), (N,), 0, K)
+def fits(n, k, repeats):
+    logits, labels = data(n, k, 4)
     logits_np, labels_np = np.asarray(logits, np.float64), np.asarray(labels)
-    print(f"| fit [{N:,} x {K}] | jsoftmax jit ms | theirs ms | time ratio |")
-    print("|---|---:|---:|---:|")
-    for name, ours, theirs in FITS:
+    print(f"| fit [{n:,} x {k:,}] | jsoftmax jit ms | theirs ms | time ratio | note |")
+    print("|---|---:|---:|---:|---|")
+    for name, ours, theirs, gap, large_k in FITS:
+        if k > 100 and not large_k:
+            print(f"| {name} | | | | not run: {k * k + k:,} parameters |")
+            continue
         ours = jax.jit(ours)
+        note = (
+            ""
+            if gap is None
+            else gap(ours(logits, labels), theirs(logits_np, labels_np), logits_np, labels_np)
+        )
         r = interleaved(
             lambda ours=ours: ours(logits, labels),
             lambda theirs=theirs: theirs(logits_np, labels_np),
             repeats,
         )
-        print(f"| {name} | {r['ours_ms']:.1f} | {r['theirs_ms']:.1f} | {r['time_ratio']:.2f}x |")
+        row = f"| {name} | {r['ours_ms']:.1f} | {r['theirs_ms']:.1f} | {r['time_ratio']:.2f}x"
+        print(f"{row} | {note} |")
     print()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--fits-only", action="store_true")
+    parser.add_argument("--small", action="store_true", help="only 1,000,000 x 10")
+    args = parser.parse_args()
+    print(f"device: {device()}\n")
+    for n, k in SIZES[:1] if args.small else SIZES:
+        fits(n, k, args.repeats)
+        if not args.fits_only:
+            metrics(n, k, args.repeats)
+    if not args.fits_only:
+        seconds = bootstrap_seconds()
+        print(f"bootstrap, 1,000 resamples of the ECE over 100,000 x 10: {seconds:.2f} s")
 
 
 if __name__ == "__main__":

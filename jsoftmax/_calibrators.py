@@ -749,28 +749,55 @@ def _isotonic(p, hit, where, n):
     hits = jnp.concatenate([jnp.zeros(1, key.dtype), jnp.cumsum(key & 1 & kept)])
     rows = jnp.minimum(jnp.arange(size + 1), n)
 
-    def means(starts):
-        """Each block's mean (+inf for padding alone: it never violates) and each row's block."""
-        block = jnp.cumsum(starts) - 1
-        first = jnp.full(size + 1, size).at[jnp.where(starts, block, size)].set(position)
-        weight = rows[first[1:]] - rows[first[:-1]]
-        total = (hits[first[1:]] - hits[first[:-1]]).astype(p.dtype)
-        return jnp.where(weight > 0, total / jnp.maximum(weight, 1), jnp.inf), block
+    def means(bounds):
+        """The mean of each block starting at ``bounds``; +inf for padding alone or past the end."""
+        ends = jnp.append(bounds, size)
+        weight = rows[ends[1:]] - rows[ends[:-1]]
+        total = (hits[ends[1:]] - hits[ends[:-1]]).astype(p.dtype)
+        return jnp.where(weight > 0, total / jnp.maximum(weight, 1), jnp.inf)
 
-    def violated(starts):
-        mean, block = means(starts)
-        return starts & jnp.concatenate([jnp.zeros(1, bool), mean[:-1] >= mean[1:]])[block]
+    def violations(bounds, count):
+        """The blocks whose mean does not exceed the one before: each pools into it."""
+        mean, block = means(bounds), jnp.arange(bounds.shape[0])
+        return (block > 0) & (block < count) & (jnp.roll(mean, 1) >= mean)
 
-    # Each round pools every maximal run of blocks whose means do not increase.
     def pool(state):
-        starts, violations = state
-        starts = starts & ~violations
-        return starts, violated(starts)
+        """One round: every maximal run of blocks whose means do not increase becomes one."""
+        bounds, count, violated = state
+        keep = ~violated & (jnp.arange(bounds.shape[0]) < count)
+        slot = jnp.where(keep, jnp.cumsum(keep) - 1, bounds.shape[0])
+        bounds = jnp.full_like(bounds, size).at[slot].set(bounds, mode="drop")
+        count = jnp.sum(keep)
+        return bounds, count, violations(bounds, count)
 
+    # The blocks' first rows, front-packed and padded with ``size``. Once the
+    # blocks fit in a quarter of the array the rounds go on in a smaller one,
+    # so the many late rounds of few blocks cost little.
     opens = _resolution_groups(xs)
-    starts, _ = lax.while_loop(lambda s: jnp.any(s[1]), pool, (opens, violated(opens)))
-    mean, block = means(starts)
-    return xs, mean[block]
+    bounds = (
+        jnp.full(size, size)
+        .at[jnp.where(opens, jnp.cumsum(opens) - 1, size)]
+        .set(position, mode="drop")
+    )
+    count = jnp.sum(opens)
+    solution = jnp.full(size, size)
+    finished = jnp.asarray(size == 0)
+    while True:
+        smaller = bounds.shape[0] // 4
+        last = smaller < 16
+        limit = 0 if last else smaller
+        state = bounds, count, violations(bounds, count) & ~finished
+        bounds, count, violated = lax.while_loop(
+            lambda s, limit=limit: jnp.any(s[2]) & (s[1] > limit), pool, state
+        )
+        done = ~finished & ~jnp.any(violated)
+        solution = jnp.where(done, solution.at[: bounds.shape[0]].set(bounds), solution)
+        finished = finished | done
+        if last:
+            break
+        bounds = bounds[:smaller]
+    block = jnp.cumsum(jnp.zeros(size + 1, bool).at[solution].set(True)[:size]) - 1
+    return xs, means(solution)[block]
 
 
 def _resolution_groups(xs):

@@ -214,23 +214,24 @@ def _sizes(sigma):
     return grid, jnp.maximum(jnp.round(10 / sigma), 200).astype(jnp.int32)
 
 
-def _smooth(f, columns, sigma, points):
+def _smooth(f, columns, sigma, points, spread=None):
     """relplot's reflected Gaussian smoothing of each column of ``columns`` [N, C] at ``points``.
 
     The rows' weights are spread linearly onto a grid of G points, the grid
     reflected at 0 and 1 and convolved with the Gaussian sampled at G points
     of [-1/2, 1/2] (unnormalised by the grid step, cut beyond 1/2), then
-    interpolated linearly at ``points``.
+    interpolated linearly at ``points``. ``spread``, when given, is
+    ``(G, the spread columns)`` for one grid size, used when ``sigma``'s grid
+    has that size.
     """
     dtype = columns.dtype
     grid, _ = _sizes(sigma)
+    if spread is None:
+        values = _spread(f, columns, grid)
+    else:
+        # The O(N) spread is the costly part; the O(G log G) convolution is cheap.
+        values = lax.cond(grid == spread[0], lambda: spread[1], lambda: _spread(f, columns, grid))
     last = (grid - 1).astype(dtype)
-    x = f * last
-    left = jnp.clip(jnp.trunc(x), 0, last - 1)
-    frac = x - left
-    left = jnp.where(jnp.isfinite(left), left, 0).astype(jnp.int32)
-    spread = jnp.concatenate([columns * (1 - frac)[:, None], columns * frac[:, None]])
-    values = jax.ops.segment_sum(spread, jnp.concatenate([left, left + 1]), _GRID)
     # Reflected without repeating the end points, as [flip(v)[:-1], v, flip(v)[1:]].
     e = jnp.arange(_FFT) - (grid - 1)
     g = jnp.abs(e)
@@ -249,14 +250,24 @@ def _smooth(f, columns, sigma, points):
     return lo * (1 - residual)[:, None] + hi * residual[:, None]
 
 
-def _smece_at(f, residual, weights, sigma):
+def _spread(f, columns, grid):
+    """Each row's ``columns`` spread linearly onto the 2 grid points around ``f``: [_GRID, C]."""
+    last = (grid - 1).astype(columns.dtype)
+    x = f * last
+    left = jnp.clip(jnp.trunc(x), 0, last - 1)
+    frac = x - left
+    left = jnp.where(jnp.isfinite(left), left, 0).astype(jnp.int32)
+    spread = jnp.concatenate([columns * (1 - frac)[:, None], columns * frac[:, None]])
+    return jax.ops.segment_sum(spread, jnp.concatenate([left, left + 1]), _GRID)
+
+
+def _smece_at(f, residual, weights, sigma, spread=None):
     """relplot's smECE_sigma of the rows repeated ``weights`` times."""
     dtype = residual.dtype
     _, mesh = _sizes(sigma)
     e = jnp.arange(_MESH)
     points = jnp.minimum(e / jnp.maximum(mesh - 1, 1), 1).astype(dtype)
-    w = weights.astype(dtype)
-    smoothed = _smooth(f, jnp.stack([_cal._weighted(w, residual), w], axis=1), sigma, points)
+    smoothed = _smooth(f, _smece_columns(residual, weights), sigma, points, spread)
     inside = e < mesh
     density = smoothed[:, 1] + _EPS
     ratio = smoothed[:, 0] / density
@@ -264,20 +275,31 @@ def _smece_at(f, residual, weights, sigma):
     return total / jnp.sum(jnp.where(inside, density, 0.0))
 
 
+def _smece_columns(residual, weights):
+    w = weights.astype(residual.dtype)
+    return jnp.stack([_cal._weighted(w, residual), w], axis=1)
+
+
 def _bandwidth(f, residual, weights):
-    """relplot's fixed point: 10 bisection steps on sigma < smECE_sigma, and smECE there."""
+    """relplot's fixed point: 10 bisection steps on sigma < smECE_sigma, and smECE there.
+
+    Every sigma above about 0.01 has the same grid, so its spread of the rows
+    is computed once.
+    """
     dtype = residual.dtype
 
     def passes(sigma, value):
         return (sigma < _SMALLEST) | (sigma < value)
 
     one = jnp.ones((), dtype)
-    at_one = _smece_at(f, residual, weights, one)
+    base = _sizes(one)[0]
+    spread = base, _spread(f, _smece_columns(residual, weights), base)
+    at_one = _smece_at(f, residual, weights, one, spread)
 
     def step(_, state):
         start, end, value = state
         mid = (start + end) / 2
-        at_mid = _smece_at(f, residual, weights, mid)
+        at_mid = _smece_at(f, residual, weights, mid, spread)
         ok = passes(mid, at_mid)
         return jnp.where(ok, start, mid), jnp.where(ok, mid, end), jnp.where(ok, value, at_mid)
 
