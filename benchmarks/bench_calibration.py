@@ -1,10 +1,11 @@
 """jsoftmax's calibration metrics and calibrator fits under jit against the libraries.
 
-Run: python benchmarks/bench_calibration.py [--repeats N] [--fits-only] [--small]
+Run: python benchmarks/bench_calibration.py [--repeats N] [--fits-only] [--small] [--only A,B]
 Prints markdown tables: median times and the median of per-pair time ratios
 (jsoftmax / theirs, interleaved in one process) on 1,000,000 x 10 and
 50,000 x 1,000 predictions, and the time of 1,000 bootstrap resamples of the
-ECE over 100,000 x 10. ``--small`` runs only the first size.
+ECE over 100,000 x 10. ``--small`` runs only the first size, ``--only`` only
+the rows whose name contains one of the comma-separated words.
 Theirs: NumPy ``bincount`` implementations, ``relplot.smECE``,
 ``calibration.get_calibration_error`` (uncertainty-calibration); for the fits
 scikit-learn's ``IsotonicRegression`` per class, netcal's ``HistogramBinning``,
@@ -289,13 +290,17 @@ def data(n, k, seed):
     return 3 * truth, labels
 
 
-def metrics(n, k, repeats):
+def selected(rows, only):
+    return [row for row in rows if not only or any(word in row[0] for word in only)]
+
+
+def metrics(n, k, repeats, only):
     logits, labels = data(n, k, 0)
     probs = jax.nn.softmax(logits)
     probs_np, labels_np = np.asarray(probs), np.asarray(labels)
     print(f"| metric [{n:,} x {k:,}] | jsoftmax jit ms | theirs ms | time ratio |")
     print("|---|---:|---:|---:|")
-    for name, ours, theirs in METRICS:
+    for name, ours, theirs in selected(METRICS, only):
         ours = jax.jit(ours)
         np.testing.assert_allclose(
             ours(probs, labels), theirs(probs_np, labels_np), rtol=1e-4, atol=1e-5
@@ -309,12 +314,12 @@ def metrics(n, k, repeats):
     print()
 
 
-def fits(n, k, repeats):
+def fits(n, k, repeats, only):
     logits, labels = data(n, k, 4)
     logits_np, labels_np = np.asarray(logits, np.float64), np.asarray(labels)
     print(f"| fit [{n:,} x {k:,}] | jsoftmax jit ms | theirs ms | time ratio | note |")
     print("|---|---:|---:|---:|---|")
-    for name, ours, theirs, gap, large_k in FITS:
+    for name, ours, theirs, gap, large_k in selected(FITS, only):
         if k > 100 and not large_k:
             print(f"| {name} | | | | not run: {k * k + k:,} parameters |")
             continue
@@ -339,13 +344,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fits-only", action="store_true")
     parser.add_argument("--small", action="store_true", help="only 1,000,000 x 10")
+    parser.add_argument("--only", default="", help="comma-separated words of row names")
     args = parser.parse_args()
+    only = [word for word in args.only.split(",") if word]
     print(f"device: {device()}\n")
     for n, k in SIZES[:1] if args.small else SIZES:
-        fits(n, k, args.repeats)
-        if not args.fits_only:
-            metrics(n, k, args.repeats)
-    if not args.fits_only:
+        if selected(FITS, only):
+            fits(n, k, args.repeats, only)
+        if not args.fits_only and selected(METRICS, only):
+            metrics(n, k, args.repeats, only)
+    if not args.fits_only and (not only or "bootstrap" in only):
         seconds = bootstrap_seconds()
         print(f"bootstrap, 1,000 resamples of the ECE over 100,000 x 10: {seconds:.2f} s")
 
