@@ -180,10 +180,6 @@ def scipy_affine(kind, options):
     return theirs
 
 
-def _brier(probs, labels):
-    return np.mean(np.sum(probs**2, axis=1) - 2 * probs[np.arange(len(labels)), labels] + 1)
-
-
 def _mixture(t, w, logits):
     return (
         w[0] * softmax(logits / t, axis=1) + w[1] * softmax(logits, axis=1) + w[2] / logits.shape[1]
@@ -193,10 +189,12 @@ def _mixture(t, w, logits):
 def mix_n_match(logits, labels):
     """The paper's recipe: T by SciPy's bounded minimiser of the Brier score, weights by SLSQP."""
     t = scipy.optimize.minimize_scalar(
-        lambda t: _brier(softmax(logits / t, axis=1), labels), bounds=(0.05, 20.0), method="bounded"
+        lambda t: numpy_brier(softmax(logits / t, axis=1), labels),
+        bounds=(0.05, 20.0),
+        method="bounded",
     ).x
     w = scipy.optimize.minimize(
-        lambda w: _brier(_mixture(t, w, logits), labels),
+        lambda w: numpy_brier(_mixture(t, w, logits), labels),
         np.array([1.0, 0.0, 0.0]),
         method="SLSQP",
         bounds=[(0, 1)] * 3,
@@ -218,7 +216,9 @@ def affine_gap(kind, options):
 
 def ensemble_gap(ours, theirs, logits, labels):
     mine = _mixture(float(ours.temperature), np.asarray(ours.weights, np.float64), logits)
-    return f"Brier {_brier(mine, labels) - _brier(_mixture(*theirs, logits), labels):+.1e}"
+    return (
+        f"Brier {numpy_brier(mine, labels) - numpy_brier(_mixture(*theirs, logits), labels):+.1e}"
+    )
 
 
 # One row a fit: (name, jsoftmax fit, the reference fit, how close they are or None,
