@@ -229,11 +229,14 @@ class _Metric(NamedTuple):
     that is NaN when a kept label is out of range. ``reduce(statistics,
     weights, *options)`` gives the metric of the rows repeated ``weights[i]``
     times: ``where`` as 0/1 for the metric itself, resample counts for
-    :func:`jsoftmax.bootstrap`.
+    :func:`jsoftmax.bootstrap`. ``batched`` is False for a reduction whose
+    branches (``lax.cond`` on data) would all run under ``jax.vmap``: its
+    resamples are then reduced one at a time.
     """
 
     rows: Callable[..., tuple[Any, jax.Array]]
     reduce: Callable[..., jax.Array]
+    batched: bool = True
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

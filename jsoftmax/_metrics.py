@@ -29,11 +29,12 @@ _STEPS = 10
 _SMALLEST = 0.001
 _EPS = 1e-4  # added to the smoothed density before dividing, as relplot does
 # Its grid has max(2000, round(20 / sigma)) // 2 + 1 points and its mesh
-# max(round(10 / sigma), 200): at most these many at sigma = 2**-10.
+# max(round(10 / sigma), 200): at most these many at sigma = 2**-10, and for
+# every sigma above about 0.01 the base grid and at most 1001 mesh points.
 _GRID = max(2000, round(20 * 2**_STEPS)) // 2 + 1
 _MESH = max(round(10 * 2**_STEPS), 200)
-# The reflected signal has 3 G - 2 points; a circular convolution that long is exact there.
-_FFT = 1 << math.ceil(math.log2(3 * _GRID - 2))
+_BASE_GRID = 2000 // 2 + 1
+_BASE_MESH = 1024
 # Resamples are reduced in batches of about this many row weights.
 _BATCH_ELEMENTS = 1 << 22
 
@@ -214,34 +215,55 @@ def _sizes(sigma):
     return grid, jnp.maximum(jnp.round(10 / sigma), 200).astype(jnp.int32)
 
 
-def _smooth(f, columns, sigma, points, spread=None):
+def _smooth(f, columns, sigma, points):
     """relplot's reflected Gaussian smoothing of each column of ``columns`` [N, C] at ``points``.
 
     The rows' weights are spread linearly onto a grid of G points, the grid
     reflected at 0 and 1 and convolved with the Gaussian sampled at G points
     of [-1/2, 1/2] (unnormalised by the grid step, cut beyond 1/2), then
-    interpolated linearly at ``points``. ``spread``, when given, is
-    ``(G, the spread columns)`` for one grid size, used when ``sigma``'s grid
-    has that size.
+    interpolated linearly at ``points``.
     """
-    dtype = columns.dtype
     grid, _ = _sizes(sigma)
-    if spread is None:
-        values = _spread(f, columns, grid)
-    else:
-        # The O(N) spread is the costly part; the O(G log G) convolution is cheap.
-        values = lax.cond(grid == spread[0], lambda: spread[1], lambda: _spread(f, columns, grid))
+    return lax.cond(
+        grid == _BASE_GRID,
+        lambda: _convolved(_spread(f, columns, grid, _BASE_GRID), sigma, points),
+        lambda: _convolved(_spread(f, columns, grid, _GRID), sigma, points),
+    )
+
+
+def _spread(f, columns, grid, capacity):
+    """Each row's ``columns`` spread linearly onto the 2 grid points around ``f``.
+
+    Returns ``[capacity, C]``, zero beyond the grid's ``G <= capacity`` points.
+    """
+    last = (grid - 1).astype(columns.dtype)
+    x = f * last
+    left = jnp.clip(jnp.trunc(x), 0, last - 1)
+    frac = x - left
+    left = jnp.where(jnp.isfinite(left), left, 0).astype(jnp.int32)
+    spread = jnp.concatenate([columns * (1 - frac)[:, None], columns * frac[:, None]])
+    return jax.ops.segment_sum(spread, jnp.concatenate([left, left + 1]), capacity)
+
+
+def _convolved(values, sigma, points):
+    """:func:`_smooth` from the rows' spread ``values`` on the grid of ``sigma``."""
+    dtype = values.dtype
+    capacity = values.shape[0]
+    grid, _ = _sizes(sigma)
+    # The reflected signal has 3 G - 2 points; a circular convolution that long is exact
+    # there. Most bandwidths have the base grid, whose FFT is 8x shorter than the finest's.
+    fft = 1 << math.ceil(math.log2(3 * capacity - 2))
     last = (grid - 1).astype(dtype)
     # Reflected without repeating the end points, as [flip(v)[:-1], v, flip(v)[1:]].
-    e = jnp.arange(_FFT) - (grid - 1)
+    e = jnp.arange(fft) - (grid - 1)
     g = jnp.abs(e)
     g = jnp.where(g > grid - 1, 2 * (grid - 1) - g, g)
-    extended = jnp.where((e < 2 * grid - 1)[:, None], values[jnp.clip(g, 0, _GRID - 1)], 0.0)
-    m = jnp.arange(_FFT)
+    extended = jnp.where((e < 2 * grid - 1)[:, None], values[jnp.clip(g, 0, capacity - 1)], 0.0)
+    m = jnp.arange(fft)
     kernel = jnp.exp(-((m / last - 0.5) ** 2) / (2 * sigma**2)) / (np.sqrt(2 * np.pi) * sigma)
     kernel = jnp.where(m < grid, kernel, 0.0).astype(dtype)
     spectrum = jnp.fft.rfft(extended, axis=0) * jnp.fft.rfft(kernel)[:, None]
-    full = jnp.fft.irfft(spectrum, n=_FFT, axis=0).astype(dtype)
+    full = jnp.fft.irfft(spectrum, n=fft, axis=0).astype(dtype)
     # np.convolve(extended, kernel, "valid")[G // 2 : G // 2 + G]
     offset = grid // 2 + grid - 1
     inds = jnp.clip(jnp.trunc(points * last), 0, last - 1).astype(jnp.int32)
@@ -250,24 +272,25 @@ def _smooth(f, columns, sigma, points, spread=None):
     return lo * (1 - residual)[:, None] + hi * residual[:, None]
 
 
-def _spread(f, columns, grid):
-    """Each row's ``columns`` spread linearly onto the 2 grid points around ``f``: [_GRID, C]."""
-    last = (grid - 1).astype(columns.dtype)
-    x = f * last
-    left = jnp.clip(jnp.trunc(x), 0, last - 1)
-    frac = x - left
-    left = jnp.where(jnp.isfinite(left), left, 0).astype(jnp.int32)
-    spread = jnp.concatenate([columns * (1 - frac)[:, None], columns * frac[:, None]])
-    return jax.ops.segment_sum(spread, jnp.concatenate([left, left + 1]), _GRID)
+def _smece_at(f, columns, sigma, base):
+    """relplot's smECE_sigma of the rows' ``columns`` (see :func:`_smece_columns`).
+
+    ``base`` is their spread on the base grid, computed once for every bandwidth that has it.
+    """
+    grid, _ = _sizes(sigma)
+    return lax.cond(
+        grid == _BASE_GRID,
+        lambda: _smece_on(base, sigma, _BASE_MESH),
+        lambda: _smece_on(_spread(f, columns, grid, _GRID), sigma, _MESH),
+    )
 
 
-def _smece_at(f, residual, weights, sigma, spread=None):
-    """relplot's smECE_sigma of the rows repeated ``weights`` times."""
-    dtype = residual.dtype
+def _smece_on(values, sigma, capacity):
+    """smECE_sigma from the spread ``values``, on a mesh of at most ``capacity`` points."""
     _, mesh = _sizes(sigma)
-    e = jnp.arange(_MESH)
-    points = jnp.minimum(e / jnp.maximum(mesh - 1, 1), 1).astype(dtype)
-    smoothed = _smooth(f, _smece_columns(residual, weights), sigma, points, spread)
+    e = jnp.arange(capacity)
+    points = jnp.minimum(e / jnp.maximum(mesh - 1, 1), 1).astype(values.dtype)
+    smoothed = _convolved(values, sigma, points)
     inside = e < mesh
     density = smoothed[:, 1] + _EPS
     ratio = smoothed[:, 0] / density
@@ -281,25 +304,21 @@ def _smece_columns(residual, weights):
 
 
 def _bandwidth(f, residual, weights):
-    """relplot's fixed point: 10 bisection steps on sigma < smECE_sigma, and smECE there.
-
-    Every sigma above about 0.01 has the same grid, so its spread of the rows
-    is computed once.
-    """
+    """relplot's fixed point: 10 bisection steps on sigma < smECE_sigma, and smECE there."""
     dtype = residual.dtype
 
     def passes(sigma, value):
         return (sigma < _SMALLEST) | (sigma < value)
 
     one = jnp.ones((), dtype)
-    base = _sizes(one)[0]
-    spread = base, _spread(f, _smece_columns(residual, weights), base)
-    at_one = _smece_at(f, residual, weights, one, spread)
+    columns = _smece_columns(residual, weights)
+    base = _spread(f, columns, jnp.int32(_BASE_GRID), _BASE_GRID)
+    at_one = _smece_at(f, columns, one, base)
 
     def step(_, state):
         start, end, value = state
         mid = (start + end) / 2
-        at_mid = _smece_at(f, residual, weights, mid, spread)
+        at_mid = _smece_at(f, columns, mid, base)
         ok = passes(mid, at_mid)
         return jnp.where(ok, start, mid), jnp.where(ok, mid, end), jnp.where(ok, value, at_mid)
 
@@ -318,7 +337,7 @@ def _smooth_reduce(statistics, weights):
     return _bandwidth(confidence, confidence - hit, weights)[1]
 
 
-_SMOOTH = _cal._Metric(_smooth_rows, _smooth_reduce)
+_SMOOTH = _cal._Metric(_smooth_rows, _smooth_reduce, batched=False)
 
 
 def smooth_calibration_error(
@@ -551,10 +570,11 @@ def _counts(key, where):
     return jnp.zeros(num_rows, jnp.int32).at[kept[draws]].add(drawn)
 
 
-def _over_resamples(fn, key, where, num_resamples):
-    """``fn(counts)`` for each resample, batched to bound memory."""
+def _over_resamples(fn, key, where, num_resamples, batched=True):
+    """``fn(counts)`` for each resample, batched to bound memory, or one at a time."""
     keys = jax.random.split(key, num_resamples)
     batch = max(1, min(num_resamples, _BATCH_ELEMENTS // max(where.shape[0], 1)))
+    batch = batch if batched else None
     return lax.map(lambda k: fn(_counts(k, where)), keys, batch_size=batch)
 
 
@@ -568,7 +588,11 @@ def _bootstrap(metric, options, num_resamples, level, probs, labels, where, key)
     statistics, flag = metric.rows(probs, labels, where, *options)
     estimate = metric.reduce(statistics, where.astype(jnp.int32), *options)
     values = _over_resamples(
-        lambda counts: metric.reduce(statistics, counts, *options), key, where, num_resamples
+        lambda counts: metric.reduce(statistics, counts, *options),
+        key,
+        where,
+        num_resamples,
+        metric.batched,
     )
     low, high = _interval(values, level)
     return estimate * flag, low * flag, high * flag

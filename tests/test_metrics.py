@@ -91,7 +91,9 @@ def test_smooth_diagram_matches_the_error_and_the_reference_curve():
     np.testing.assert_allclose(diagram.bandwidth, sigma)
     np.testing.assert_allclose(diagram.grid, np.linspace(0, 1, 50), atol=1e-7)
     accuracy = reference.smooth_accuracy(probs, labels, sigma, np.linspace(0, 1, 50))
-    np.testing.assert_allclose(diagram.accuracy, accuracy, atol=1e-5)
+    # float32 FFT roundoff (~3e-7 of the largest smoothed sum), divided by the small density
+    # near 0: 1e-5 to 8e-5 over seeds 3-8.
+    np.testing.assert_allclose(diagram.accuracy, accuracy, atol=2e-4)
     # The density of the confidences integrates to about 1 over [0, 1].
     np.testing.assert_allclose(np.trapezoid(diagram.density, diagram.grid), 1.0, atol=0.02)
 
