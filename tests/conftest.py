@@ -6,6 +6,7 @@ import jax
 import jax.ad_checkpoint
 import pytest
 from hypothesis import settings
+from jax.test_util import check_grads
 
 settings.register_profile("jsoftmax", max_examples=25, deadline=None, derandomize=True)
 settings.load_profile("jsoftmax")
@@ -48,3 +49,13 @@ def saved_residuals(f, *args) -> list[tuple[str, tuple[int, ...], str]]:
 def lowered_for(f, platform: str, *args) -> str:
     """The StableHLO that ``jax.jit(f)`` would compile on ``platform`` (no device needed)."""
     return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def check_grads_order_two(f, args):
+    """``check_grads`` forward to order 1 and reverse to order 2.
+
+    Both modes at order 2 also check the mixed orders, which compiles twice as
+    many programs for rules that the reverse mode already differentiates twice.
+    """
+    check_grads(f, args, order=1, modes=("fwd",))
+    check_grads(f, args, order=2, modes=("rev",))
