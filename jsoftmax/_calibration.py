@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks
+from jsoftmax import _checks, _select
 
 _MAX_NEWTON_STEPS = 100
 
@@ -231,12 +231,15 @@ class _Metric(NamedTuple):
     times: ``where`` as 0/1 for the metric itself, resample counts for
     :func:`jsoftmax.bootstrap`. ``batched`` is False for a reduction whose
     branches (``lax.cond`` on data) would all run under ``jax.vmap``: its
-    resamples are then reduced one at a time.
+    resamples are then reduced one at a time. ``prepare``, if any, turns the
+    statistics into ones that are cheaper to reduce many times (it runs once
+    before the resamples).
     """
 
     rows: Callable[..., tuple[Any, jax.Array]]
     reduce: Callable[..., jax.Array]
     batched: bool = True
+    prepare: Callable[[Any], Any] | None = None
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -322,17 +325,20 @@ def _binned_reduce(statistics, weights, num_bins, kind):
 _BINNED = _Metric(_binned_rows, _binned_reduce)
 
 
-def _sorted_rows(probs, labels, where, num_bins):
-    """Top-1 statistics sorted (stably) by confidence, with the sorting permutation."""
+def _adaptive_rows(probs, labels, where, num_bins):
+    """Top-1 statistics, the confidences' sort keys, and no sorting order yet."""
     confidence, hit, flag = _top1(probs, labels, where)
-    order = jnp.argsort(confidence, stable=True)
-    return (order, confidence[order], hit[order]), flag
+    return (_select.ordered_key(confidence), confidence, hit, None), flag
 
 
-def _at_ranks(cumulative, ranks):
-    """The sorted row holding each 0-based rank of the expanded rows (copies adjacent)."""
-    rows = jnp.searchsorted(cumulative, ranks, side="right", method="compare_all")
-    return jnp.minimum(rows, cumulative.shape[0] - 1)
+def _with_order(statistics):
+    """Statistics ``(key, ..., None)`` with the order that sorts ``key`` in place of None.
+
+    One sort before :func:`jsoftmax.bootstrap`'s resamples, so that each finds
+    its equal-mass bins by binary search rather than by radix selection.
+    """
+    key, *rest, _ = statistics
+    return (key, *rest, jnp.argsort(key, axis=-1))
 
 
 def _equal_mass_starts(n, num_bins):
@@ -342,24 +348,21 @@ def _equal_mass_starts(n, num_bins):
 
 
 def _adaptive_reduce(statistics, weights, num_bins):
-    order, confidence, hit = statistics
-    if order.shape[0] == 0:
+    key, confidence, hit, order = statistics
+    if key.shape[0] == 0:
         return jnp.zeros((), confidence.dtype)
-    counts = weights[order]
-    cumulative = jnp.cumsum(counts)
-    prefix = jnp.cumsum(_weighted(counts, hit - confidence))
-    # S(r) = sum of (hit - c) over the first r expanded ranks; a bin is S(end) - S(start),
-    # exact when a repeated row's copies straddle a bin edge.
-    starts = _equal_mass_starts(cumulative[-1], num_bins)
-    row = _at_ranks(cumulative, starts)
-    before = cumulative[row] - counts[row]
-    inside = (starts - before).astype(hit.dtype) * (hit - confidence)[row]
-    partial = prefix[row] - _weighted(counts[row], (hit - confidence)[row]) + inside
-    partial = jnp.where(starts >= cumulative[-1], prefix[-1], partial)
-    return _mean(jnp.sum(jnp.abs(jnp.diff(partial))), cumulative[-1].astype(hit.dtype))
+    n = jnp.sum(weights)
+    # S(r) = the sum of (hit - c) over the first r sorted rows, rows of equal
+    # confidence counting their mean; a bin's gap is S(end) - S(start).
+    starts = _equal_mass_starts(n, num_bins)
+    ranks = jnp.clip(starts, 0, jnp.maximum(n - 1, 0))
+    _, ties, copies, below, equal = _select.select(key, weights, ranks, hit - confidence, order)
+    partial = below + ties.astype(hit.dtype) * equal / jnp.maximum(copies, 1)
+    partial = jnp.where(starts >= n, jnp.sum(_weighted(weights, hit - confidence)), partial)
+    return _mean(jnp.sum(jnp.abs(jnp.diff(partial))), n.astype(hit.dtype))
 
 
-_ADAPTIVE = _Metric(_sorted_rows, _adaptive_reduce)
+_ADAPTIVE = _Metric(_adaptive_rows, _adaptive_reduce, prepare=_with_order)
 
 
 def expected_calibration_error(
@@ -436,11 +439,14 @@ def adaptive_calibration_error(
 ) -> jax.Array:
     r"""Adaptive ECE: the ECE over equal-mass bins of the sorted confidences.
 
-    The ``N`` kept rows are sorted by top-1 confidence (stably) and rank ``r``
+    The ``N`` kept rows are sorted by top-1 confidence and rank ``r``
     (0-based) goes to bin ``m`` (0-based) with
     ``ceil(m N / M) <= r < ceil((m + 1) N / M)``, so bin sizes differ by at
-    most one; then ``sum_m (n_m / N) |acc_m - conf_m|``. Tied confidences
-    may fall in neighbouring bins.
+    most one; then ``sum_m (n_m / N) |acc_m - conf_m|``. Rows of equal
+    confidence that a bin edge splits count with their mean accuracy on
+    both sides, so the value does not depend on the order of the rows. No
+    sort: the bin edges are found by radix selection, a few passes over
+    the rows.
 
     Args:
       probs: floating ``[N, K]`` predicted probabilities.

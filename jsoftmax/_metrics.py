@@ -21,7 +21,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax import _calibration as _cal
-from jsoftmax import _checks
+from jsoftmax import _checks, _select
 
 # relplot's smECE: bisection from 1 over 10 halvings, so the smallest bandwidth
 # it can evaluate is 2**-10; below 0.001 the fixed-point test always passes.
@@ -97,7 +97,7 @@ def _mode(fname, mode):
 
 
 def _debiased_rows(probs, labels, where, num_bins, mode):
-    """Per problem (the top label, or each class): values and outcomes sorted by value."""
+    """Per problem (the top label, or each class): values' sort keys, values and outcomes."""
     if mode == "top-label":
         confidence, hit, flag = _cal._top1(probs, labels, where)
         values, outcomes = confidence[None], hit[None]
@@ -106,26 +106,23 @@ def _debiased_rows(probs, labels, where, num_bins, mode):
         p = jnp.where(where[:, None], probs.astype(dtype), 0.0)
         onehot = (labels[:, None] == jnp.arange(p.shape[1])) & where[:, None]
         values, outcomes, flag = p.T, onehot.T.astype(dtype), _cal._count(p, labels, where)[1]
-    order = jnp.argsort(values, axis=1, stable=True)
-    sort = functools.partial(jnp.take_along_axis, indices=order, axis=1)
-    return (order, sort(values), sort(outcomes)), flag
+    return (_select.ordered_key(values), values, outcomes, None), flag
 
 
-def _debiased_squared(order, values, outcomes, weights, num_bins):
+def _debiased_squared(key, values, outcomes, order, weights, num_bins):
     """Kumar et al.'s debiased squared error of one problem over its equal-mass bins."""
-    counts = weights[order]
-    cumulative = jnp.cumsum(counts)
-    n = cumulative[-1]
+    n = jnp.sum(weights)
     # np.array_split of the n sorted values into B = min(M, n) parts; an edge is
     # the midpoint of the values either side of a split.
     parts = jnp.maximum(jnp.minimum(num_bins, n), 1)
     j = jnp.arange(1, num_bins, dtype=jnp.int32)
     starts = j * (n // parts) + jnp.minimum(j, n % parts)
-    below = values[_cal._at_ranks(cumulative, starts - 1)]
-    above = values[_cal._at_ranks(cumulative, starts)]
+    ranks = jnp.clip(jnp.stack([starts - 1, starts], axis=1).reshape(-1), 0, jnp.maximum(n - 1, 0))
+    found = _select.select(key, weights, ranks, values, order)[0]
+    below, above = _select.float_of_key(found, values.dtype).reshape(-1, 2).T
     edges = jnp.where(j < parts, (below + above) / 2, jnp.inf)
     index = jnp.searchsorted(edges, values, side="left", method="compare_all")
-    count, gap, total = _cal._bin_sums(index, counts, outcomes, values, num_bins)
+    count, gap, total = _cal._bin_sums(index, weights, outcomes, values, num_bins)
     size = jnp.maximum(count, 1)
     frequency = (gap + total) / size
     error = (gap / size) ** 2 - frequency * (1 - frequency) / jnp.maximum(count - 1, 1)
@@ -133,16 +130,16 @@ def _debiased_squared(order, values, outcomes, weights, num_bins):
 
 
 def _debiased_reduce(statistics, weights, num_bins, mode):
-    order, values, outcomes = statistics
-    if order.shape[1] == 0:
+    key, values, outcomes, order = statistics
+    if key.shape[1] == 0:
         return jnp.zeros((), values.dtype)
-    squared = jax.vmap(_debiased_squared, in_axes=(0, 0, 0, None, None))(
-        order, values, outcomes, weights, num_bins
+    squared = jax.vmap(_debiased_squared, in_axes=(0, 0, 0, 0, None, None))(
+        key, values, outcomes, order, weights, num_bins
     )
     return jnp.sqrt(jnp.mean(jnp.maximum(squared, 0.0)))
 
 
-_DEBIASED = _cal._Metric(_debiased_rows, _debiased_reduce)
+_DEBIASED = _cal._Metric(_debiased_rows, _debiased_reduce, prepare=_cal._with_order)
 
 
 def debiased_calibration_error(
@@ -587,6 +584,8 @@ def _interval(values, level):
 def _bootstrap(metric, options, num_resamples, level, probs, labels, where, key):
     statistics, flag = metric.rows(probs, labels, where, *options)
     estimate = metric.reduce(statistics, where.astype(jnp.int32), *options)
+    if metric.prepare is not None:
+        statistics = metric.prepare(statistics)
     values = _over_resamples(
         lambda counts: metric.reduce(statistics, counts, *options),
         key,

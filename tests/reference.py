@@ -148,10 +148,13 @@ def maximum_calibration_error(probs, labels, num_bins, where=None):
 
 
 def adaptive_calibration_error(probs, labels, num_bins, where=None):
-    """Equal-mass bins over the stably sorted confidences (Nixon et al. 2019)."""
+    """Equal-mass bins over the sorted confidences (Nixon et al. 2019), tied rows counting
+    their mean accuracy."""
     c, hit = _top1(probs, labels, where)
     n = len(c)
     order = np.argsort(c, kind="stable")
+    _, group = np.unique(c, return_inverse=True)
+    hit = (np.bincount(group, hit) / np.bincount(group))[group]
     bins = np.empty(n, int)
     for rank in range(n):
         bins[rank] = max(m for m in range(num_bins) if -(-m * n // num_bins) <= rank)

@@ -120,6 +120,26 @@ def test_every_bin_rule_matches_the_reference_on_dense_edges():
         )
 
 
+def test_adaptive_bins_split_tied_confidences_by_their_mean_whatever_the_row_order():
+    # Two hits and two misses at one confidence, two bins: stably sorted, the
+    # order [hit, miss, hit, miss] would give 0 and [miss, miss, hit, hit] 0.5.
+    probs = np.full((4, 2), 0.5, np.float32)
+    labels = np.array([0, 1, 0, 1], np.int32)
+    for order in ([0, 1, 2, 3], [1, 3, 0, 2], [0, 2, 1, 3]):
+        got = jsoftmax.adaptive_calibration_error(probs[order], labels[order], num_bins=2)
+        np.testing.assert_allclose(got, 0.0, atol=1e-7)
+    # Three confidences shared by hits and misses, bin edges inside the groups.
+    rng = np.random.default_rng(0)
+    c = rng.choice([0.5, 0.7, 0.9], 23)
+    probs = np.stack([c, 1 - c], axis=1).astype(np.float32)
+    labels = (rng.random(23) < 0.3).astype(np.int32)
+    want = reference.adaptive_calibration_error(probs, labels, 4)
+    for seed in range(5):
+        order = np.random.default_rng(seed).permutation(23)
+        got = jsoftmax.adaptive_calibration_error(probs[order], labels[order], num_bins=4)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_reliability_diagram_statistics_and_ece():
     probs, labels = probabilities(400, 5, seed=3)
     diagram = jax.jit(lambda p, y: jsoftmax.reliability_diagram(p, y, num_bins=10))(probs, labels)
