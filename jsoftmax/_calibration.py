@@ -272,12 +272,13 @@ def _bin_sums(index, weights, hit, value, num_segments):
         + [_weighted(weights, value)],
         axis=-1,
     ).reshape(-1, 3)
-    # A scatter-add accumulates sequentially (error ~ size * eps); partial sums
-    # over blocks of ~sqrt(size) entries, added afterwards, keep it ~ sqrt(size) * eps.
-    size = stats.shape[0]
-    block = max(1, math.isqrt(size))
-    blocks = -(-size // block)
-    index = index.reshape(-1) + num_segments * (jnp.arange(size) // block)
+    # A scatter-add accumulates sequentially (error ~ rows * eps in a bin); partial
+    # sums over blocks of ~sqrt(rows) rows, added afterwards, keep it ~ sqrt(rows) * eps.
+    rows = value.shape[0]
+    block = max(1, math.isqrt(rows))
+    blocks = -(-rows // block)
+    row_block = (jnp.arange(rows) // block).reshape((rows,) + (1,) * (value.ndim - 1))
+    index = (index + num_segments * row_block).reshape(-1)
     sums = jax.ops.segment_sum(stats, index, num_segments * blocks, indices_are_sorted=False)
     sums = jnp.sum(sums.reshape(blocks, num_segments, 3), axis=0)
     return sums[:, 0], sums[:, 1], sums[:, 2]
