@@ -99,7 +99,9 @@ def integer_labels(
         )
     if not is_traced(labels):
         values = np.asarray(labels)
-        bad = ((values < 0) | (values >= num_classes)) & (values != ignore_index)
+        bad = (values < 0) | (values >= num_classes)
+        if ignore_index is not None:  # (comparing with None is an object comparison per label)
+            bad &= values != ignore_index
         if bad.any():
             position = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(
