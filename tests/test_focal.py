@@ -223,7 +223,7 @@ def test_flsd53_is_gamma_5_below_p_02_and_3_above():
 
         # gamma is a constant of each row in the derivative, as in Mukhoti et al.'s code
         def grad(x, y, gamma, kw=kw):
-            return jax.grad(lambda x: focal(x, y, gamma=gamma, **kw).sum())(x)
+            return jax.jit(jax.grad(lambda x: focal(x, y, gamma=gamma, **kw).sum()))(x)
 
         fixed = np.concatenate(
             [grad(logits[:2], labels[:2], 5.0), grad(logits[2:], labels[2:], 3.0)]
@@ -325,8 +325,8 @@ def test_certain_rows_have_finite_zero_derivatives(gamma, alpha):
     loss = np.asarray(focal(logits, labels, where=where, gamma=gamma, label_smoothing=alpha))
     if alpha == 0:
         assert loss[0] == 0 and loss[2] == 0
-    grad = np.asarray(jax.grad(total)(logits))
-    hessian = np.asarray(jax.hessian(total)(logits))
+    grad = np.asarray(jax.jit(jax.grad(total))(logits))
+    hessian = np.asarray(jax.jit(jax.hessian(total))(logits))
     assert np.isfinite(grad).all() and np.isfinite(hessian).all()
     assert np.all(grad[2] == 0) and np.all(hessian[2] == 0) and np.all(hessian[:, :, 2] == 0)
     assert np.abs(grad[0]).max() < 1e-30 if alpha == 0 else np.abs(grad[0]).max() > 0
@@ -471,6 +471,7 @@ def test_second_derivatives_at_neg_inf_logits_are_the_masked_ones(gamma, x64):
         reverse = jax.grad(lambda x: jnp.vdot(jax.grad(total)(x), t))(x)
         return forward, reverse
 
+    hvp = jax.jit(hvp)
     for ours, masked in zip(hvp(jnp.where(where, x, -inf)), hvp(x, where), strict=True):
         assert np.isfinite(ours).all() and np.all(ours[~where] == 0)
         close(ours, np.where(where, masked, 0.0), rtol=1e-12, atol=1e-15)
