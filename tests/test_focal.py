@@ -10,33 +10,11 @@ from hypothesis import strategies as st
 import jsoftmax
 from tests import reference
 from tests.conftest import TRANSFORMS, check_grads_order_two, saved_residuals
+from tests.test_losses import WEIGHTS, K, N, close, data, mask
 
 inf, nan = np.inf, np.nan
 focal = jsoftmax.softmax_focal_loss
 ce_int = jsoftmax.softmax_cross_entropy_with_integer_labels
-N, K = 6, 5
-WEIGHTS = np.array([0.5, 1.0, 2.0, 1.5, 0.25], np.float32)
-
-
-def close(actual, expected, rtol=1e-5, atol=1e-6):
-    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
-
-
-def data(seed=0, n=N, k=K):
-    rng = np.random.default_rng(seed)
-    logits = (rng.standard_normal((n, k)) * 2).astype(np.float32)
-    labels = rng.integers(0, k, n).astype(np.int32)
-    return logits, labels
-
-
-def mask(seed=1, n=N, k=K):
-    """Labels kept, row 2 fully masked."""
-    where = np.random.default_rng(seed).random((n, k)) < 0.75
-    where[np.arange(n), data()[1][:n]] = True
-    where[2] = False
-    return where
-
-
 # (where, class weights, ignore_index, softcap): none, each, all.
 EXTRAS = {
     "plain": (False, None, None, None),
@@ -60,15 +38,10 @@ def focal_kwargs(gamma, alpha, extras):
 
 
 def ref_kwargs(gamma, alpha, extras):
-    where, weights, ignore, softcap = EXTRAS[extras]
-    return dict(
-        where=mask() if where else None,
-        gamma=gamma,
-        alpha=alpha,
-        weights=weights,
-        ignore_index=ignore,
-        softcap=softcap,
-    )
+    """:func:`focal_kwargs` under the reference's names."""
+    kwargs = focal_kwargs(gamma, alpha, extras)
+    renamed = {"label_smoothing": "alpha", "class_weights": "weights", "logit_softcap": "softcap"}
+    return {renamed.get(name, name): value for name, value in kwargs.items()}
 
 
 # ---------------------------------------------------------------- references
