@@ -33,6 +33,17 @@ def logsumexp(x, axis=-1, where=None, keepdims=False):
         return special.logsumexp(x, axis=axis, keepdims=keepdims)
 
 
+def _capped_rows(logits, where, softcap, weights):
+    """float64 logits (soft-capped), the kept entries (masked or -inf ones are not) and weights."""
+    x = np.asarray(logits, np.float64)
+    kept = x != -np.inf if where is None else np.asarray(where) & (x != -np.inf)
+    kept = np.broadcast_to(kept, x.shape)
+    if softcap is not None:
+        x = softcap * np.tanh(x / softcap)
+    w = np.ones(x.shape[1]) if weights is None else np.asarray(weights, np.float64)
+    return x, kept, w
+
+
 def integer_cross_entropy(
     logits,
     labels,
@@ -50,13 +61,8 @@ def integer_cross_entropy(
     its uniform part, fully masked rows cost 0 and do not count, an empty
     "mean" is 0, z-loss adds z_loss * logsumexp**2.
     """
-    x = np.asarray(logits, np.float64)
+    x, kept, w = _capped_rows(logits, where, softcap, weights)
     n, k = x.shape
-    kept = x != -np.inf if where is None else np.asarray(where) & (x != -np.inf)
-    kept = np.broadcast_to(kept, x.shape)
-    if softcap is not None:
-        x = softcap * np.tanh(x / softcap)
-    w = np.ones(k) if weights is None else np.asarray(weights, np.float64)
     losses, denominator = np.zeros(n), 0.0
     for i in range(n):
         y = int(labels[i])
@@ -222,13 +228,8 @@ def softmax_focal_loss(
     gamma="flsd-53" is Mukhoti et al.'s: 5 where p_y < 0.2, else 3. The rules for masks,
     ignored rows and "mean" are integer_cross_entropy's.
     """
-    x = np.asarray(logits, np.float64)
+    x, kept, w = _capped_rows(logits, where, softcap, weights)
     n, k = x.shape
-    kept = x != -np.inf if where is None else np.asarray(where) & (x != -np.inf)
-    kept = np.broadcast_to(kept, x.shape)
-    if softcap is not None:
-        x = softcap * np.tanh(x / softcap)
-    w = np.ones(k) if weights is None else np.asarray(weights, np.float64)
     losses, denominator = np.zeros(n), 0.0
     for i in range(n):
         y = int(labels[i])
