@@ -189,20 +189,6 @@ def test_dtypes(name, x64):
 
 
 @pytest.mark.parametrize("name", METRICS)
-def test_nan_probabilities_and_traced_bad_labels_give_nan(name):
-    probs, labels = probabilities(20, 3, seed=6)
-    assert np.isnan(call(name, np.where(np.arange(20)[:, None] == 4, np.nan, probs), labels))
-    bad = labels.copy()
-    bad[7] = 3
-    assert np.isnan(call(name, probs, bad, tx=jax.jit))
-    # ... unless the bad row is padding.
-    where = np.arange(20) != 7
-    np.testing.assert_allclose(
-        call(name, probs, bad, where=where, tx=jax.jit), call(name, probs, labels, where=where)
-    )
-
-
-@pytest.mark.parametrize("name", METRICS)
 def test_errors(name):
     probs, labels = probabilities(6, 3, seed=0)
     with pytest.raises(TypeError, match="probs must be floating"):
