@@ -357,9 +357,10 @@ def _adaptive_reduce(statistics, weights, num_bins):
     # confidence counting their mean; a bin's gap is S(end) - S(start).
     starts = _equal_mass_starts(n, num_bins)
     ranks = jnp.clip(starts, 0, jnp.maximum(n - 1, 0))
-    _, ties, copies, below, equal = _select.select(key, weights, ranks, hit - confidence, order)
+    gap = hit - confidence
+    _, ties, copies, below, equal = _select.select(key, weights, ranks, gap, order)
     partial = below + ties.astype(hit.dtype) * equal / jnp.maximum(copies, 1)
-    partial = jnp.where(starts >= n, jnp.sum(_weighted(weights, hit - confidence)), partial)
+    partial = jnp.where(starts >= n, jnp.sum(_weighted(weights, gap)), partial)
     return _mean(jnp.sum(jnp.abs(jnp.diff(partial))), n.astype(hit.dtype))
 
 

@@ -118,7 +118,7 @@ def _debiased_squared(key, values, outcomes, order, weights, num_bins):
     j = jnp.arange(1, num_bins, dtype=jnp.int32)
     starts = j * (n // parts) + jnp.minimum(j, n % parts)
     ranks = jnp.clip(jnp.stack([starts - 1, starts], axis=1).reshape(-1), 0, jnp.maximum(n - 1, 0))
-    found = _select.select(key, weights, ranks, values, order)[0]
+    found = _select.select(key, weights, ranks, order=order)[0]
     below, above = _select.float_of_key(found, values.dtype).reshape(-1, 2).T
     edges = jnp.where(j < parts, (below + above) / 2, jnp.inf)
     index = jnp.searchsorted(edges, values, side="left", method="compare_all")
@@ -220,11 +220,20 @@ def _smooth(f, columns, sigma, points):
     of [-1/2, 1/2] (unnormalised by the grid step, cut beyond 1/2), then
     interpolated linearly at ``points``.
     """
+    return _on_grid(f, columns, sigma, lambda spread, _: _convolved(spread, sigma, points))
+
+
+def _on_grid(f, columns, sigma, use, base=None):
+    """``use(spread, coarse)`` with the rows' spread on the grid of ``sigma``.
+
+    Bandwidths above ~0.01 share relplot's base grid (``coarse``); ``base`` is
+    the spread there if already computed.
+    """
     grid, _ = _sizes(sigma)
     return lax.cond(
         grid == _BASE_GRID,
-        lambda: _convolved(_spread(f, columns, grid, _BASE_GRID), sigma, points),
-        lambda: _convolved(_spread(f, columns, grid, _GRID), sigma, points),
+        lambda: use(_spread(f, columns, grid, _BASE_GRID) if base is None else base, True),
+        lambda: use(_spread(f, columns, grid, _GRID), False),
     )
 
 
@@ -274,12 +283,11 @@ def _smece_at(f, columns, sigma, base):
 
     ``base`` is their spread on the base grid, computed once for every bandwidth that has it.
     """
-    grid, _ = _sizes(sigma)
-    return lax.cond(
-        grid == _BASE_GRID,
-        lambda: _smece_on(base, sigma, _BASE_MESH),
-        lambda: _smece_on(_spread(f, columns, grid, _GRID), sigma, _MESH),
-    )
+
+    def use(spread, coarse):
+        return _smece_on(spread, sigma, _BASE_MESH if coarse else _MESH)
+
+    return _on_grid(f, columns, sigma, use, base)
 
 
 def _smece_on(values, sigma, capacity):

@@ -43,14 +43,14 @@ def _digits(key):
     return [(low, bits - _DIGIT_BITS * j - low) for j, low in enumerate(lows)]
 
 
-def select(key, weights, ranks, values, order=None):
+def select(key, weights, ranks, values=None, order=None):
     """The entries at ``ranks`` of the rows sorted by ``key``, row i repeated ``weights[i]`` times.
 
     Args:
       key: unsigned ``[N]`` (see :func:`ordered_key`), ``N >= 1``.
       weights: int32 ``[N]``, >= 0; ``n = sum(weights)``.
       ranks: int32 ``[T]``, nondecreasing, in ``[0, n)``.
-      values: floating ``[N]``.
+      values: optional floating ``[N]``; without it the sums are not computed.
       order: optional ``[N]`` permutation that sorts ``key``. With it the
         entries are found by binary search in the sorted rows: cheaper when
         one set of rows is reweighted many times (the sort is paid once).
@@ -59,35 +59,37 @@ def select(key, weights, ranks, values, order=None):
       ``(key, ties, copies, below, equal)`` per rank: the entry's key, how many
       copies of that key come before the rank and how many there are in all,
       and the sums of ``weights * values`` over the rows with a smaller key and
-      over those with that key.
+      over those with that key (None without ``values``).
     """
-    values = jnp.where(weights > 0, weights.astype(values.dtype) * values, 0.0)
+    if values is not None:
+        values = jnp.where(weights > 0, weights.astype(values.dtype) * values, 0.0)
     if order is not None:
-        return _in_sorted(key[order], weights[order], ranks, values[order])
+        values = None if values is None else values[order]
+        return _in_sorted(key[order], weights[order], ranks, values)
     num_targets = ranks.shape[0]
-    dtype = values.dtype
     # Rows whose digits so far equal those of target t's entry are in group t's
     # histogram, t the first target with those digits (targets are in key order).
     group = jnp.zeros(num_targets, jnp.int32)
     slot = jnp.zeros(key.shape, jnp.int32)
     remaining = ranks
-    below = jnp.zeros(num_targets, dtype)
+    below = equal = None
     found = jnp.zeros(num_targets, key.dtype)
     digits = _digits(key)
     for j, (low, width) in enumerate(digits):
         size = 1 << width
         index = slot * size + ((key >> low) & (size - 1)).astype(jnp.int32)
         # Rows of no group have an index past the end: dropped.
-        counts = jnp.zeros(num_targets * size, jnp.int32).at[index].add(weights, mode="drop")
-        sums = jnp.zeros(num_targets * size, dtype).at[index].add(values, mode="drop")
-        counts = counts.reshape(num_targets, size)[group]
-        sums = sums.reshape(num_targets, size)[group]
+        counts = _histogram(index, weights, group, size)
         cumulative = jnp.cumsum(counts, axis=1)
         chosen = jnp.sum(cumulative <= remaining[:, None], axis=1, dtype=jnp.int32)
         chosen = jnp.minimum(chosen, size - 1)
         at = functools.partial(jnp.take_along_axis, indices=chosen[:, None], axis=1)
         remaining = remaining - (at(cumulative) - at(counts))[:, 0]
-        below = below + jnp.sum(jnp.where(jnp.arange(size) < chosen[:, None], sums, 0), axis=1)
+        if values is not None:
+            sums = _histogram(index, values, group, size)
+            lower = jnp.sum(jnp.where(jnp.arange(size) < chosen[:, None], sums, 0), axis=1)
+            below = lower if below is None else below + lower
+            equal = at(sums)[:, 0]
         found = found | (chosen.astype(key.dtype) << low)
         if j + 1 < len(digits):
             combined = group * size + chosen  # nondecreasing over the targets
@@ -95,12 +97,21 @@ def select(key, weights, ranks, values, order=None):
             position = jnp.searchsorted(combined, index, side="left").astype(jnp.int32)
             same = combined[jnp.minimum(position, num_targets - 1)] == index
             slot = jnp.where(same & (position < num_targets), position, num_targets)
-    return found, remaining, at(counts)[:, 0], below, at(sums)[:, 0]
+    return found, remaining, at(counts)[:, 0], below, equal
+
+
+def _histogram(index, amounts, group, size):
+    """``[T, size]``: the sums of ``amounts`` by index, the row of each target's group.
+
+    An index past the end (a row of no group) is dropped.
+    """
+    hist = jnp.zeros(group.shape[0] * size, amounts.dtype).at[index].add(amounts, mode="drop")
+    return hist.reshape(group.shape[0], size)[group]
 
 
 def _in_sorted(key, weights, ranks, values):
-    """:func:`select` of rows sorted by key, ``values`` already weighted."""
-    counts, sums = jnp.cumsum(weights), jnp.cumsum(values)
+    """:func:`select` of rows sorted by key, ``values`` (if any) already weighted."""
+    counts = jnp.cumsum(weights)
 
     def before(prefix, i):  # the prefix sum over rows [0, i)
         return jnp.where(i > 0, prefix[jnp.maximum(i - 1, 0)], 0)
@@ -109,5 +120,9 @@ def _in_sorted(key, weights, ranks, values):
     found = key[row]
     first, end = (jnp.searchsorted(key, found, side=side) for side in ("left", "right"))
     start = before(counts, first)
-    below = before(sums, first)
-    return found, ranks - start, before(counts, end) - start, below, before(sums, end) - below
+    below = equal = None
+    if values is not None:
+        sums = jnp.cumsum(values)
+        below = before(sums, first)
+        equal = before(sums, end) - below
+    return found, ranks - start, before(counts, end) - start, below, equal

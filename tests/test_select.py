@@ -46,13 +46,13 @@ def test_select_equals_a_sort(kind, dtype, presorted, x64):
         x, weights, ranks, values = draw(kind, dtype, seed)
         key = _select.ordered_key(jnp.asarray(x))
         order = jnp.argsort(key) if presorted else None
-        found, *rest = jax.jit(_select.select)(
-            key,
-            jnp.asarray(weights, jnp.int32),
-            jnp.asarray(ranks, jnp.int32),
-            jnp.asarray(values),
-            order,
-        )
+        args = key, jnp.asarray(weights, jnp.int32), jnp.asarray(ranks, jnp.int32)
+        found, *rest = jax.jit(_select.select)(*args, jnp.asarray(values), order)
+        # Without values: the same entries, no sums.
+        bare = jax.jit(_select.select)(*args, None, order)
+        assert tuple(bare[3:]) == (None, None)
+        for ours, full in zip(bare[:3], (found, *rest[:2]), strict=True):
+            np.testing.assert_array_equal(ours, full)
         want = expected(x, weights, ranks, values)
         np.testing.assert_array_equal(_select.float_of_key(found, dtype), want[0])
         np.testing.assert_array_equal(rest[0], want[1])
