@@ -6,8 +6,10 @@ Prints markdown tables: median times and the median of per-pair time ratios
 50,000 x 1,000 predictions, and the time of 1,000 bootstrap resamples of the
 ECE over 100,000 x 10. ``--small`` runs only the first size, ``--only`` only
 the rows whose name contains one of the comma-separated words.
-Theirs: NumPy ``bincount`` implementations, ``relplot.smECE``,
-``calibration.get_calibration_error`` (uncertainty-calibration); for the fits
+Theirs: for each metric the libraries that compute it (netcal, torchmetrics,
+scikit-learn, ``relplot.smECE``, ``calibration.get_calibration_error`` of
+uncertainty-calibration) and a NumPy ``bincount`` or ``argsort``
+implementation, the fastest plain route; for the fits
 scikit-learn's ``IsotonicRegression`` per class, netcal's ``HistogramBinning``,
 and SciPy's L-BFGS-B (vector, matrix and Dirichlet scaling on the same float64
 objective, analytic gradient) and the Mix-n-Match recipe (SciPy's bounded
@@ -95,24 +97,106 @@ def debiased(mode):
     return theirs
 
 
-# One row a metric: (name, jsoftmax callable, reference callable), both of (probs, labels).
+def netcal_metric(name):
+    def theirs(probs, labels):
+        import netcal.metrics
+
+        return getattr(netcal.metrics, name)(M).measure(probs, labels)
+
+    return theirs
+
+
+def torchmetrics_calibration(norm):
+    def theirs(probs, labels):
+        import torch
+        from torchmetrics.functional.classification import multiclass_calibration_error
+
+        probs, labels = torch.from_numpy(probs), torch.from_numpy(labels)
+        return multiclass_calibration_error(probs, labels, probs.shape[1], n_bins=M, norm=norm)
+
+    return theirs
+
+
+def plugin_equal_mass(probs, labels):
+    import calibration
+
+    return calibration.get_calibration_error(probs, labels, p=1, debias=False, mode="top-label")
+
+
+def sklearn_brier(probs, labels):
+    from sklearn.metrics import brier_score_loss
+
+    return brier_score_loss(labels, probs, labels=np.arange(probs.shape[1]))
+
+
+def sklearn_log_loss(probs, labels):
+    from sklearn.metrics import log_loss
+
+    return log_loss(labels, probs, labels=np.arange(probs.shape[1]))
+
+
+# One row a metric: (name, jsoftmax callable, references), a reference (library, callable,
+# relative tolerance of their agreement); callables of (probs, labels), the references' as
+# NumPy arrays with int64 labels. torchmetrics' bins are [e_{m-1}, e_m) with 1.0 alone in
+# one, ours (e_{m-1}, e_m]; uncertainty-calibration's equal-mass cuts are np.array_split's:
+# both differ from ours by a few rows' placement.
+NEAR = 1e-3
 METRICS = [
-    ("expected_calibration_error", jsoftmax.expected_calibration_error, numpy_ece),
-    ("maximum_calibration_error", jsoftmax.maximum_calibration_error, numpy_mce),
-    ("adaptive_calibration_error", jsoftmax.adaptive_calibration_error, numpy_adaptive),
-    ("classwise_calibration_error", jsoftmax.classwise_calibration_error, numpy_classwise),
-    ("brier_score", jsoftmax.brier_score, numpy_brier),
-    ("negative_log_likelihood", jsoftmax.negative_log_likelihood, numpy_nll),
-    ("smooth_calibration_error (relplot)", jsoftmax.smooth_calibration_error, relplot_smooth),
     (
-        "debiased_calibration_error (uncertainty-calibration)",
-        jsoftmax.debiased_calibration_error,
-        debiased("top-label"),
+        "expected_calibration_error",
+        jsoftmax.expected_calibration_error,
+        [
+            ("NumPy bincount", numpy_ece, 1e-4),
+            ("netcal ECE", netcal_metric("ECE"), 1e-4),
+            ("torchmetrics", torchmetrics_calibration("l1"), NEAR),
+        ],
     ),
     (
-        "debiased_calibration_error marginal (uncertainty-calibration)",
+        "maximum_calibration_error",
+        jsoftmax.maximum_calibration_error,
+        [
+            ("NumPy bincount", numpy_mce, 1e-4),
+            ("netcal MCE", netcal_metric("MCE"), 1e-4),
+            ("torchmetrics", torchmetrics_calibration("max"), NEAR),
+        ],
+    ),
+    (
+        "adaptive_calibration_error",
+        jsoftmax.adaptive_calibration_error,
+        [
+            ("NumPy argsort", numpy_adaptive, 1e-4),
+            ("uncertainty-calibration plug-in l1", plugin_equal_mass, NEAR),
+        ],
+    ),
+    (
+        "classwise_calibration_error",
+        jsoftmax.classwise_calibration_error,
+        [("NumPy bincount", numpy_classwise, 1e-4)],
+    ),
+    (
+        "brier_score",
+        jsoftmax.brier_score,
+        [("NumPy", numpy_brier, 1e-4), ("scikit-learn", sklearn_brier, 1e-4)],
+    ),
+    (
+        "negative_log_likelihood",
+        jsoftmax.negative_log_likelihood,
+        [("NumPy", numpy_nll, 1e-4), ("scikit-learn log_loss", sklearn_log_loss, 1e-4)],
+    ),
+    (
+        "smooth_calibration_error",
+        jsoftmax.smooth_calibration_error,
+        [("relplot", relplot_smooth, 1e-4)],
+    ),
+    (
+        "debiased_calibration_error",
+        jsoftmax.debiased_calibration_error,
+        [("uncertainty-calibration", debiased("top-label"), 1e-4)],
+    ),
+    (
+        "debiased_calibration_error marginal",
         functools.partial(jsoftmax.debiased_calibration_error, mode="marginal"),
-        debiased("marginal"),
+        [("uncertainty-calibration", debiased("marginal"), 1e-4)],
     ),
 ]
 
@@ -297,20 +381,22 @@ def selected(rows, only):
 def metrics(n, k, repeats, only):
     logits, labels = data(n, k, 0)
     probs = jax.nn.softmax(logits)
-    probs_np, labels_np = np.asarray(probs), np.asarray(labels)
-    print(f"| metric [{n:,} x {k:,}] | jsoftmax jit ms | theirs ms | time ratio |")
-    print("|---|---:|---:|---:|")
-    for name, ours, theirs in selected(METRICS, only):
+    probs_np, labels_np = np.asarray(probs), np.asarray(labels).astype(np.int64)
+    print(f"| metric [{n:,} x {k:,}] | against | jsoftmax jit ms | theirs ms | time ratio |")
+    print("|---|---|---:|---:|---:|")
+    for name, ours, references in selected(METRICS, only):
         ours = jax.jit(ours)
-        np.testing.assert_allclose(
-            ours(probs, labels), theirs(probs_np, labels_np), rtol=1e-4, atol=1e-5
-        )
-        r = interleaved(
-            lambda ours=ours: ours(probs, labels),
-            lambda theirs=theirs: theirs(probs_np, labels_np),
-            repeats,
-        )
-        print(f"| {name} | {r['ours_ms']:.1f} | {r['theirs_ms']:.1f} | {r['time_ratio']:.2f}x |")
+        for library, theirs, rtol in references:
+            np.testing.assert_allclose(
+                ours(probs, labels), theirs(probs_np, labels_np), rtol=rtol, atol=1e-5
+            )
+            r = interleaved(
+                lambda ours=ours: ours(probs, labels),
+                lambda theirs=theirs: theirs(probs_np, labels_np),
+                repeats,
+            )
+            times = f"{r['ours_ms']:.1f} | {r['theirs_ms']:.1f} | {r['time_ratio']:.2f}x"
+            print(f"| {name} | {library} | {times} |")
     print()
 
 

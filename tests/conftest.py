@@ -11,6 +11,12 @@ from jax.test_util import check_grads
 settings.register_profile("jsoftmax", max_examples=25, deadline=None, derandomize=True)
 settings.load_profile("jsoftmax")
 
+# The suite compiles about 2,000 small programs, and LLVM's optimisation of their machine
+# code is most of that time. It changes no semantics: XLA's HLO passes, whose rewrites
+# could matter at the edges, still run. The notebooks and examples run in processes of
+# their own, optimised as users run them.
+jax.config.update("jax_disable_most_optimizations", True)
+
 
 @pytest.fixture
 def x64():
