@@ -381,7 +381,7 @@ def selected(rows, only):
 def metrics(n, k, repeats, only):
     logits, labels = data(n, k, 0)
     probs = jax.nn.softmax(logits)
-    probs_np, labels_np = np.asarray(probs), np.asarray(labels).astype(np.int64)
+    probs_np, labels_np = np.array(probs), np.asarray(labels).astype(np.int64)  # writable, for torch
     print(f"| metric [{n:,} x {k:,}] | against | jsoftmax jit ms | theirs ms | time ratio |")
     print("|---|---|---:|---:|---:|")
     for name, ours, references in selected(METRICS, only):

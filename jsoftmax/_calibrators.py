@@ -589,19 +589,28 @@ def _fit_ensemble(logits, labels, where, low, high):
     a, b = grid[jnp.maximum(best - 1, 0)], grid[jnp.minimum(best + 1, _GRID - 1)]
     ratio = (jnp.sqrt(5.0) - 1) / 2
 
-    def golden(_, state):
+    # Near its minimum the score's rounding error hides steps below sqrt(eps) of
+    # log T (SciPy's bounded minimiser also stops there, at 1e-5 by default).
+    tolerance = jnp.sqrt(jnp.finfo(x.dtype).eps)
+
+    def narrowing(state):
+        a, b, step = state[0], state[1], state[-1]
+        return (b - a > tolerance * (1 + jnp.abs(a + b) / 2)) & (step < _GOLDEN_STEPS)
+
+    def golden(state):
         # The inner points c < d keep their scores: one new evaluation a step.
-        a, b, c, d, f_c, f_d = state
+        a, b, c, d, f_c, f_d, step = state
         left = f_c < f_d
         a, b = jnp.where(left, a, c), jnp.where(left, d, b)
         new = jnp.where(left, b - ratio * (b - a), a + ratio * (b - a))
         f_new = brier(new)
         c, d = jnp.where(left, new, d), jnp.where(left, c, new)
         f_c, f_d = jnp.where(left, f_new, f_d), jnp.where(left, f_c, f_new)
-        return a, b, c, d, f_c, f_d
+        return a, b, c, d, f_c, f_d, step + 1
 
     c, d = b - ratio * (b - a), a + ratio * (b - a)
-    a, b = lax.fori_loop(0, _GOLDEN_STEPS, golden, (a, b, c, d, brier(c), brier(d)))[:2]
+    state = a, b, c, d, brier(c), brier(d), 0
+    a, b = lax.while_loop(narrowing, golden, state)[:2]
     t = jnp.exp((a + b) / 2)
 
     # The Brier score of q = sum_j w_j P_j is w' A w - 2 c' w + 1: a quadratic on the simplex.
