@@ -8,8 +8,8 @@ ECE over 100,000 x 10. ``--small`` runs only the first size, ``--only`` only
 the rows whose name contains one of the comma-separated words.
 Theirs: for each metric the libraries that compute it (netcal, torchmetrics,
 scikit-learn, ``relplot.smECE``, ``calibration.get_calibration_error`` of
-uncertainty-calibration) and a NumPy ``bincount`` or ``argsort``
-implementation, the fastest plain route; for the fits
+uncertainty-calibration) and a plain NumPy implementation (``bincount``,
+``argsort``, a gather); for the fits
 scikit-learn's ``IsotonicRegression`` per class, netcal's ``HistogramBinning``,
 and SciPy's L-BFGS-B (vector, matrix and Dirichlet scaling on the same float64
 objective, analytic gradient) and the Mix-n-Match recipe (SciPy's bounded

@@ -226,6 +226,9 @@ def _smooth(f, columns, sigma, points):
 def _on_grid(f, columns, sigma, use, base=None):
     """``use(spread, coarse)`` with the rows' spread on the grid of ``sigma``.
 
+    A callback because the two grids' arrays differ in shape: what reads them
+    runs inside the ``lax.cond``.
+
     Bandwidths above ~0.01 share relplot's base grid (``coarse``); ``base`` is
     the spread there if already computed.
     """

@@ -72,7 +72,7 @@ def select(key, weights, ranks, values=None, order=None):
     group = jnp.zeros(num_targets, jnp.int32)
     slot = jnp.zeros(key.shape, jnp.int32)
     remaining = ranks
-    below = equal = None
+    below = None
     found = jnp.zeros(num_targets, key.dtype)
     digits = _digits(key)
     for j, (low, width) in enumerate(digits):
@@ -89,7 +89,6 @@ def select(key, weights, ranks, values=None, order=None):
             sums = _histogram(index, values, group, size)
             lower = jnp.sum(jnp.where(jnp.arange(size) < chosen[:, None], sums, 0), axis=1)
             below = lower if below is None else below + lower
-            equal = at(sums)[:, 0]
         found = found | (chosen.astype(key.dtype) << low)
         if j + 1 < len(digits):
             combined = group * size + chosen  # nondecreasing over the targets
@@ -97,6 +96,7 @@ def select(key, weights, ranks, values=None, order=None):
             position = jnp.searchsorted(combined, index, side="left").astype(jnp.int32)
             same = combined[jnp.minimum(position, num_targets - 1)] == index
             slot = jnp.where(same & (position < num_targets), position, num_targets)
+    equal = None if values is None else at(sums)[:, 0]  # the last digit's
     return found, remaining, at(counts)[:, 0], below, equal
 
 

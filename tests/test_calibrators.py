@@ -173,6 +173,16 @@ def test_ensemble_temperature_as_the_paper_fits_it(x64):
     assert brier(got, labels) <= brier(softmax(logits / nll_t, axis=1), labels)
 
 
+def test_ensemble_temperature_in_float32_is_the_float64_one_to_its_precision():
+    """Float32 stops narrowing at sqrt(eps) of log T, where its Brier score's rounding decides."""
+    logits, labels = miscalibrated(2000, 5, seed=4, scale=2.5)
+    t32 = jsoftmax.fit_ensemble_temperature(logits.astype(np.float32), labels).temperature
+    with jax.enable_x64(True):
+        t64 = jsoftmax.fit_ensemble_temperature(logits, labels).temperature
+    assert t32.dtype == np.float32
+    np.testing.assert_allclose(t32, t64, rtol=1e-3)
+
+
 def test_ensemble_weights_reach_every_face_of_the_simplex(x64):
     """Calibrated logits keep the raw prediction; pure noise is best predicted as uniform."""
     logits, labels = miscalibrated(3000, 4, seed=5, scale=1.0, shift=0.0)
