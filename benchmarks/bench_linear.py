@@ -130,7 +130,11 @@ def main():
                     _, mem = compiled(fused, hidden, weight)
                     print(f"{label}| | | unfused skipped | {mem / 2**20:.0f} | | |", flush=True)
                     continue
-                r = compare(fused, unfused, (hidden, weight), args.repeats)
+                try:
+                    r = compare(fused, unfused, (hidden, weight), args.repeats)
+                except jax.errors.JaxRuntimeError as e:  # out of memory: say so, go on
+                    print(f"{label}| failed: {str(e).splitlines()[0][:120]} |", flush=True)
+                    continue
                 print(
                     f"{label}| {r['ours_ms']:.1f} | {r['theirs_ms']:.1f} | {r['time_ratio']:.2f}x "
                     f"| {r['ours_temp'] / 2**20:.0f} | {r['theirs_temp'] / 2**20:.0f} "

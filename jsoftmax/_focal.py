@@ -42,6 +42,7 @@ from jax.typing import ArrayLike
 from jsoftmax import _checks
 from jsoftmax._checks import Axis
 from jsoftmax._losses import (
+    _at_label,
     _check_reduction,
     _check_softcap,
     _hyper,
@@ -171,11 +172,10 @@ def _focal_tangent(options, x, where, labels, weights, alpha, rows, t_x):
         g = g * (1 - (jnp.where(kept, z, 0.0) / options.softcap) ** 2)
     if options.smooth or options.softcap is not None:
         g = jnp.where(kept, g, 0.0)
-    t = t_x.astype(z.dtype)
-    t_y = jnp.take_along_axis(t, labels[..., None], -1, mode="clip")[..., 0]
     z_y = _label_logit(x, where, labels, options.softcap)[..., 0]
     cap = 1.0 if options.softcap is None else 1 - (z_y / options.softcap) ** 2
-    return jnp.sum(g * t, -1) + jnp.where(z_y == -jnp.inf, 0.0, label * cap) * t_y
+    g = g + _at_label(labels, jnp.where(z_y == -jnp.inf, 0.0, label * cap), z)
+    return jnp.sum(g * t_x.astype(z.dtype), -1)
 
 
 def _focal_jvp(options, primals, tangents):

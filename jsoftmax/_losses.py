@@ -70,6 +70,18 @@ def _label_logit(x, where, labels, softcap):
     return _logits(x_y, where, softcap=softcap)
 
 
+def _at_label(labels, value, z):
+    """``[..., K]`` like ``z``: each row's ``value`` at its label's class, 0 elsewhere.
+
+    Built elementwise from the class index, so that it fuses into the gradient's
+    single pass. A gather of the tangent instead transposes to a scatter, which
+    XLA's GPU backend runs on a float32 ``[N, K]`` buffer of its own (4 GiB and
+    1.7x optax's time at bfloat16 [8192, 128256] on an H200).
+    """
+    classes = lax.broadcasted_iota(labels.dtype, z.shape, z.ndim - 1)
+    return jnp.where(classes == labels[..., None], value[..., None], 0.0).astype(z.dtype)
+
+
 def _rows(x, where, target, weights, options) -> _Rows:
     """The per-row sums the loss and its derivative need: the max, then one pass."""
     z = _logits(x, where, softcap=options.softcap)
@@ -176,12 +188,11 @@ def _cross_entropy_tangent(options, x, where, target, weights, alpha, z_loss, ro
         t = t_x.astype(z.dtype)
         if needs_kept:
             g = jnp.where(kept, g, 0.0)
-        out = out + jnp.sum(g * t, -1)
-        if not options.dense:  # the label's term: a gather here, a scatter in reverse mode
-            t_y = jnp.take_along_axis(t, target[..., None], -1, mode="clip")[..., 0]
+        if not options.dense:  # - B t: the label's term
             z_y = _label_logit(x, where, target, options.softcap)[..., 0]
             cap = 1.0 if options.softcap is None else 1 - (z_y / options.softcap) ** 2
-            out = out - jnp.where(z_y == -jnp.inf, 0.0, b * rows.t0 * cap) * t_y
+            g = g - _at_label(target, jnp.where(z_y == -jnp.inf, 0.0, b * rows.t0 * cap), z)
+        out = out + jnp.sum(g * t, -1)
     if options.dense and t_target is not None:
         log_p = rows.log_s[..., None] - d
         out = out + b * jnp.sum(jnp.where(kept, log_p, 0.0) * t_target.astype(z.dtype), -1)

@@ -123,7 +123,9 @@ def test_fits_vmap_over_problems_and_ignore_masked_rows(fit):
     predictions = jax.vmap(jsoftmax.calibrate)(batched, logits)
     for i in range(3):
         want = jsoftmax.calibrate(fit(logits[i], labels[i]), logits[i])
-        np.testing.assert_allclose(predictions[i], want, atol=1e-3)
+        # To the fits' tolerance: the ensemble's search stops within sqrt(eps) of log T,
+        # so rounding that differs under vmap (on a GPU) moves its stop by up to that.
+        np.testing.assert_allclose(predictions[i], want, atol=3e-3)
     # Padding rows (garbage logits and labels) change nothing. (Compared through the
     # predictions: a flat direction of the affine fits, W + u 1', leaves them unchanged.)
     where = np.arange(400) < 300

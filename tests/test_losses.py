@@ -203,6 +203,15 @@ def test_backward_keeps_only_the_inputs_and_per_row_vectors(case, dtype):
     assert all(np.prod(r[1]) <= max(n, k) for r in residuals if r not in large)
 
 
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_gradient_is_elementwise_without_a_scatter(case):
+    """The label's term of the gradient is a select on the class index, fused into the one
+    elementwise pass: a scatter runs on a float32 [N, K] buffer of its own on a GPU."""
+    x, y, q, w, m = loss_inputs(jnp.bfloat16)
+    grad = jax.grad(lambda x: jnp.mean(LOSS_CASES[case](x, y, q, w, m)))
+    assert "scatter" not in str(jax.make_jaxpr(grad)(x))
+
+
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 @pytest.mark.parametrize("case", list(LOSS_CASES))
 def test_accelerator_programs_hold_no_optimization_barrier(case, platform):
