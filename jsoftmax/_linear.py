@@ -32,7 +32,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax import _checks
-from jsoftmax._losses import _check_reduction, _check_softcap, _hyper, _options
+from jsoftmax._losses import _at_label, _check_reduction, _check_softcap, _hyper, _options
 
 # Default chunks, by backend: at most _CHUNK[backend][0] tokens, fewer while a
 # chunk's [chunk_size, V] logits exceed _CHUNK[backend][1] elements. Each chunk
@@ -448,12 +448,6 @@ def _label_terms(config, z, labels, counts):
     return index, z_label, bad
 
 
-def _at_label(z, index, coef):
-    """``coef`` in each row's label column, 0 elsewhere: the one-hot is a compare, never stored."""
-    columns = lax.broadcasted_iota(jnp.int32, z.shape, 1)
-    return jnp.where(columns == index[:, None], coef[:, None], 0.0)
-
-
 def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
     r"""``lse - (1 - alpha) z_y - alpha / V sum_k z_k + lambda lse**2`` per token, and
     ``d/dz = (1 + 2 lambda lse) p - (1 - alpha) [k = y] - alpha / V`` (times the cap's slope)."""
@@ -475,7 +469,7 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
         return (loss,), None, None
     r = jnp.where(counts, cts[0], 0.0) * bad
     p_coef = (1 + 2 * z_loss * lse) * r / s if config.with_z_loss else r / s
-    dz = p_coef[:, None] * e - _at_label(z, index, (1 - alpha) * r)
+    dz = p_coef[:, None] * e - _at_label(index, (1 - alpha) * r, z)
     if config.smooth:
         dz = dz - (alpha / vocab * r)[:, None]
     if config.softcap is not None:
@@ -503,7 +497,7 @@ def _log_probs_head(config, z, t, labels, counts, hyper, cts):
     if cts is None:
         return outputs, None, None
     g = [jnp.where(counts, c, 0.0) * bad for c in cts]
-    dx = _at_label(d, index, g[0]) - g[0][:, None] * p
+    dx = _at_label(index, g[0], d) - g[0][:, None] * p
     if config.entropy:
         dx = dx - g[1][:, None] * p * (finite - mean[:, None])
     d_temperature = -jnp.sum(dx * finite) / temperature

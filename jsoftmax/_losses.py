@@ -71,7 +71,8 @@ def _label_logit(x, where, labels, softcap):
 
 
 def _at_label(labels, value, z):
-    """``[..., K]`` like ``z``: each row's ``value`` at its label's class, 0 elsewhere.
+    """``[..., K]`` like ``z``: each row's ``value`` at its label's class, 0 elsewhere
+    (nowhere for a label outside ``[0, K)``).
 
     Built elementwise from the class index, so that it fuses into the gradient's
     single pass. A gather of the tangent instead transposes to a scatter, which
