@@ -531,12 +531,14 @@ def test_backward_keeps_only_the_logits_and_per_row_vectors(case, dtype):
         kwargs["where"] = jnp.asarray(rng.random((n, 1)) < 0.9)
     if kwargs.get("class_weights"):
         kwargs["class_weights"] = jnp.asarray(rng.uniform(0.5, 2.0, k), jnp.float32)
-    residuals = saved_residuals(lambda x: jnp.mean(focal(x, y, **kwargs)), x)
+
+    def loss(x):
+        return jnp.mean(focal(x, y, **kwargs))
+
+    residuals = saved_residuals(loss, x)
     # The label's term is a select on the class index, not a scatter (a GPU runs a
     # scatter on a float32 [N, K] buffer of its own).
-    assert "scatter" not in str(
-        jax.make_jaxpr(jax.grad(lambda x: jnp.mean(focal(x, y, **kwargs))))(x)
-    )
+    assert "scatter" not in str(jax.make_jaxpr(jax.grad(loss))(x))
     large = [r for r in residuals if np.prod(r[1]) >= n * k]
     # The logits once, as given; the caller's mask ("a constant") may be kept too.
     given = {"bfloat16": "bf16", "float32": "f32"}[x.dtype.name]
