@@ -41,6 +41,7 @@ from jax.typing import ArrayLike
 
 from jsoftmax import _checks
 from jsoftmax._checks import Axis
+from jsoftmax._cpu import cap_and_slope
 from jsoftmax._losses import (
     _at_label,
     _check_reduction,
@@ -51,9 +52,8 @@ from jsoftmax._losses import (
     _is_zero,
     _label_logit,
     _per_label,
-    _row_sums,
 )
-from jsoftmax._softmax import _logits, _nonzero, _normalizer, _shifted
+from jsoftmax._softmax import _cap, _logits, _nonzero, _normalizer, _row_sums, _shifted
 
 FLSD_53 = "flsd-53"
 
@@ -105,8 +105,9 @@ def _focal_terms(q, gamma):
 
 def _rows(x, where, labels, weights, gamma, options) -> _Rows:
     """The max, the normaliser, then (with label smoothing) one pass for the row sums."""
-    z = _logits(x, where, softcap=options.softcap)
-    top, m, s = _normalizer(z, (-1,))
+    raw = _logits(x, where)
+    top, m, s = _normalizer(raw, (-1,), options.softcap)
+    z = _cap(raw, options.softcap)
     log_s = jnp.log(s)
     z_y = _label_logit(x, where, labels, options.softcap)
     q_y = (_shifted(z_y, m) - log_s)[..., 0]
@@ -157,7 +158,7 @@ def _focal_tangent(options, x, where, labels, weights, alpha, rows, t_x):
     Under ``jax.checkpoint``, reverse mode keeps only these arguments: the
     logits and labels as given and per-row vectors.
     """
-    z = _logits(x, where, softcap=options.softcap)
+    z, slope = cap_and_slope(_logits(x, where), options.softcap)
     kept = z != -jnp.inf  # masked and -inf classes are constants: no gradient
     q = _shifted(z, rows.m[..., None]) - rows.log_s[..., None]
     label, uniform = _coefficients(rows, alpha, options)
@@ -168,8 +169,8 @@ def _focal_tangent(options, x, where, labels, weights, alpha, rows, t_x):
         gamma = rows.gamma[..., None] if options.flsd else rows.gamma
         w = 1.0 if weights is None else weights
         g = g + uniform[..., None] * w * _focal_terms(q, gamma)[1]
-    if options.softcap is not None:  # d cap(x) / dx, from the capped logit
-        g = g * (1 - (jnp.where(kept, z, 0.0) / options.softcap) ** 2)
+    if slope is not None:  # d cap(x) / dx
+        g = g * slope
     if options.smooth or options.softcap is not None:
         g = jnp.where(kept, g, 0.0)
     z_y = _label_logit(x, where, labels, options.softcap)[..., 0]

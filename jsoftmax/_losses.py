@@ -18,8 +18,8 @@ for integer labels: its two terms are a gather and a row sum.
 A ``jax.custom_jvp`` owns the derivative, ``A p - B t - C w v`` per row,
 written so that reverse mode keeps only the logits as the caller gave them,
 the labels and per-row vectors: the gradient is recomputed from them in one
-elementwise pass (and a scatter for the label), the plain schedule XLA fuses
-on every backend.
+elementwise pass (the label's term a select on the class index), the plain
+schedule XLA fuses on every backend.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from jax.typing import ArrayLike
 
 from jsoftmax import _checks
 from jsoftmax._checks import Axis
-from jsoftmax._softmax import _logits, _nonzero, _normalizer, _shifted
+from jsoftmax._cpu import cap_and_slope, row_sums
+from jsoftmax._softmax import _cap, _logits, _nonzero, _normalizer, _shifted
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -85,50 +86,38 @@ def _at_label(labels, value, z):
 
 def _rows(x, where, target, weights, options) -> _Rows:
     """The per-row sums the loss and its derivative need: the max, then one pass."""
-    z = _logits(x, where, softcap=options.softcap)
-    top, m, s = _normalizer(z, (-1,))
+    raw = _logits(x, where)
+    top, m, s = _normalizer(raw, (-1,), options.softcap)
+    z = _cap(raw, options.softcap)
     d = _shifted(z, m)
-    terms = []
+    # Row sums of terms that need the shift m, and of terms that do not (the
+    # target's mass, the kept classes and their weights).
+    shifted, unshifted = [], []
     if options.dense:
         target = target.astype(z.dtype)
         # 0 * -inf counts 0: probability on a masked class is caught by the -inf.
-        terms += [target, jnp.where(target == 0, 0.0, target * d)]
+        shifted.append(jnp.where(target == 0, 0.0, target * d))
+        unshifted.append(target)
     if options.smooth:
-        kept = z != -jnp.inf
+        kept = raw != -jnp.inf
         w = 1.0 if weights is None else weights
-        terms += [kept.astype(z.dtype), jnp.where(kept, w * d, 0.0)]
+        shifted.append(jnp.where(kept, w * d, 0.0))
+        unshifted.append(kept.astype(z.dtype))
         if weights is not None:
-            terms.append(jnp.where(kept, weights, 0.0))
-    sums = list(_row_sums(terms)) if terms else []
+            unshifted.append(jnp.where(kept, weights, 0.0))
+    if shifted:
+        shifted, unshifted = map(list, row_sums(shifted, unshifted))
     if options.dense:
-        t0, t_d = sums.pop(0), sums.pop(0)
+        t0, t_d = unshifted.pop(0), shifted.pop(0)
     else:
         t0 = jnp.ones(z.shape[:-1], z.dtype) if weights is None else weights[target]
         t_d = t0 * _shifted(_label_logit(x, where, target, options.softcap), m)[..., 0]
     count = w_sum = w_d = None
     if options.smooth:
-        count, w_d = sums.pop(0), sums.pop(0)
-        w_sum = sums.pop(0) if weights is not None else count
+        count, w_d = unshifted.pop(0), shifted.pop(0)
+        w_sum = unshifted.pop(0) if weights is not None else count
     has_class = top[..., 0] != -jnp.inf
     return _Rows(m[..., 0], jnp.log(s[..., 0]), has_class, t0, t_d, count, w_sum, w_d)
-
-
-@jax.custom_jvp
-def _row_sums(terms):
-    """Sums of several ``[..., K]`` terms over the last axis, as one reduction: one pass."""
-
-    def add(a, b):
-        return tuple(map(jnp.add, a, b))
-
-    zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
-    return lax.reduce(tuple(terms), zeros, add, (terms[0].ndim - 1,))
-
-
-@_row_sums.defjvp
-def _row_sums_jvp(primals, tangents):
-    # JAX's own rule for a variadic reduction fails on symbolic zero tangents.
-    (terms,), (t_terms,) = primals, tangents
-    return _row_sums(terms), tuple(jnp.sum(t, -1) for t in t_terms)
 
 
 def _lse(rows):
@@ -163,7 +152,7 @@ def _cross_entropy_tangent(options, x, where, target, weights, alpha, z_loss, ro
     logits and labels as given and per-row vectors; the backward pass is one
     elementwise pass writing the logits' gradient in their dtype.
     """
-    z = _logits(x, where, softcap=options.softcap)
+    z, slope = cap_and_slope(_logits(x, where), options.softcap)
     d = _shifted(z, rows.m[..., None])
     kept = z != -jnp.inf  # masked and -inf classes are constants: no gradient
     # Without smoothing, soft-cap or dense labels, exp(d) is already 0 there.
@@ -184,8 +173,8 @@ def _cross_entropy_tangent(options, x, where, target, weights, alpha, z_loss, ro
             g = g - b[..., None] * target.astype(z.dtype)
         if options.smooth:
             g = g - c[..., None] * (1.0 if weights is None else weights)
-        if options.softcap is not None:  # d cap(x) / dx, from the capped logit
-            g = g * (1 - (jnp.where(kept, z, 0.0) / options.softcap) ** 2)
+        if slope is not None:  # d cap(x) / dx
+            g = g * slope
         t = t_x.astype(z.dtype)
         if needs_kept:
             g = jnp.where(kept, g, 0.0)

@@ -16,10 +16,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks
+from jsoftmax import _checks, _cpu
 from jsoftmax._checks import Axis
 
 
@@ -31,19 +32,50 @@ def _logits(x: jax.Array, where=None, temperature=None, softcap=None) -> jax.Arr
     z = x.astype(_checks.compute_dtype(x.dtype))
     if temperature is not None:
         z = z / temperature
-    if softcap is not None:
-        z = jnp.where(z == -jnp.inf, z, softcap * jnp.tanh(z / softcap))
+    z = _cap(z, softcap)
     return z if where is None else jnp.where(where, z, -jnp.inf)
 
 
-def _row_max(z: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """The row max (keepdims), and the shift ``m``: that max clamped to be finite.
+def _cap(z: jax.Array, softcap: float | None) -> jax.Array:
+    """Soft-capping, ``c * tanh(z / c)``, with ``-inf`` kept at ``-inf``; ``z`` without a cap."""
+    return z if softcap is None else jnp.where(z == -jnp.inf, z, softcap * jnp.tanh(z / softcap))
 
-    NaN propagates; a row of ``-inf`` is shifted by ``-finfo.max``.
+
+def _cap_and_slope(z: jax.Array, softcap: float | None) -> tuple[jax.Array, jax.Array | None]:
+    """For a tangent pass: ``_cap(z, softcap)`` and its slope ``1 - tanh(z / c)**2``
+    (None without a cap), as GPUs and TPUs run it (:func:`jsoftmax._cpu.cap_and_slope`).
+
+    ``tanh(u)`` is written as ``-expm1(-2v) / (2 + expm1(-2v))``, ``v = |u|``,
+    with u's sign: the same value to rounding, but not :func:`_cap`'s
+    expression, so XLA evaluates it inside the tangent's own pass. Shared with
+    the forward pass's ``tanh``, it was read by two passes, and XLA's GPU
+    backend wrote it out (a float32 ``[N, K]`` buffer: 4 GiB at bfloat16
+    [8192, 128256]). ``|u|`` as a select, whose derivative is 1 at ``u = 0``.
+    """
+    if softcap is None:
+        return z, None
+    u = z / softcap
+    positive = u >= 0
+    e = jnp.expm1(-2 * jnp.where(positive, u, -u))
+    t = -e / (2 + e)
+    t = jnp.where(positive, t, -t)
+    return jnp.where(z == -jnp.inf, z, softcap * t), 1 - t * t
+
+
+def _row_max(z: jax.Array, axes: tuple[int, ...], softcap=None) -> tuple[jax.Array, jax.Array]:
+    """The row max of ``_cap(z, softcap)`` (keepdims), and the shift ``m``: that max
+    clamped to be finite.
+
+    NaN propagates; a row of ``-inf`` is shifted by ``-finfo.max``. The cap
+    increases, so it applies to the max of ``z``: then only the pass that
+    sums evaluates ``tanh``, where two passes reading it made XLA's GPU
+    backend write it out (a float32 ``[N, K]`` buffer). The max and its clamp
+    are taken before the kept axes return, so that every caller's row
+    statistics are one expression that XLA computes once.
     """
     big = jnp.finfo(z.dtype).max
-    top = jnp.max(z, axes, keepdims=True)
-    return top, jnp.clip(top, -big, big)
+    top = _cap(jnp.max(z, axes), softcap)
+    return jnp.expand_dims(top, axes), jnp.expand_dims(jnp.clip(top, -big, big), axes)
 
 
 def _shifted(z: jax.Array, m: jax.Array) -> jax.Array:
@@ -58,22 +90,43 @@ def _shifted(z: jax.Array, m: jax.Array) -> jax.Array:
     return jnp.minimum(z, m) - m
 
 
-def _normalizer(z: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per row (keepdims): the max, the shift ``m`` and ``s = sum(exp(z - m))``.
+def _normalizer(
+    z: jax.Array, axes: tuple[int, ...], softcap=None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per row (keepdims) of ``_cap(z, softcap)``: the max, the shift ``m`` and
+    ``s = sum(exp(z - m))``.
 
     ``s >= 1`` in every row that keeps an entry; a row of ``-inf`` (its max
     is ``-inf``) gets ``s = 1``, so no quotient or log needs a guard. A
     select, not ``maximum(s, 1)``: a derivative of ``maximum`` is halved at
     the tie ``s == 1`` (a row with one kept entry).
     """
-    top, m = _row_max(z, axes)
-    s = jnp.sum(jnp.exp(_shifted(z, m)), axes, keepdims=True)
+    top, m = _row_max(z, axes, softcap)
+    s = jnp.sum(jnp.exp(_shifted(_cap(z, softcap), m)), axes, keepdims=True)
     return top, m, jnp.where(s == 0, 1.0, s)
 
 
 def _probs(z: jax.Array, m: jax.Array, s: jax.Array) -> jax.Array:
     """``softmax(z)`` from the row statistics: 0 for masked entries and empty rows."""
     return jnp.exp(_shifted(z, m)) / s
+
+
+@jax.custom_jvp
+def _row_sums(terms):
+    """Sums of several ``[..., K]`` terms over the last axis, as one reduction: one pass."""
+
+    def add(a, b):
+        return tuple(map(jnp.add, a, b))
+
+    zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
+    return lax.reduce(tuple(terms), zeros, add, (terms[0].ndim - 1,))
+
+
+@_row_sums.defjvp
+def _row_sums_jvp(primals, tangents):
+    # JAX's own rule for a variadic reduction fails on symbolic zero tangents.
+    (terms,), (t_terms,) = primals, tangents
+    return _row_sums(terms), tuple(jnp.sum(t, -1) for t in t_terms)
 
 
 def _nonzero(*tangents):
@@ -145,7 +198,7 @@ def _family_tangent(kind, axes, x, where, temperature, m, s, t_x, t_temperature)
     if kind == "logsumexp":
         p = _probs(z, m, s)
     elif kind == "softmax":
-        p = jnp.exp(d) / s
+        p = _cpu.softmax_probs(d, s)
     else:
         p = jnp.exp(_log_probs(d, s))
     t = jnp.zeros((), z.dtype) if t_x is None else t_x.astype(z.dtype)

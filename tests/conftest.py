@@ -2,6 +2,7 @@ import contextlib
 import io
 import os
 import re
+import types
 
 import jax
 import jax.ad_checkpoint
@@ -54,6 +55,25 @@ def saved_residuals(f, *args) -> list[tuple[str, tuple[int, ...], str]]:
         dtype, shape, origin = re.fullmatch(r"(\w+)\[([\d,]*)\] (.*)", line).groups()
         out.append((dtype, tuple(int(s) for s in shape.split(",") if s), origin))
     return out
+
+
+@contextlib.contextmanager
+def core_schedules():
+    """Runs on CPU what GPUs and TPUs run: every switch in ``jsoftmax._cpu`` takes
+    its default, the plain core (the caches go, so that nothing traced before returns)."""
+    from jsoftmax import _cpu
+
+    def default_only(*args, default, **per_platform):
+        return default(*args)
+
+    real = _cpu.lax
+    jax.clear_caches()
+    _cpu.lax = types.SimpleNamespace(platform_dependent=default_only)
+    try:
+        yield
+    finally:
+        _cpu.lax = real
+        jax.clear_caches()
 
 
 def lowered_for(f, platform: str, *args) -> str:

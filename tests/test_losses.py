@@ -10,8 +10,15 @@ import optax
 import pytest
 
 import jsoftmax
+from jsoftmax import _cpu, _softmax
 from tests import reference
-from tests.conftest import TRANSFORMS, check_grads_order_two, lowered_for, saved_residuals
+from tests.conftest import (
+    TRANSFORMS,
+    check_grads_order_two,
+    core_schedules,
+    lowered_for,
+    saved_residuals,
+)
 
 inf, nan = np.inf, np.nan
 ce_int = jsoftmax.softmax_cross_entropy_with_integer_labels
@@ -541,3 +548,52 @@ def test_equals_pytorch_when_installed(reduction):
             torch.tensor(logits), torch.tensor(probs), label_smoothing=alpha, reduction=reduction
         )
         close(ce_dense(logits, probs, label_smoothing=alpha, reduction=reduction), theirs.numpy())
+
+
+@pytest.mark.parametrize("softcap", [1.0, 30.0])
+def test_softcap_tangent_schedules_agree(softcap):
+    """The soft-cap's tangent on CPU (from the forward pass's tanh) and elsewhere (tanh
+    anew, from expm1: XLA's GPU backend wrote a tanh that two passes read out as a float32
+    [N, K] buffer) agree in the capped logits, the slope and their derivatives."""
+    z = jnp.array([-jnp.inf, -1e4, -60, -3, -1e-3, 0, 1e-3, 3, 60, 1e4, jnp.inf, jnp.nan])
+    cpu = functools.partial(_cpu._shared_cap_and_slope, softcap=softcap)
+    core = functools.partial(_softmax._cap_and_slope, softcap=softcap)
+    np.testing.assert_allclose(core(z)[0], cpu(z)[0], rtol=1e-6)
+    # The slope, in [0, 1], to a few float32 ulps of 1 (-inf classes take no gradient).
+    np.testing.assert_allclose(core(z)[1][1:], cpu(z)[1][1:], rtol=0, atol=1e-6)
+    finite = z[1:-2]
+    for i in range(2):  # the capped logits, the slope
+        grads = [jax.vmap(jax.grad(lambda v, f=f, i=i: f(v)[i]))(finite) for f in (core, cpu)]
+        np.testing.assert_allclose(*grads, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_softcap_tangent_on_accelerators_takes_tanh_anew(platform):
+    x, y, q, w, m = loss_inputs(jnp.bfloat16)
+    value_and_grad = jax.value_and_grad(
+        lambda x: jnp.mean(LOSS_CASES["logit_softcap"](x, y, q, w, m))
+    )
+    assert "exponential_minus_one" in lowered_for(value_and_grad, platform, x)
+    assert "exponential_minus_one" not in lowered_for(value_and_grad, "cpu", x)
+
+
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_core_equals_the_cpu_schedules(case):
+    """What GPUs and TPUs run (the plain core) gives the CPU schedules' loss and gradient."""
+    x, y, q, w, m = loss_inputs(jnp.float32)
+    value_and_grad = jax.value_and_grad(lambda x: jnp.mean(LOSS_CASES[case](x, y, q, w, m)))
+    cpu = value_and_grad(x)
+    with core_schedules():
+        core = value_and_grad(x)
+    np.testing.assert_allclose(core[0], cpu[0], rtol=1e-6)
+    np.testing.assert_allclose(core[1], cpu[1], rtol=1e-5, atol=1e-9)
+
+
+def test_core_check_grads_with_every_option(x64):
+    logits, labels = data(n=4, k=K)
+    q = jnp.asarray(np.random.default_rng(5).dirichlet(np.ones(K), 4))
+    with core_schedules():
+        f = jax.jit(lambda x: ce_int(x, labels, label_smoothing=0.1, logit_softcap=2.0))
+        check_grads_order_two(f, (jnp.asarray(logits, jnp.float64),))
+        g = jax.jit(lambda x: ce_dense(x, q, label_smoothing=0.1, z_loss=1e-2))
+        check_grads_order_two(g, (jnp.asarray(logits, jnp.float64),))
