@@ -8,7 +8,8 @@ Run (a separate venv: the CUDA wheels are large and make CUDA jax's default):
 XLA compiles for a GPU described by a target configuration alone (the CUDA
 plugin's deviceless compile: ``jax.experimental.topologies``), the same
 optimisation passes that run on the device. For each case of bench_losses.py
-and bench_softmax.py at the GPU sizes, jsoftmax against optax or jax.nn, this
+(and a few options together) and bench_softmax.py at the GPU sizes,
+jsoftmax against optax or jax.nn, this
 prints the compiled temp memory (the figure the benchmarks print on a GPU) and
 an estimate of the memory traffic: the bytes each kernel of the optimised
 program reads and writes, summed; the softmax family and the losses are bound
@@ -36,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
+
+import jsoftmax
 
 # XLA's GpuTargetConfig for the devices the benchmarks ran on; the cost model
 # reads bandwidth and memory size (the H200's and H100's fusions differ).
@@ -123,12 +126,31 @@ def header(theirs):
     )
 
 
+ce = bench_losses.ce
+CAP, ALPHA = bench_losses.CAP, bench_losses.ALPHA
+# Options together, compiled only: (jsoftmax, optax's nearest route).
+COMBINATIONS = {
+    f"logit_softcap={CAP}, label_smoothing={ALPHA}": (
+        lambda x, y, q, w, m: ce(x, y, logit_softcap=CAP, label_smoothing=ALPHA),
+        lambda x, y, q, w, m: bench_losses.optax_smoothed(CAP * jnp.tanh(x / CAP), y),
+    ),
+    "softmax_focal_loss (optax: the integer CE)": (
+        lambda x, y, q, w, m: jsoftmax.softmax_focal_loss(x, y),
+        bench_losses.CASES["integer labels"][1],
+    ),
+    f"softmax_focal_loss, label_smoothing={ALPHA} (optax: the smoothed CE)": (
+        lambda x, y, q, w, m: jsoftmax.softmax_focal_loss(x, y, label_smoothing=ALPHA),
+        lambda x, y, q, w, m: bench_losses.optax_smoothed(x, y),
+    ),
+}
+
+
 def losses(compile):
     for n, k, dtype in [(8192, 128256, jnp.bfloat16), (4096, 32000, jnp.float32)]:
         print(f"\n{jnp.dtype(dtype).name} [{n}, {k}], value_and_grad of the mean loss\n")
         header("optax")
         args = jax.eval_shape(functools.partial(bench_losses.inputs, n, k, dtype))
-        for name, (ours, theirs) in bench_losses.CASES.items():
+        for name, (ours, theirs) in {**bench_losses.CASES, **COMBINATIONS}.items():
             vg = bench_losses.value_and_grad
             row(compile, name, vg(ours), vg(theirs), args)
 

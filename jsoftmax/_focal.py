@@ -41,7 +41,7 @@ from jax.typing import ArrayLike
 
 from jsoftmax import _checks
 from jsoftmax._checks import Axis
-from jsoftmax._cpu import cap_and_slope
+from jsoftmax._cpu import cap_and_slope, row_sums
 from jsoftmax._losses import (
     _at_label,
     _check_reduction,
@@ -53,7 +53,14 @@ from jsoftmax._losses import (
     _label_logit,
     _per_label,
 )
-from jsoftmax._softmax import _cap, _logits, _nonzero, _normalizer, _row_sums, _shifted
+from jsoftmax._softmax import (
+    _cap,
+    _capped_slope,
+    _logits,
+    _nonzero,
+    _normalizer,
+    _shifted,
+)
 
 FLSD_53 = "flsd-53"
 
@@ -117,11 +124,12 @@ def _rows(x, where, labels, weights, gamma, options) -> _Rows:
     count = w_f = w_slope = None
     if options.smooth:
         q = _shifted(z, m) - log_s
-        kept = z != -jnp.inf
+        kept = raw != -jnp.inf
         f, slope = _focal_terms(q, gamma[..., None] if options.flsd else gamma)
         w = 1.0 if weights is None else weights
-        count, w_f, w_slope = _row_sums(
-            [kept.astype(z.dtype), jnp.where(kept, w * f, 0.0), jnp.where(kept, w * slope, 0.0)]
+        (w_f, w_slope), (count,) = row_sums(
+            [jnp.where(kept, w * f, 0.0), jnp.where(kept, w * slope, 0.0)],
+            [kept.astype(z.dtype)],
         )
     has_class = top[..., 0] != -jnp.inf
     return _Rows(m[..., 0], log_s[..., 0], has_class, gamma, q_y, w_y, count, w_f, w_slope)
@@ -174,7 +182,7 @@ def _focal_tangent(options, x, where, labels, weights, alpha, rows, t_x):
     if options.smooth or options.softcap is not None:
         g = jnp.where(kept, g, 0.0)
     z_y = _label_logit(x, where, labels, options.softcap)[..., 0]
-    cap = 1.0 if options.softcap is None else 1 - (z_y / options.softcap) ** 2
+    cap = 1.0 if options.softcap is None else _capped_slope(z_y, options.softcap)
     g = g + _at_label(labels, jnp.where(z_y == -jnp.inf, 0.0, label * cap), z)
     return jnp.sum(g * t_x.astype(z.dtype), -1)
 

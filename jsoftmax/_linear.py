@@ -33,6 +33,7 @@ from jax.typing import ArrayLike
 
 from jsoftmax import _checks
 from jsoftmax._losses import _at_label, _check_reduction, _check_softcap, _hyper, _options
+from jsoftmax._softmax import _cap, _capped_slope
 
 # Default chunks, by backend: at most _CHUNK[backend][0] tokens, fewer while a
 # chunk's [chunk_size, V] logits exceed _CHUNK[backend][1] elements. Each chunk
@@ -454,7 +455,7 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
     del t
     alpha, z_loss = hyper.alpha, hyper.z_loss
     if config.softcap is not None:
-        z = config.softcap * jnp.tanh(z / config.softcap)
+        z = _cap(z, config.softcap)
     m, _, e, s = _normalized(config, z)
     lse = m + jnp.log(s)
     index, z_label, bad = _label_terms(config, z, labels, counts)
@@ -473,7 +474,7 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
     if config.smooth:
         dz = dz - (alpha / vocab * r)[:, None]
     if config.softcap is not None:
-        dz = dz * (1 - (z / config.softcap) ** 2)
+        dz = dz * _capped_slope(z, config.softcap)
     return (loss,), dz, None
 
 

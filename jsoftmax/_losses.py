@@ -36,7 +36,7 @@ from jax.typing import ArrayLike
 from jsoftmax import _checks
 from jsoftmax._checks import Axis
 from jsoftmax._cpu import cap_and_slope, row_sums
-from jsoftmax._softmax import _cap, _logits, _nonzero, _normalizer, _shifted
+from jsoftmax._softmax import _cap, _capped_slope, _logits, _nonzero, _normalizer, _shifted
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -180,7 +180,7 @@ def _cross_entropy_tangent(options, x, where, target, weights, alpha, z_loss, ro
             g = jnp.where(kept, g, 0.0)
         if not options.dense:  # - B t: the label's term
             z_y = _label_logit(x, where, target, options.softcap)[..., 0]
-            cap = 1.0 if options.softcap is None else 1 - (z_y / options.softcap) ** 2
+            cap = 1.0 if options.softcap is None else _capped_slope(z_y, options.softcap)
             g = g - _at_label(target, jnp.where(z_y == -jnp.inf, 0.0, b * rows.t0 * cap), z)
         out = out + jnp.sum(g * t, -1)
     if options.dense and t_target is not None:

@@ -41,6 +41,12 @@ def _cap(z: jax.Array, softcap: float | None) -> jax.Array:
     return z if softcap is None else jnp.where(z == -jnp.inf, z, softcap * jnp.tanh(z / softcap))
 
 
+def _capped_slope(capped: jax.Array, softcap: float) -> jax.Array:
+    """The cap's slope ``1 - tanh(z / c)**2`` from the capped logits ``c * tanh(z / c)``
+    (1 at ``-inf``, a masked class, which takes no gradient)."""
+    return 1 - (jnp.where(capped == -jnp.inf, 0.0, capped) / softcap) ** 2
+
+
 def _cap_and_slope(z: jax.Array, softcap: float | None) -> tuple[jax.Array, jax.Array | None]:
     """For a tangent pass: ``_cap(z, softcap)`` and its slope ``1 - tanh(z / c)**2``
     (None without a cap), as GPUs and TPUs run it (:func:`jsoftmax._cpu.cap_and_slope`).
@@ -69,9 +75,12 @@ def _row_max(z: jax.Array, axes: tuple[int, ...], softcap=None) -> tuple[jax.Arr
     NaN propagates; a row of ``-inf`` is shifted by ``-finfo.max``. The cap
     increases, so it applies to the max of ``z``: then only the pass that
     sums evaluates ``tanh``, where two passes reading it made XLA's GPU
-    backend write it out (a float32 ``[N, K]`` buffer). The max and its clamp
-    are taken before the kept axes return, so that every caller's row
-    statistics are one expression that XLA computes once.
+    backend write it out (a float32 ``[N, K]`` buffer). XLA's float32 ``tanh``
+    is not monotone to the last bit (a few ulps near 7), so a capped entry
+    may exceed ``m`` by as much; :func:`_shifted` clamps it at ``m``, a
+    shift of a few ulps in that logit. The max and its clamp are taken before
+    the kept axes return, so that every caller's row statistics are one
+    expression that XLA computes once.
     """
     big = jnp.finfo(z.dtype).max
     top = _cap(jnp.max(z, axes), softcap)

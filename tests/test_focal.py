@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 import jsoftmax
 from tests import reference
-from tests.conftest import TRANSFORMS, check_grads_order_two, saved_residuals
-from tests.test_losses import WEIGHTS, K, N, close, data, mask
+from tests.conftest import TRANSFORMS, check_grads_order_two, core_schedules, saved_residuals
+from tests.test_losses import WEIGHTS, K, N, close, data, edge_inputs, mask
 
 inf, nan = np.inf, np.nan
 focal = jsoftmax.softmax_focal_loss
@@ -576,3 +576,23 @@ def test_optax_training_step_lowers_the_loss():
     for _ in range(20):
         params, state, _ = step(params, state)
     assert loss_fn(params) < 0.5 * first
+
+
+@pytest.mark.parametrize("extras", ["softcap", "all"])
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
+def test_core_equals_the_cpu_schedules(alpha, extras):
+    """What GPUs and TPUs run (the plain core) gives the CPU schedules' losses and
+    gradients, at the edges too."""
+    x, y, _, w, m = edge_inputs()
+    kwargs = dict(gamma=2.0, label_smoothing=alpha, logit_softcap=2.0)
+    if extras == "all":
+        kwargs.update(where=m, class_weights=w, ignore_index=3)
+
+    def losses_and_grad(x):
+        return focal(x, y, **kwargs), jax.grad(lambda x: jnp.sum(focal(x, y, **kwargs)))(x)
+
+    cpu = losses_and_grad(x)
+    with core_schedules():
+        core = losses_and_grad(x)
+    np.testing.assert_allclose(core[0], cpu[0], rtol=1e-6)
+    np.testing.assert_allclose(core[1], cpu[1], rtol=1e-5, atol=1e-7)

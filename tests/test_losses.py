@@ -577,23 +577,53 @@ def test_softcap_tangent_on_accelerators_takes_tanh_anew(platform):
     assert "exponential_minus_one" not in lowered_for(value_and_grad, "cpu", x)
 
 
-@pytest.mark.parametrize("case", list(LOSS_CASES))
-def test_core_equals_the_cpu_schedules(case):
-    """What GPUs and TPUs run (the plain core) gives the CPU schedules' loss and gradient."""
+SWITCHED = ["smoothing", "smoothing+class_weights", "logit_softcap", "every option"]
+SWITCHED += ["dense", "dense+smoothing", "dense+where"]
+
+
+def edge_inputs():
+    """loss_inputs with edge rows: -inf and +inf logits, a NaN, a fully masked row and
+    logits that saturate a soft-cap of 30."""
     x, y, q, w, m = loss_inputs(jnp.float32)
-    value_and_grad = jax.value_and_grad(lambda x: jnp.mean(LOSS_CASES[case](x, y, q, w, m)))
-    cpu = value_and_grad(x)
+    x = x.at[0, :5].set(-jnp.inf).at[1, 3].set(jnp.inf).at[2, 7].set(jnp.nan)
+    x = x.at[3].multiply(100.0)
+    return x, y, q, w, m.at[4].set(False)
+
+
+@pytest.mark.parametrize("case", SWITCHED)
+def test_core_equals_the_cpu_schedules(case):
+    """What GPUs and TPUs run (the plain core) gives the CPU schedules' losses and
+    gradients, at the edges too (the options that reach a switch in jsoftmax._cpu)."""
+    x, y, q, w, m = edge_inputs()
+
+    def losses_and_grad(x):
+        loss = functools.partial(LOSS_CASES[case], y=y, q=q, w=w, m=m)
+        return loss(x), jax.grad(lambda x: jnp.sum(loss(x)))(x)
+
+    cpu = losses_and_grad(x)
     with core_schedules():
-        core = value_and_grad(x)
+        core = losses_and_grad(x)
     np.testing.assert_allclose(core[0], cpu[0], rtol=1e-6)
-    np.testing.assert_allclose(core[1], cpu[1], rtol=1e-5, atol=1e-9)
+    # float32 rounding: the slope 1 - tanh**2 to about 1e-7, sums in another order
+    np.testing.assert_allclose(core[1], cpu[1], rtol=1e-5, atol=1e-7)
+
+
+def test_core_schedules_reach_the_default_branches():
+    x, y, q, w, m = loss_inputs(jnp.float32)
+    grad = jax.grad(lambda x: jnp.sum(LOSS_CASES["logit_softcap"](x, y, q, w, m)))
+    assert "exponential_minus_one" not in lowered_for(grad, "cpu", x)
+    with core_schedules():
+        assert "exponential_minus_one" in lowered_for(grad, "cpu", x)
 
 
 def test_core_check_grads_with_every_option(x64):
     logits, labels = data(n=4, k=K)
     q = jnp.asarray(np.random.default_rng(5).dirichlet(np.ones(K), 4))
+    kwargs = {**int_kwargs(GRAD_OPTIONS[1]), "logit_softcap": 2.0}
+    if kwargs["where"] is not None:
+        kwargs["where"] = kwargs["where"][:4]
     with core_schedules():
-        f = jax.jit(lambda x: ce_int(x, labels, label_smoothing=0.1, logit_softcap=2.0))
+        f = jax.jit(lambda x: ce_int(x, labels, **kwargs))
         check_grads_order_two(f, (jnp.asarray(logits, jnp.float64),))
         g = jax.jit(lambda x: ce_dense(x, q, label_smoothing=0.1, z_loss=1e-2))
         check_grads_order_two(g, (jnp.asarray(logits, jnp.float64),))
