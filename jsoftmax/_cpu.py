@@ -35,6 +35,27 @@ def cap_and_slope(z: jax.Array, softcap: float | None) -> tuple[jax.Array, jax.A
     )
 
 
+def cap_for_row_sums(z: jax.Array, softcap: float | None) -> jax.Array:
+    """The capped logits as the row sums after the max read them (label smoothing's):
+    on CPU :func:`jsoftmax._softmax._cap`'s ``tanh``; elsewhere spelled with a sigmoid.
+
+    XLA's CPU backend computes the one ``tanh`` once for the normaliser and
+    these sums. XLA's GPU backend wrote a ``tanh`` that two reductions read
+    out instead (a float32 ``[N, K]`` buffer: 4039 MiB for soft-capping with
+    label smoothing at bfloat16 [8192, 128256]); spelled differently, each
+    reduction evaluates its own (31 MiB). On GPUs each pass spells ``tanh``
+    its own way: the normaliser ``tanh``, these sums a sigmoid, the tangent
+    ``expm1`` (:func:`jsoftmax._softmax._cap_and_slope`).
+    """
+    if softcap is None:
+        return z
+    return lax.platform_dependent(
+        z,
+        cpu=functools.partial(_softmax._cap, softcap=softcap),
+        default=functools.partial(_softmax._cap_by_sigmoid, softcap=softcap),
+    )
+
+
 def _shared_cap_and_slope(z, softcap):
     capped = _softmax._cap(z, softcap)
     return capped, _softmax._capped_slope(capped, softcap)

@@ -41,7 +41,7 @@ from jax.typing import ArrayLike
 
 from jsoftmax import _checks
 from jsoftmax._checks import Axis
-from jsoftmax._cpu import cap_and_slope, row_sums
+from jsoftmax._cpu import cap_and_slope, cap_for_row_sums, row_sums
 from jsoftmax._losses import (
     _at_label,
     _check_reduction,
@@ -54,7 +54,6 @@ from jsoftmax._losses import (
     _per_label,
 )
 from jsoftmax._softmax import (
-    _cap,
     _capped_slope,
     _logits,
     _nonzero,
@@ -114,7 +113,7 @@ def _rows(x, where, labels, weights, gamma, options) -> _Rows:
     """The max, the normaliser, then (with label smoothing) one pass for the row sums."""
     raw = _logits(x, where)
     top, m, s = _normalizer(raw, (-1,), options.softcap)
-    z = _cap(raw, options.softcap)
+    z = cap_for_row_sums(raw, options.softcap)
     log_s = jnp.log(s)
     z_y = _label_logit(x, where, labels, options.softcap)
     q_y = (_shifted(z_y, m) - log_s)[..., 0]

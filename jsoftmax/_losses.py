@@ -35,8 +35,8 @@ from jax.typing import ArrayLike
 
 from jsoftmax import _checks
 from jsoftmax._checks import Axis
-from jsoftmax._cpu import cap_and_slope, row_sums
-from jsoftmax._softmax import _cap, _capped_slope, _logits, _nonzero, _normalizer, _shifted
+from jsoftmax._cpu import cap_and_slope, cap_for_row_sums, row_sums
+from jsoftmax._softmax import _capped_slope, _logits, _nonzero, _normalizer, _shifted
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -88,7 +88,7 @@ def _rows(x, where, target, weights, options) -> _Rows:
     """The per-row sums the loss and its derivative need: the max, then one pass."""
     raw = _logits(x, where)
     top, m, s = _normalizer(raw, (-1,), options.softcap)
-    z = _cap(raw, options.softcap)
+    z = cap_for_row_sums(raw, options.softcap)
     d = _shifted(z, m)
     # Row sums of terms that need the shift m, and of terms that do not (the
     # target's mass, the kept classes and their weights).

@@ -41,6 +41,12 @@ def _cap(z: jax.Array, softcap: float | None) -> jax.Array:
     return z if softcap is None else jnp.where(z == -jnp.inf, z, softcap * jnp.tanh(z / softcap))
 
 
+def _cap_by_sigmoid(z: jax.Array, softcap: float) -> jax.Array:
+    """:func:`_cap` spelled ``c * (2 sigmoid(2 z / c) - 1)``, for the row sums after the max
+    (:func:`jsoftmax._cpu.cap_for_row_sums`)."""
+    return jnp.where(z == -jnp.inf, z, softcap * (2 * jax.nn.sigmoid(2 * z / softcap) - 1))
+
+
 def _capped_slope(capped: jax.Array, softcap: float) -> jax.Array:
     """The cap's slope ``1 - tanh(z / c)**2`` from the capped logits ``c * tanh(z / c)``
     (1 at ``-inf``, a masked class, which takes no gradient)."""

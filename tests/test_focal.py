@@ -595,4 +595,8 @@ def test_core_equals_the_cpu_schedules(alpha, extras):
     with core_schedules():
         core = losses_and_grad(x)
     np.testing.assert_allclose(core[0], cpu[0], rtol=1e-6)
-    np.testing.assert_allclose(core[1], cpu[1], rtol=1e-5, atol=1e-7)
+    # A NaN logit's row: its loss is NaN in both; which of its gradient entries are NaN
+    # is not specified (it varied with the program XLA compiled).
+    rows = ~np.isnan(np.asarray(x)).any(-1)
+    core, cpu = (g[rows] for g in (core[1], cpu[1]))
+    np.testing.assert_allclose(core, cpu, rtol=1e-5, atol=1e-7)
