@@ -53,9 +53,9 @@ def _capped_slope(capped: jax.Array, softcap: float) -> jax.Array:
     return 1 - (jnp.where(capped == -jnp.inf, 0.0, capped) / softcap) ** 2
 
 
-def _cap_and_slope(z: jax.Array, softcap: float | None) -> tuple[jax.Array, jax.Array | None]:
-    """For a tangent pass: ``_cap(z, softcap)`` and its slope ``1 - tanh(z / c)**2``
-    (None without a cap), as GPUs and TPUs run it (:func:`jsoftmax._cpu.cap_and_slope`).
+def _cap_and_slope(z: jax.Array, softcap: float) -> tuple[jax.Array, jax.Array]:
+    """For a tangent pass: ``_cap(z, softcap)`` and its slope ``1 - tanh(z / c)**2``,
+    as GPUs and TPUs run it (:func:`jsoftmax._cpu.cap_and_slope`).
 
     ``tanh(u)`` is written as ``-expm1(-2v) / (2 + expm1(-2v))``, ``v = |u|``,
     with u's sign: the same value to rounding, but not :func:`_cap`'s
@@ -64,8 +64,6 @@ def _cap_and_slope(z: jax.Array, softcap: float | None) -> tuple[jax.Array, jax.
     backend wrote it out (a float32 ``[N, K]`` buffer: 4 GiB at bfloat16
     [8192, 128256]). ``|u|`` as a select, whose derivative is 1 at ``u = 0``.
     """
-    if softcap is None:
-        return z, None
     u = z / softcap
     positive = u >= 0
     e = jnp.expm1(-2 * jnp.where(positive, u, -u))

@@ -590,14 +590,11 @@ def edge_inputs():
     return x, y, q, w, m.at[4].set(False)
 
 
-@pytest.mark.parametrize("case", SWITCHED)
-def test_core_equals_the_cpu_schedules(case):
-    """What GPUs and TPUs run (the plain core) gives the CPU schedules' losses and
-    gradients, at the edges too (the options that reach a switch in jsoftmax._cpu)."""
-    x, y, q, w, m = edge_inputs()
+def assert_core_equals_cpu(loss, x):
+    """``loss(x)`` (per row) and the gradient of its sum agree under the CPU schedules and
+    under the plain core that GPUs and TPUs run."""
 
     def losses_and_grad(x):
-        loss = functools.partial(LOSS_CASES[case], y=y, q=q, w=w, m=m)
         return loss(x), jax.grad(lambda x: jnp.sum(loss(x)))(x)
 
     cpu = losses_and_grad(x)
@@ -610,6 +607,14 @@ def test_core_equals_the_cpu_schedules(case):
     core, cpu = (g[rows] for g in (core[1], cpu[1]))
     # float32 rounding: the slope 1 - tanh**2 to about 1e-7, sums in another order
     np.testing.assert_allclose(core, cpu, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", SWITCHED)
+def test_core_equals_the_cpu_schedules(case):
+    """What GPUs and TPUs run (the plain core) gives the CPU schedules' losses and
+    gradients, at the edges too (the options that reach a switch in jsoftmax._cpu)."""
+    x, y, q, w, m = edge_inputs()
+    assert_core_equals_cpu(functools.partial(LOSS_CASES[case], y=y, q=q, w=w, m=m), x)
 
 
 def test_core_schedules_reach_the_default_branches():
