@@ -1,7 +1,7 @@
 """The fused linear heads against the unfused JAX computation of the same maths.
 
 Run: python benchmarks/bench_linear.py [--repeats N] [--heads H ...] [--chunks C ...]
-     [--max-unfused-gib G]
+     [--accum-dtypes A ...] [--shapes NxDxV ...] [--max-unfused-gib G]
 For each head (cross-entropy, log-probabilities with entropy as a GRPO-style
 loss, distillation by forward KL and by the JSD) it times ``jax.value_and_grad``
 over (hidden, weight) of a scalar loss, fused (``jsoftmax.linear_*``) and
@@ -9,12 +9,15 @@ unfused (``hidden @ weight``, then jsoftmax / jax.nn on the logits), interleaved
 in one process, and prints median times, the median per-pair time ratio
 (fused / unfused) and compiled temp memory. Sizes follow the backend found: on
 CPU float32 with D=512; on a GPU or TPU bfloat16 language-model heads
-(Gemma-2-2B, Llama-3-8B). ``--chunks`` adds rows for explicit chunk sizes
-("default" is the backend's). The unfused computation is skipped where it
+(Gemma-2-2B, Llama-3-8B); ``--shapes`` keeps those named. ``--chunks`` adds
+rows for explicit chunk sizes ("default" is the backend's), ``--accum-dtypes
+bfloat16`` rows that sum the weight gradient in bfloat16 (``accum_dtype``;
+"default": float32). The unfused computation is skipped where it
 would need more than --max-unfused-gib.
 """
 
 import argparse
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -46,14 +49,12 @@ def problem(n, d, v, dtype):
     return hidden, weight, labels, advantage, teacher
 
 
-def losses(head, labels, advantage, t_hidden, t_weight, chunk_size):
+def losses(head, labels, advantage, t_hidden, t_weight, options):
     """The fused and unfused scalar losses of (hidden, weight) for ``head``."""
     if head == "cross_entropy":
 
         def fused(h, w):
-            return jsoftmax.linear_softmax_cross_entropy(
-                h, w, labels, reduction="mean", chunk_size=chunk_size
-            )
+            return jsoftmax.linear_softmax_cross_entropy(h, w, labels, reduction="mean", **options)
 
         def unfused(h, w):
             return jsoftmax.softmax_cross_entropy_with_integer_labels(
@@ -63,9 +64,7 @@ def losses(head, labels, advantage, t_hidden, t_weight, chunk_size):
     elif head == "log_probs":  # a policy-gradient loss with an entropy bonus
 
         def fused(h, w):
-            logp, entropy = jsoftmax.linear_log_probs(
-                h, w, labels, return_entropy=True, chunk_size=chunk_size
-            )
+            logp, entropy = jsoftmax.linear_log_probs(h, w, labels, return_entropy=True, **options)
             return -jnp.mean(advantage * logp) - 0.01 * jnp.mean(entropy)
 
         def unfused(h, w):
@@ -86,7 +85,7 @@ def losses(head, labels, advantage, t_hidden, t_weight, chunk_size):
                 temperature=2.0,
                 divergence=divergence,
                 reduction="mean",
-                chunk_size=chunk_size,
+                **options,
             )
 
         def unfused(h, w):
@@ -109,6 +108,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--heads", nargs="*", default=HEADS, choices=HEADS)
     parser.add_argument("--chunks", nargs="*", default=["default"])
+    parser.add_argument("--accum-dtypes", nargs="*", default=["default"])
+    parser.add_argument("--shapes", nargs="*", help="NxDxV of sizes() to keep; default all")
     parser.add_argument("--max-unfused-gib", type=float, default=8.0)
     args = parser.parse_args()
     print(f"device: {device()}")
@@ -118,14 +119,20 @@ def main():
         "|---|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     for n, d, v, dtype in sizes():
+        if args.shapes and f"{n}x{d}x{v}" not in args.shapes:
+            continue
         hidden, weight, labels, advantage, t_weight = problem(n, d, v, dtype)
         for head in args.heads:
             # The unfused computation's [N, V] float32 arrays (more for distillation).
             need = (8 if head in ("forward_kl", "jsd") else 4) * n * v * 4 / 2**30
-            for chunk in args.chunks:
-                chunk_size = None if chunk == "default" else int(chunk)
-                fused, unfused = losses(head, labels, advantage, hidden, t_weight, chunk_size)
-                label = f"| {head} | {n} x {d} x {v}, {jnp.dtype(dtype).name} | {chunk} "
+            for chunk, accum in itertools.product(args.chunks, args.accum_dtypes):
+                options = {
+                    "chunk_size": None if chunk == "default" else int(chunk),
+                    "accum_dtype": None if accum == "default" else accum,
+                }
+                fused, unfused = losses(head, labels, advantage, hidden, t_weight, options)
+                sums = "" if accum == "default" else f", {accum} sums"
+                label = f"| {head} | {n} x {d} x {v}, {jnp.dtype(dtype).name} | {chunk}{sums} "
                 if need > args.max_unfused_gib:
                     _, mem = compiled(fused, hidden, weight)
                     print(f"{label}| | | unfused skipped | {mem / 2**20:.0f} | | |", flush=True)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from jsoftmax import _checks
 from jsoftmax._losses import _at_label, _check_reduction, _check_softcap, _hyper, _options
@@ -57,6 +57,7 @@ class _Config(NamedTuple):
     softcap: float | None = None
     entropy: bool = False
     divergence: str = "forward_kl"
+    accum_dtype: np.dtype | None = None
 
 
 class _Hyper(NamedTuple):
@@ -84,6 +85,7 @@ def linear_softmax_cross_entropy(
     logit_softcap: float | None = None,
     reduction: str = "none",
     chunk_size: int | None = None,
+    accum_dtype: DTypeLike | None = None,
     axis_name: str | None = None,
 ) -> jax.Array:
     r"""Cross-entropy of ``hidden @ weight + bias`` without materialising the logits.
@@ -108,10 +110,18 @@ def linear_softmax_cross_entropy(
         the counting tokens; 0 when none counts).
       chunk_size: tokens per chunk (static). Memory is the float32 ``[D, V]``
         weight-gradient accumulator (the gradient itself for a float32
-        weight) plus a few ``[chunk_size, V]`` float32 arrays; smaller chunks
-        cost time. By default, by backend and never by ``N``: on CPU 1024, on
-        GPU and TPU 2048, or the largest power of two keeping a chunk's
-        logits within 2**25 (CPU) or 2**29 elements when that is less.
+        weight, or with ``accum_dtype`` the weight's dtype) plus a few
+        ``[chunk_size, V]`` float32 arrays; smaller chunks cost time. By
+        default, by backend and never by ``N``: on CPU 1024, on GPU and TPU
+        2048, or the largest power of two keeping a chunk's logits within
+        2**25 (CPU) or 2**29 elements when that is less.
+      accum_dtype: the dtype in which the weight and bias gradients sum over
+        the chunks. None: the compute dtype (float32, float64 for float64
+        inputs), rounded to the weight's dtype once, as the unfused
+        gradient is; a bfloat16 weight then needs a float32 ``[D, V]``
+        buffer. The weight's dtype (``jnp.bfloat16``) adds each chunk's
+        product into the gradient itself, as Liger Kernel and Cut
+        Cross-Entropy do by default: no buffer, but one rounding per chunk.
       axis_name: the mesh axis along which ``weight`` and ``bias`` are sharded
         by vocabulary, inside ``jax.shard_map``; None when not sharded.
 
@@ -159,6 +169,7 @@ def linear_softmax_cross_entropy(
         "cross_entropy",
         size,
         axis_name,
+        accum_dtype=_accum_dtype(fname, accum_dtype),
         smooth=smooth,
         with_z_loss=with_z_loss,
         softcap=logit_softcap,
@@ -178,6 +189,7 @@ def linear_log_probs(
     where: ArrayLike | None = None,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    accum_dtype: DTypeLike | None = None,
     axis_name: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Each token's log-probability of its label (and entropy) without materialising the logits.
@@ -204,6 +216,8 @@ def linear_log_probs(
         labels are not read).
       return_entropy: also return each token's entropy.
       chunk_size: tokens per chunk (static); by default chosen by backend as
+        in :func:`linear_softmax_cross_entropy`.
+      accum_dtype: the dtype of the parameter gradients' sums over chunks, as
         in :func:`linear_softmax_cross_entropy`.
       axis_name: the mesh axis along which ``weight`` and ``bias`` are sharded
         by vocabulary, inside ``jax.shard_map``; None when not sharded.
@@ -246,6 +260,7 @@ def linear_log_probs(
         _chunk_size(fname, chunk_size, weight.shape[1], labels.size),
         axis_name,
         entropy=bool(return_entropy),
+        accum_dtype=_accum_dtype(fname, accum_dtype),
     )
     out = _call(config, hidden, (weight, bias), None, labels, where, None, hyper, "none")
     return out if return_entropy else out[0]
@@ -268,6 +283,7 @@ def linear_distillation_loss(
     where: ArrayLike | None = None,
     reduction: str = "none",
     chunk_size: int | None = None,
+    accum_dtype: DTypeLike | None = None,
     axis_name: str | None = None,
 ) -> jax.Array:
     r"""Knowledge distillation from two models' hidden states, without either logit matrix.
@@ -305,6 +321,8 @@ def linear_distillation_loss(
       reduction: "none" (per token), "sum", or "mean" (over the counting
         tokens; 0 when none counts).
       chunk_size: tokens per chunk (static); by default chosen by backend as
+        in :func:`linear_softmax_cross_entropy`.
+      accum_dtype: the dtype of the parameter gradients' sums over chunks, as
         in :func:`linear_softmax_cross_entropy`.
       axis_name: the mesh axis along which both heads are sharded by
         vocabulary, inside ``jax.shard_map``; None when not sharded.
@@ -352,7 +370,8 @@ def linear_distillation_loss(
         beta_ = jnp.where((beta_ > 0) & (beta_ < 1), beta_, jnp.nan)
     hyper = lax.stop_gradient(_Hyper(_temperature(fname, temperature), beta=beta_))
     size = _chunk_size(fname, chunk_size, weight.shape[1], int(np.prod(tokens)))
-    config = _Config("distillation", size, axis_name, divergence=divergence)
+    accum = _accum_dtype(fname, accum_dtype)
+    config = _Config("distillation", size, axis_name, divergence=divergence, accum_dtype=accum)
     teacher = (t_hidden, t_weight, t_bias)
     out = _call(config, hidden, (weight, bias), teacher, None, where, None, hyper, reduction)
     return out[0] if reduction == "none" else out
@@ -392,6 +411,21 @@ def _chunk_size(fname, chunk_size, vocab, tokens):
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{fname}: chunk_size must be an integer >= 1, got {chunk_size!r}")
     return min(chunk_size, max(1, tokens))
+
+
+def _accum_dtype(fname, accum_dtype):
+    """None (the compute dtype) or the floating dtype in which parameter gradients sum."""
+    if accum_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(accum_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{fname}: accum_dtype must be a floating dtype or None, got {accum_dtype!r}"
+        )
+    return dtype
 
 
 def _default_chunk(vocab, backend):
@@ -559,6 +593,11 @@ def _compute_dtype(h, params, teacher, t_hidden):
     return _checks.compute_dtype(jnp.result_type(*jax.tree.leaves((h, params, teacher, t_hidden))))
 
 
+def _sum_dtype(config, dtype):
+    """The dtype of the parameter gradients' sums over chunks (``dtype``: the compute dtype)."""
+    return dtype if config.accum_dtype is None else config.accum_dtype
+
+
 def _project(h, weight, bias, dtype):
     """One chunk's logits ``h @ weight + bias`` in ``dtype`` (low precision accumulates in it)."""
     z = jnp.dot(h, weight, preferred_element_type=dtype)
@@ -582,8 +621,9 @@ def _chunk(config, h, params, teacher, rows, hyper, cts):
         return values, None
     dz_in = dz.astype(weight.dtype)
     dh = jnp.dot(dz_in, weight.T, preferred_element_type=dtype)
-    dw = jnp.dot(h.T.astype(weight.dtype), dz_in, preferred_element_type=dtype)
-    db = None if bias is None else jnp.sum(dz, axis=0)
+    sums = _sum_dtype(config, dtype)  # the matmul library rounds once into its output
+    dw = jnp.dot(h.T.astype(weight.dtype), dz_in, preferred_element_type=sums)
+    db = None if bias is None else jnp.sum(dz, axis=0).astype(sums)
     if d_temperature is None:
         d_temperature = jnp.zeros((), dtype)
     return values, (dh, (dw, db), d_temperature)
@@ -592,8 +632,9 @@ def _chunk(config, h, params, teacher, rows, hyper, cts):
 def _scan(config, h, params, teacher, rows, hyper, cts):
     """Runs :func:`_chunk` over the tokens: per-token values and, with ``cts``, summed gradients.
 
-    Gradients are accumulated in the compute dtype: for float32 weights the
-    accumulator is the weight gradient itself, no second ``[D, V]`` buffer.
+    Parameter gradients are accumulated in the compute dtype (or
+    ``config.accum_dtype``): for float32 weights the accumulator is the
+    weight gradient itself, no second ``[D, V]`` buffer.
     """
     n, size = h.shape[0], config.chunk_size
     steps = -(-n // size)
@@ -621,7 +662,12 @@ def _scan(config, h, params, teacher, rows, hyper, cts):
     # Under shard_map the sums vary along every mesh axis their terms vary along.
     inputs = jax.tree.leaves((h, params, teacher, rows, hyper, cts))
     axes = frozenset().union(*map(_varying, inputs))
-    init = jax.tree.map(lambda x: _vary(jnp.zeros(x.shape, dtype), axes), (params, hyper[0]))
+
+    def zeros(x, dtype):
+        return _vary(jnp.zeros(x.shape, dtype), axes)
+
+    sums = _sum_dtype(config, dtype)
+    init = (jax.tree.map(lambda x: zeros(x, sums), params), zeros(hyper[0], dtype))
     (d_params, d_temperature), (values, dh) = lax.scan(body, init, xs)
     values, dh = jax.tree.map(unchunked, (values, dh))
     if config.axis_name is not None:  # each shard holds its slice's part

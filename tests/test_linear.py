@@ -200,27 +200,47 @@ def test_default_chunk_by_backend_and_vocabulary_never_by_token_count():
         assert sizes == [2048, 2048, 2048, 512]
 
 
+def cpu_temp_bytes(hidden, weight, labels, **options):
+    """Compiled temp memory of the mean loss's value and gradients, for the CPU backend.
+
+    On an H200 a float32 program's temp memory was 31 MB above the bfloat16
+    one's, more than the buffers (likely the matmul library's workspace for
+    float32, not yet confirmed), which hides an accumulator's size.
+    """
+    hidden, weight = jax.device_put((hidden, weight), jax.devices("cpu")[0])
+
+    def loss(h, w):
+        return jsoftmax.linear_softmax_cross_entropy(h, w, labels, reduction="mean", **options)
+
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(hidden, weight).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
 def test_float32_weights_accumulate_their_gradient_in_place():
     """bfloat16 compute with float32 weights (flax's default param_dtype): no second float32
     [D, V] buffer beside the gradient, which bfloat16 weights need as their accumulator."""
     n, d, v = 512, 256, 8192
     hidden, weight, _, labels, _ = problem(n, d, v)
-    # Compiled for the CPU backend: on an H200 the float32 program's temp memory was 31 MB
-    # above the bfloat16 one's, more than the buffers (likely the matmul library's
-    # workspace for float32, not yet confirmed), which hides the accumulator's size.
-    cpu = jax.devices("cpu")[0]
-    hidden, weight = jax.device_put((hidden.astype(jnp.bfloat16), weight), cpu)
+    hidden = hidden.astype(jnp.bfloat16)
+    f32, bf16 = (
+        cpu_temp_bytes(hidden, w, labels, chunk_size=128)
+        for w in (weight, weight.astype(jnp.bfloat16))
+    )
+    assert f32 + d * v * 4 <= bf16
 
-    def temp_bytes(w):
-        def loss(h, w):
-            return jsoftmax.linear_softmax_cross_entropy(
-                h, w, labels, reduction="mean", chunk_size=128
-            )
 
-        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(hidden, w).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
-
-    assert temp_bytes(weight) + d * v * 4 <= temp_bytes(weight.astype(jnp.bfloat16))
+def test_accum_dtype_of_the_weight_drops_the_float32_accumulator():
+    """accum_dtype=bfloat16 sums a bfloat16 weight's gradient in itself. The CPU backend
+    still writes each chunk's product in float32 (half the accumulator's bytes remain);
+    a GPU compile (benchmarks/aot_gpu.py) holds none of it."""
+    n, d, v = 512, 256, 8192
+    hidden, weight, _, labels, _ = problem(n, d, v)
+    hidden, weight = hidden.astype(jnp.bfloat16), weight.astype(jnp.bfloat16)
+    exact, summed = (
+        cpu_temp_bytes(hidden, weight, labels, chunk_size=128, accum_dtype=a)
+        for a in (None, jnp.bfloat16)
+    )
+    assert summed + d * v * 2 <= exact
 
 
 def test_empty_mean_is_zero_with_zero_gradients():
@@ -273,6 +293,9 @@ def test_errors():
         loss(hidden, weight, labels, label_smoothing=1.5)
     with pytest.raises(ValueError, match=r"z_loss must be in"):
         loss(hidden, weight, labels, z_loss=-1.0)
+    for accum_dtype in (jnp.int32, "foo", "complex64"):
+        with pytest.raises(TypeError, match="accum_dtype must be a floating dtype or None"):
+            loss(hidden, weight, labels, accum_dtype=accum_dtype)
 
 
 # ---------------------------------------------------------------- sharded

@@ -7,7 +7,7 @@ import pytest
 
 import jsoftmax
 from tests.conftest import lowered_for
-from tests.test_linear import assert_same, on_eight_cpu_devices, problem
+from tests.test_linear import assert_same, fused, on_eight_cpu_devices, problem
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -429,6 +429,39 @@ def test_heads_never_materialise_the_logits():
         small, large = temp_bytes(1024, divergence), temp_bytes(2048, divergence)
         assert large <= 1.05 * small
         assert small < 0.5 * 1024 * v * 4
+
+
+@pytest.mark.parametrize("head", ["cross_entropy", "log_probs", "forward_kl"])
+def test_accum_dtype_sums_the_parameter_gradients_in_that_dtype(head):
+    """bfloat16 sums round once per chunk: close to the float32 gradients, not the default's;
+    float32 sums are the default's, bit for bit."""
+    s_h, s_w, s_b, labels, where = (
+        a.astype(jnp.bfloat16) if a.dtype == np.float32 else a for a in problem(40, 32, 300)
+    )
+    t_h, t_w, t_b = teacher(40, 16, 300, seed=1)
+    cotangent = np.random.default_rng(2).standard_normal(40).astype(np.float32)
+
+    def loss(h, w, b, **options):
+        if head == "cross_entropy":
+            return fused(h, w, b, labels, where, reduction="mean", **options)
+        if head == "log_probs":  # per-token cotangents: the backward pass's scan
+            return jnp.sum(cotangent * fused_log_probs(h, w, b, labels, where, **options))
+        return fused_distillation(h, w, b, t_h, t_w, t_b, where=where, reduction="sum", **options)
+
+    def grads(**options):
+        return jax.grad(lambda *p: loss(*p, chunk_size=8, **options), argnums=(0, 1, 2))(
+            s_h, s_w, s_b
+        )
+
+    default, exact, summed = grads(), grads(accum_dtype=jnp.float32), grads(accum_dtype="bfloat16")
+    assert [g.dtype for g in summed] == [jnp.bfloat16] * 3
+    for a, b in zip(default, exact, strict=True):
+        np.testing.assert_array_equal(a, b)
+    up = [np.asarray(a, np.float32) for a in (s_h, s_w, s_b)]
+    want = jax.grad(lambda *p: loss(*p, chunk_size=40), argnums=(0, 1, 2))(*up)
+    for g, w in zip(summed, want, strict=True):  # rounding errors of the partial sums' size
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=2e-2 * np.abs(w).max())
+    assert np.any(np.asarray(summed[1]) != np.asarray(default[1]))  # the option took effect
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
