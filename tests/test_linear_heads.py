@@ -360,7 +360,11 @@ def test_distillation_padded_vocabulary_and_confident_teacher():
         ours = vjp_all(fused, (s_h, s_w, s_b))
         theirs = vjp_all(reference, (s_h, s_w, s_b))
         assert all(np.isfinite(a).all() for a in jax.tree.leaves(ours))
-        assert_same(ours, theirs, rtol=1e-4, atol=1e-5)  # 0 for the padded classes
+        _, (_, d_w, d_b) = ours
+        assert not np.any(d_w[:, -4:]) and not np.any(d_b[-4:])  # the padded classes
+        # The losses reach 1e3 and the gradients 1e2: to the rounding of their sums, whose
+        # order a GPU changes (an entry near 1 was 1.4e-4 off on an H200).
+        assert_same(ours, theirs, rtol=1e-4, atol=1e-3)
 
 
 def test_distillation_errors():
