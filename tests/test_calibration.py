@@ -377,7 +377,7 @@ def test_plot_draws_accuracy_gaps_and_counts():
     diagram = jsoftmax.reliability_diagram(probs, labels, num_bins=10)
     full = np.asarray(diagram.count) > 0
     heights = [patch.get_height() for patch in top.patches]
-    np.testing.assert_allclose(heights[: full.sum()], np.asarray(diagram.accuracy)[full])
+    np.testing.assert_allclose(heights[: full.sum()], np.asarray(diagram.accuracy)[full], rtol=1e-6)
     np.testing.assert_allclose(
         heights[full.sum() :], np.asarray(diagram.confidence - diagram.accuracy)[full], rtol=1e-6
     )
