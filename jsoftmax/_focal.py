@@ -41,7 +41,7 @@ from jax.typing import ArrayLike
 
 from jsoftmax import _checks
 from jsoftmax._checks import Axis
-from jsoftmax._cpu import cap_and_slope, cap_for_row_sums, row_sums
+from jsoftmax._cpu import cap_and_slope, cap_for_row_sums, focal_terms, row_sums
 from jsoftmax._losses import (
     _at_label,
     _check_reduction,
@@ -92,21 +92,46 @@ def _pow(u, gamma):
     return jnp.where(zero, jnp.where(gamma == 0, 1.0, 0.0), jnp.where(zero, 1.0, u) ** gamma)
 
 
-def _focal_terms(q, gamma):
+def _focal_terms(q, gamma, spelling="expm1", finite=None):
     """``f(q)`` and ``f'(q)`` for ``q = log p <= 0``: ``+inf`` and ``-1`` at ``q = -inf``.
 
     Each edge (``q = -inf``, ``q = 0``) is selected before any operation that
     would divide by zero there, so higher derivatives stay finite too.
+    ``spelling`` names how ``p`` and ``p - 1`` are computed (:data:`_SPELLINGS`);
+    ``finite``, if given, is where ``q > -inf`` (NaN entries may be either).
     """
-    finite = q != -jnp.inf  # NaN stays NaN
+    if finite is None:
+        finite = q != -jnp.inf  # NaN stays NaN
     q = jnp.where(finite, q, -1.0)
-    u_gamma = _pow(-jnp.expm1(q), gamma)
+    exp_and_expm1 = _SPELLINGS[spelling]
+    u_gamma = _pow(-exp_and_expm1(q)[1], gamma)
     inside = q < 0
     q_in = jnp.where(inside, q, -1.0)
-    ph = jnp.where(inside, q_in * jnp.exp(q_in) / jnp.expm1(q_in), 1.0)  # q p / (p - 1)
+    p_in, p_minus_1 = exp_and_expm1(q_in)
+    ph = jnp.where(inside, q_in * p_in / p_minus_1, 1.0)  # q p / (p - 1)
     f = jnp.where(finite, -u_gamma * q, jnp.inf)
     slope = jnp.where(finite, -u_gamma * (1 + gamma * ph), -1.0)
     return f, slope
+
+
+def _by_halves(q):
+    half = jnp.exp(q / 2)
+    return half * half, jnp.expm1(q / 2) * (half + 1)
+
+
+def _by_tanh(q):
+    p = jnp.exp(q)
+    return p, jnp.tanh(q / 2) * (p + 1)
+
+
+# ``e^q`` and ``e^q - 1``, each exact near ``q = 0``, spelled three ways: with label
+# smoothing, the forward pass's two row sums and the tangent each take their own on GPUs
+# and TPUs (jsoftmax._cpu.focal_terms).
+_SPELLINGS = {
+    "expm1": lambda q: (jnp.exp(q), jnp.expm1(q)),
+    "halves": _by_halves,  # e^q - 1 = (e^(q/2) - 1) (e^(q/2) + 1)
+    "tanh": _by_tanh,  # e^q - 1 = tanh(q/2) (e^q + 1)
+}
 
 
 def _rows(x, where, labels, weights, gamma, options) -> _Rows:
@@ -124,7 +149,8 @@ def _rows(x, where, labels, weights, gamma, options) -> _Rows:
     if options.smooth:
         q = _shifted(z, m) - log_s
         kept = raw != -jnp.inf
-        f, slope = _focal_terms(q, gamma[..., None] if options.flsd else gamma)
+        gamma_k = gamma[..., None] if options.flsd else gamma
+        f, slope = _focal_terms(q, gamma_k)[0], focal_terms(q, gamma_k, "halves")[1]
         w = 1.0 if weights is None else weights
         (w_f, w_slope), (count,) = row_sums(
             [jnp.where(kept, w * f, 0.0), jnp.where(kept, w * slope, 0.0)],
@@ -175,7 +201,7 @@ def _focal_tangent(options, x, where, labels, weights, alpha, rows, t_x):
     if uniform is not None:
         gamma = rows.gamma[..., None] if options.flsd else rows.gamma
         w = 1.0 if weights is None else weights
-        g = g + uniform[..., None] * w * _focal_terms(q, gamma)[1]
+        g = g + uniform[..., None] * w * focal_terms(q, gamma, "tanh", kept)[1]
     if slope is not None:  # d cap(x) / dx
         g = g * slope
     if options.smooth or options.softcap is not None:

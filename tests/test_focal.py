@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 
 import jsoftmax
 from tests import reference
-from tests.conftest import TRANSFORMS, check_grads_order_two, saved_residuals
+from tests.conftest import (
+    TRANSFORMS,
+    check_grads_order_two,
+    core_schedules,
+    lowered_for,
+    saved_residuals,
+)
 from tests.test_losses import WEIGHTS, K, N, assert_core_equals_cpu, close, data, edge_inputs, mask
 
 inf, nan = np.inf, np.nan
@@ -578,13 +584,29 @@ def test_optax_training_step_lowers_the_loss():
     assert loss_fn(params) < 0.5 * first
 
 
-@pytest.mark.parametrize("extras", ["softcap", "all"])
+@pytest.mark.parametrize("extras", ["smoothing", "flsd", "softcap", "all"])
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
 def test_core_equals_the_cpu_schedules(alpha, extras):
-    """What GPUs and TPUs run (the plain core) gives the CPU schedules' losses and
-    gradients, at the edges too."""
+    """What GPUs and TPUs run (the plain core, which spells the smoothing sums' and the
+    tangent's focal terms apart) gives the CPU schedules' losses and gradients, at the
+    edges too."""
     x, y, _, w, m = edge_inputs()
-    kwargs = dict(gamma=2.0, label_smoothing=alpha, logit_softcap=2.0)
+    kwargs = dict(gamma=2.0, label_smoothing=alpha)
+    if extras == "flsd":
+        kwargs.update(gamma="flsd-53")
+    if extras in ("softcap", "all"):
+        kwargs.update(logit_softcap=2.0)
     if extras == "all":
         kwargs.update(where=m, class_weights=w, ignore_index=3)
     assert_core_equals_cpu(lambda x: focal(x, y, **kwargs), x)
+
+
+def test_core_spells_the_smoothing_sums_and_the_tangent_apart():
+    """On CPU the smoothing sums and the tangent share the forward pass's focal terms;
+    the core gives each its own (tanh in the tangent), which XLA's GPU backend does not
+    write out."""
+    x, y, _, _, _ = edge_inputs()
+    grad = jax.grad(lambda x: jnp.sum(focal(x, y, label_smoothing=0.1)))
+    assert "tanh" not in lowered_for(grad, "cpu", x)
+    with core_schedules():
+        assert "tanh" in lowered_for(grad, "cpu", x)
