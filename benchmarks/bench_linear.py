@@ -2,8 +2,9 @@
 
 Run: python benchmarks/bench_linear.py [--repeats N] [--heads H ...] [--chunks C ...]
      [--accum-dtypes A ...] [--shapes NxDxV ...] [--max-unfused-gib G]
-For each head (cross-entropy, log-probabilities with entropy as a GRPO-style
-loss, distillation by forward KL and by the JSD) it times ``jax.value_and_grad``
+For each head (cross-entropy, log-probabilities with entropy in a policy-gradient
+loss, per token from ``linear_log_probs`` and fused in ``linear_log_probs_loss``,
+distillation by forward KL and by the JSD) it times ``jax.value_and_grad``
 over (hidden, weight) of a scalar loss, fused (``jsoftmax.linear_*``) and
 unfused (``hidden @ weight``, then jsoftmax / jax.nn on the logits), interleaved
 in one process, and prints median times, the median per-pair time ratio
@@ -25,7 +26,12 @@ from _harness import compare, compiled, device
 
 import jsoftmax
 
-HEADS = ("cross_entropy", "log_probs", "forward_kl", "jsd")
+HEADS = ("cross_entropy", "log_probs", "log_probs_loss", "forward_kl", "jsd")
+
+
+def policy_loss(log_p, entropy, advantage):
+    """A policy-gradient loss with an entropy bonus, per token."""
+    return -advantage * log_p - 0.01 * entropy
 
 
 def sizes():
@@ -61,19 +67,28 @@ def losses(head, labels, advantage, t_hidden, t_weight, options):
                 h @ w, labels, reduction="mean"
             )
 
-    elif head == "log_probs":  # a policy-gradient loss with an entropy bonus
+    elif head == "log_probs":  # per-token outputs, then the loss: cotangents per token
 
         def fused(h, w):
             logp, entropy = jsoftmax.linear_log_probs(h, w, labels, return_entropy=True, **options)
-            return -jnp.mean(advantage * logp) - 0.01 * jnp.mean(entropy)
+            return jnp.mean(policy_loss(logp, entropy, advantage))
+
+    elif head == "log_probs_loss":  # the same loss fused with the head
+
+        def fused(h, w):
+            return jsoftmax.linear_log_probs_loss(
+                h, w, labels, policy_loss, (advantage,), with_entropy=True, **options
+            )
+
+    if head in ("log_probs", "log_probs_loss"):
 
         def unfused(h, w):
             log_p = jax.nn.log_softmax((h @ w).astype(jnp.float32))
             logp = jnp.take_along_axis(log_p, labels[:, None], 1)[:, 0]
             entropy = -jnp.sum(jnp.exp(log_p) * log_p, -1)
-            return -jnp.mean(advantage * logp) - 0.01 * jnp.mean(entropy)
+            return jnp.mean(policy_loss(logp, entropy, advantage))
 
-    else:
+    elif head != "cross_entropy":
         divergence = head
 
         def fused(h, w):

@@ -27,6 +27,7 @@ from jsoftmax._calibrators import fit_vector_scaling as fit_vector_scaling
 from jsoftmax._focal import softmax_focal_loss as softmax_focal_loss
 from jsoftmax._linear import linear_distillation_loss as linear_distillation_loss
 from jsoftmax._linear import linear_log_probs as linear_log_probs
+from jsoftmax._linear import linear_log_probs_loss as linear_log_probs_loss
 from jsoftmax._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from jsoftmax._losses import smooth_labels as smooth_labels
 from jsoftmax._losses import softmax_cross_entropy as softmax_cross_entropy

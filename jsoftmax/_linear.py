@@ -12,6 +12,9 @@ the core turns that into the gradients of ``hidden``, ``weight`` and ``bias``
 cotangent is one scalar, so the forward pass computes the gradients chunk by
 chunk and keeps only them (:func:`_total`); for per-token outputs the backward
 pass recomputes each chunk's logits from the saved inputs (:func:`_per_token`).
+A per-token loss of a head's values (:func:`linear_log_probs_loss`) is applied
+inside the chunk, where its VJP gives the head its cotangents
+(:func:`_token_loss`).
 
 With ``axis_name``, the weights and biases hold this device's slice of the
 vocabulary inside ``jax.shard_map``: each shard reduces its slice and the
@@ -23,6 +26,7 @@ gradient with respect to ``hidden`` is summed over the shards.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -58,6 +62,7 @@ class _Config(NamedTuple):
     entropy: bool = False
     divergence: str = "forward_kl"
     accum_dtype: np.dtype | None = None
+    token_loss: Callable | None = None  # of the head's per-token values and token_args
 
 
 class _Hyper(NamedTuple):
@@ -245,25 +250,101 @@ def linear_log_probs(
       that token's outputs NaN. Under ``jax.jit`` a non-positive temperature
       cannot raise: every output comes out NaN.
     """
-    fname = "linear_log_probs"
-    hidden, weight, bias = _head_inputs(fname, "", hidden, weight, bias)
-    shards = 1 if axis_name is None else lax.axis_size(axis_name)
-    where = _checks.mask(fname, where, hidden.shape[:-1])
-    if where is not None and jnp.shape(labels) == where.shape:
-        labels = jnp.where(where, jnp.asarray(labels), 0)  # a masked token's label is not read
-    labels = _checks.integer_labels(
-        fname, labels, hidden.shape[:-1], weight.shape[1] * shards, f"hidden {hidden.shape}"
-    )
-    hyper = _Hyper(_temperature(fname, temperature))
-    config = _Config(
-        "log_probs",
-        _chunk_size(fname, chunk_size, weight.shape[1], labels.size),
-        axis_name,
-        entropy=bool(return_entropy),
-        accum_dtype=_accum_dtype(fname, accum_dtype),
-    )
-    out = _call(config, hidden, (weight, bias), None, labels, where, None, hyper, "none")
+    config, hidden, params, labels, where, hyper = _log_probs_setup(
+        "linear_log_probs", hidden, weight, labels, bias, temperature, where,
+        return_entropy, chunk_size, accum_dtype, axis_name,
+    )  # fmt: skip
+    out = _call(config, hidden, params, None, labels, where, None, hyper, "none")
     return out if return_entropy else out[0]
+
+
+def linear_log_probs_loss(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    token_loss: Callable[..., jax.Array],
+    token_args: tuple[ArrayLike, ...] = (),
+    *,
+    bias: ArrayLike | None = None,
+    temperature: ArrayLike = 1.0,
+    where: ArrayLike | None = None,
+    with_entropy: bool = False,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    accum_dtype: DTypeLike | None = None,
+    axis_name: str | None = None,
+) -> jax.Array:
+    r"""A loss of each token's log-probability (and entropy), fused with the head.
+
+    Per token, ``token_loss(log_p, *token_args)`` (with ``with_entropy``,
+    ``token_loss(log_p, entropy, *token_args)``), ``log_p`` and ``entropy`` as
+    :func:`linear_log_probs` gives them: a policy-gradient objective (PPO's or
+    GRPO's clipped ratio against old log-probabilities, times advantages, an
+    entropy bonus, a KL penalty against a reference model's log-probabilities).
+    Equal to that function applied to :func:`linear_log_probs`' outputs, in
+    value and in the gradients with respect to ``hidden``, ``weight``,
+    ``bias`` and ``temperature``; but for "sum" and "mean" the gradients come
+    out of the forward pass (the loss's derivative per token is known there),
+    three matmuls a chunk against four for :func:`linear_log_probs` under a
+    per-token cotangent.
+
+    Args:
+      hidden: floating ``[..., D]``.
+      weight: floating ``[D, V]``; with ``axis_name``, this device's slice.
+      labels: integers ``[...]`` (global class ids, also when sharded).
+      token_loss: an elementwise function of per-token arrays: the
+        log-probabilities (float32, float64 for float64 inputs), with
+        ``with_entropy`` the entropies, then ``token_args``. Static (hashed by
+        identity): define it once, not as a new lambda per call, or each
+        un-jitted call compiles anew.
+      token_args: arrays of ``labels``' shape, constants (no gradient flows to
+        them): advantages, old or reference log-probabilities.
+      bias: floating ``[V]`` (or this device's slice), or None.
+      temperature: a positive scalar ``T``. Differentiable.
+      where: boolean ``[...]``; False tokens cost 0 and do not count (their
+        labels are not read).
+      with_entropy: pass each token's entropy to ``token_loss``.
+      reduction: "none" (per token, ``labels``' shape), "sum", or "mean" (over
+        the counting tokens; 0 when none counts).
+      chunk_size, accum_dtype, axis_name: as in
+        :func:`linear_softmax_cross_entropy`.
+
+    Returns:
+      The loss per token for "none", else a scalar; float32 (float64 for
+      float64 inputs).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jsoftmax
+      >>> def grpo(log_p, old_log_p, advantage):  # the clipped surrogate
+      ...     ratio = jnp.exp(log_p - old_log_p)
+      ...     return -jnp.minimum(ratio * advantage, jnp.clip(ratio, 0.8, 1.2) * advantage)
+      >>> hidden = jax.random.normal(jax.random.key(0), (6, 4))
+      >>> weight = jax.random.normal(jax.random.key(1), (4, 10))
+      >>> labels = jnp.array([0, 3, 9, 2, 2, 5])
+      >>> old = jsoftmax.linear_log_probs(hidden, weight, labels) - 0.1
+      >>> advantage = jnp.array([1.0, -1.0, 0.5, 0.0, 2.0, -0.5])
+      >>> loss = jsoftmax.linear_log_probs_loss(
+      ...     hidden, weight, labels, grpo, (old, advantage), chunk_size=4)
+      >>> log_p = jsoftmax.linear_log_probs(hidden, weight, labels)
+      >>> bool(jnp.allclose(loss, jnp.mean(grpo(log_p, old, advantage))))
+      True
+
+    Note:
+      Labels out of range raise ``ValueError`` when concrete; traced ones make
+      that token's loss NaN (and so "sum" and "mean").
+    """
+    fname = "linear_log_probs_loss"
+    if not callable(token_loss):
+        raise TypeError(f"{fname}: token_loss must be callable, got {token_loss!r}")
+    config, hidden, params, labels, where, hyper = _log_probs_setup(
+        fname, hidden, weight, labels, bias, temperature, where,
+        with_entropy, chunk_size, accum_dtype, axis_name, token_loss,
+    )  # fmt: skip
+    token_args = tuple(_token_arg(fname, i, a, labels.shape) for i, a in enumerate(token_args))
+    _check_reduction(fname, reduction)
+    out = _call(config, hidden, params, None, labels, where, None, hyper, reduction, token_args)
+    return out[0] if reduction == "none" else out
 
 
 _DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -397,6 +478,44 @@ def _head_inputs(fname, prefix, hidden, weight, bias):
                 f"{weight.shape} needs ({weight.shape[1]},)"
             )
     return hidden, weight, bias
+
+
+def _log_probs_setup(
+    fname, hidden, weight, labels, bias, temperature, where, entropy, chunk_size, accum_dtype,
+    axis_name, token_loss=None,
+):  # fmt: skip
+    """The log-probability head's config, checked inputs and hyperparameters (a masked
+    token's label becomes 0: it is not read)."""
+    hidden, weight, bias = _head_inputs(fname, "", hidden, weight, bias)
+    shards = 1 if axis_name is None else lax.axis_size(axis_name)
+    where = _checks.mask(fname, where, hidden.shape[:-1])
+    if where is not None and jnp.shape(labels) == where.shape:
+        labels = jnp.where(where, jnp.asarray(labels), 0)  # a masked token's label is not read
+    labels = _checks.integer_labels(
+        fname, labels, hidden.shape[:-1], weight.shape[1] * shards, f"hidden {hidden.shape}"
+    )
+    config = _Config(
+        "log_probs",
+        _chunk_size(fname, chunk_size, weight.shape[1], labels.size),
+        axis_name,
+        entropy=bool(entropy),
+        accum_dtype=_accum_dtype(fname, accum_dtype),
+        token_loss=token_loss,
+    )
+    hyper = _Hyper(_temperature(fname, temperature))
+    return config, hidden, (weight, bias), labels, where, hyper
+
+
+def _token_arg(fname, i, arg, tokens):
+    """``token_args[i]``: a floating array of the tokens' shape, held constant."""
+    arg = jnp.asarray(arg)
+    if not jnp.issubdtype(arg.dtype, jnp.floating):
+        raise TypeError(f"{fname}: token_args[{i}] must be floating, got {arg.dtype}")
+    if arg.shape != tokens:
+        raise ValueError(
+            f"{fname}: token_args[{i}] has shape {arg.shape} but the tokens are {tokens}"
+        )
+    return lax.stop_gradient(arg)
 
 
 def _temperature(fname, temperature):
@@ -584,6 +703,17 @@ _HEADS = {
 }
 
 
+def _token_loss(config, head, counts, token_args, cts) -> tuple:
+    """``config.token_loss`` of the head's per-token values, and the head's gradient under
+    the cotangents that the loss's VJP gives them (``cts``: the loss's own)."""
+    values = head(None)[0]
+    loss, pullback = jax.vjp(lambda *v: config.token_loss(*v, *token_args), *values)
+    loss = jnp.where(counts, loss.astype(values[0].dtype), 0.0)
+    if cts is not None:
+        cts = pullback(jnp.where(counts, cts[0], 0.0).astype(loss.dtype))
+    return ((loss,), *head(cts)[1:])
+
+
 # ---------------------------------------------------------------- the chunked core
 
 
@@ -612,11 +742,15 @@ def _chunk(config, h, params, teacher, rows, hyper, cts):
     over the chunk) and the temperature.
     """
     weight, bias = params
-    t_hidden, labels, counts = rows
+    t_hidden, labels, counts, token_args = rows
     dtype = _compute_dtype(h, params, teacher, t_hidden)
     z = _project(h, weight, bias, dtype)
     t = None if teacher is None else _project(t_hidden, teacher[0], teacher[1], dtype)
-    values, dz, d_temperature = _HEADS[config.head](config, z, t, labels, counts, hyper, cts)
+    head = functools.partial(_HEADS[config.head], config, z, t, labels, counts, hyper)
+    if config.token_loss is None:
+        values, dz, d_temperature = head(cts)
+    else:
+        values, dz, d_temperature = _token_loss(config, head, counts, token_args, cts)
     if cts is None:
         return values, None
     dz_in = dz.astype(weight.dtype)
@@ -676,7 +810,7 @@ def _scan(config, h, params, teacher, rows, hyper, cts):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 8))
-def _call(config, hidden, params, teacher, labels, where, ignore, hyper, reduction):
+def _call(config, hidden, params, teacher, labels, where, ignore, hyper, reduction, token_args=()):
     """Flattens the tokens; the per-token values (a tuple) for "none", else their reduction."""
     shape = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -689,7 +823,8 @@ def _call(config, hidden, params, teacher, labels, where, ignore, hyper, reducti
         labels = labels.reshape(-1)
         if ignore is not None:
             counts = counts & (labels != ignore)
-    rows = (t_hidden, labels, counts)
+    token_args = tuple(a.reshape(-1) for a in token_args)
+    rows = (t_hidden, labels, counts, token_args)
     if reduction == "none":
         values = _per_token(config, h, params, teacher, rows, hyper)
         return jax.tree.map(lambda v: v.reshape(shape), values)

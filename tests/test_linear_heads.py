@@ -38,6 +38,35 @@ def fused_log_probs(
     )
 
 
+def grpo(log_p, entropy, old_log_p, advantage):
+    """GRPO's clipped surrogate with an entropy bonus, per token."""
+    ratio = jnp.exp(log_p - old_log_p)
+    clipped = jnp.clip(ratio, 0.8, 1.2)
+    return -jnp.minimum(ratio * advantage, clipped * advantage) - 0.01 * entropy
+
+
+def grpo_without_entropy(log_p, old_log_p, advantage):
+    return grpo(log_p, 0.0, old_log_p, advantage)
+
+
+def unfused_log_probs_loss(h, w, b, labels, args, where, temperature, entropy, reduction):
+    outputs = unfused_log_probs(h, w, b, labels, where, temperature, entropy)
+    outputs = outputs if entropy else (outputs,)
+    per_token = (grpo if entropy else grpo_without_entropy)(*outputs, *args)
+    if where is not None:
+        per_token = jnp.where(where, per_token, 0.0)
+    if reduction == "none":
+        return per_token
+    count = per_token.size if where is None else np.sum(where)
+    return jnp.sum(per_token) / (max(count, 1) if reduction == "mean" else 1)
+
+
+def policy_args(labels, seed=4):
+    rng = np.random.default_rng(seed)
+    old = -3.0 + 0.3 * rng.standard_normal(labels.shape).astype(np.float32)
+    return old, rng.standard_normal(labels.shape).astype(np.float32)
+
+
 def unfused_distillation(
     s_h,
     s_w,
@@ -239,6 +268,72 @@ def test_log_probs_padded_vocabulary_confident_rows_and_masked_padding_labels(x6
             np.testing.assert_allclose(a, np.asarray(b, np.float32), rtol=1e-4, atol=1e-5)
 
 
+# ---------------------------------------------------------------- linear_log_probs_loss
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("entropy", [False, True], ids=["log_probs", "entropy"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "where"])
+def test_log_probs_loss_equals_the_unfused_values_and_gradients(reduction, entropy, masked):
+    hidden, weight, bias, labels, where = problem(37, 16, 50, seed=7)
+    where = where if masked else None
+    args = policy_args(labels)
+
+    def ours(h, w, b, t):
+        loss = grpo if entropy else grpo_without_entropy
+        return jsoftmax.linear_log_probs_loss(
+            h, w, labels, loss, args, bias=b, temperature=t, where=where,
+            with_entropy=entropy, reduction=reduction, chunk_size=8,
+        )  # fmt: skip
+
+    def theirs(h, w, b, t):
+        return unfused_log_probs_loss(h, w, b, labels, args, where, t, entropy, reduction)
+
+    primals = (hidden, weight, bias, np.float32(0.7))
+    assert_same(vjp_all(ours, primals), vjp_all(theirs, primals), rtol=5e-5, atol=5e-6)
+
+
+def test_log_probs_loss_leading_axes_jit_low_precision_and_traced_bad_label():
+    hidden, weight, bias, labels, where = problem(6, 8, 21, batch=(2, 3))
+    args = policy_args(labels)
+
+    def loss(h, w, y, reduction="none"):
+        return jsoftmax.linear_log_probs_loss(
+            h, w, y, grpo, args, with_entropy=True, where=where, reduction=reduction,
+            chunk_size=5,
+        )  # fmt: skip
+
+    got = jax.jit(loss)(hidden, weight, labels)
+    assert got.shape == (2, 3, 6)
+    assert_same(
+        got, unfused_log_probs_loss(hidden, weight, None, labels, args, where, 1.0, True, "none")
+    )
+    low = [a.astype(jnp.bfloat16) for a in (hidden, weight)]
+    value, grads = jax.value_and_grad(lambda h, w: loss(h, w, labels, "mean"), (0, 1))(*low)
+    assert value.dtype == jnp.float32 and [g.dtype for g in grads] == [jnp.bfloat16] * 2
+    bad = labels.copy()
+    bad[0, 1, 2] = 21
+    got = np.asarray(jax.jit(loss)(hidden, weight, bad))
+    assert np.isnan(got[0, 1, 2]) == bool(where[0, 1, 2])
+    assert np.isfinite(np.delete(got.reshape(-1), 8)).all()
+
+
+def test_log_probs_loss_errors():
+    hidden, weight, _, labels, _ = problem(6, 4, 10)
+    args = policy_args(labels)
+    loss = jsoftmax.linear_log_probs_loss
+    with pytest.raises(TypeError, match="token_loss must be callable"):
+        loss(hidden, weight, labels, None, args)
+    with pytest.raises(ValueError, match=r"token_args\[1\] has shape \(5,\) but the tokens"):
+        loss(hidden, weight, labels, grpo_without_entropy, (args[0], args[1][:5]))
+    with pytest.raises(TypeError, match=r"token_args\[0\] must be floating"):
+        loss(hidden, weight, labels, grpo_without_entropy, (labels, args[1]))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        loss(hidden, weight, labels, grpo_without_entropy, args, reduction="max")
+    with pytest.raises(ValueError, match="out of range"):
+        loss(hidden, weight, labels + 10, grpo_without_entropy, args)
+
+
 # ---------------------------------------------------------------- linear_distillation_loss
 
 
@@ -406,7 +501,7 @@ def test_heads_never_materialise_the_logits():
         t_h, t_w, t_b = teacher(n, 16, v, seed=0)
         advantage = np.random.default_rng(0).standard_normal(n).astype(np.float32)
 
-        def grpo(h, w):  # a policy-gradient loss with an entropy bonus
+        def per_token_grpo(h, w):  # a policy-gradient loss with an entropy bonus
             logp, entropy = jsoftmax.linear_log_probs(
                 h, w, labels, bias=bias, return_entropy=True, chunk_size=chunk
             )
@@ -425,11 +520,17 @@ def test_heads_never_materialise_the_logits():
                 chunk_size=chunk,
             )
 
-        loss = grpo if divergence is None else distill
+        def fused_grpo(h, w):  # a clipped GRPO loss, its gradients from the forward pass
+            args = (np.zeros(n, np.float32), advantage)
+            return jsoftmax.linear_log_probs_loss(
+                h, w, labels, grpo, args, bias=bias, with_entropy=True, chunk_size=chunk
+            )
+
+        loss = {None: per_token_grpo, "policy": fused_grpo}.get(divergence, distill)
         compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(hidden, weight)
         return compiled.compile().memory_analysis().temp_size_in_bytes
 
-    for divergence in (None, *DIVERGENCES):
+    for divergence in (None, "policy", *DIVERGENCES):
         small, large = temp_bytes(1024, divergence), temp_bytes(2048, divergence)
         assert large <= 1.05 * small
         assert small < 0.5 * 1024 * v * 4
@@ -497,7 +598,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jsoftmax
 from tests.test_linear import problem
 from tests.test_linear_heads import DIVERGENCES, teacher, unfused_distillation, unfused_log_probs
-from tests.test_linear_heads import vjp_all
+from tests.test_linear_heads import grpo, policy_args, unfused_log_probs_loss, vjp_all
 
 mesh = jax.make_mesh((2, 4), ("data", "model"))
 hidden, weight, bias, labels, where = problem(12, 8, 40, seed=6)
@@ -523,6 +624,23 @@ y, m = placed(labels, data), placed(where, data)
 check(lambda h, w, b, t: sharded(h, w, b, t, y, m),
       lambda h, w, b, t: unfused_log_probs(h, w, b, labels, where, t, True),
       (hidden, weight, bias, np.float32(0.8)), (data, rows, model, P()))
+
+# The fused policy loss, per token and as a global sum.
+args = policy_args(labels)
+for reduction in ("none", "sum"):
+    def local_policy(h, w, b, t, y, m, old, advantage):
+        loss = jsoftmax.linear_log_probs_loss(
+            h, w, y, grpo, (old, advantage), bias=b, temperature=t, where=m,
+            with_entropy=True, reduction=reduction, chunk_size=4, axis_name="model")
+        return loss if reduction == "none" else jax.lax.psum(loss, "data")
+    sharded = jax.shard_map(local_policy, mesh=mesh,
+                            in_specs=(data, rows, model, P(), data, data, data, data),
+                            out_specs=data if reduction == "none" else P())
+    token_args = [placed(a, data) for a in args]
+    check(lambda h, w, b, t: sharded(h, w, b, t, y, m, *token_args),
+          lambda h, w, b, t: unfused_log_probs_loss(h, w, b, labels, args, where, t, True,
+                                                    reduction),
+          (hidden, weight, bias, np.float32(0.8)), (data, rows, model, P()))
 
 # Distillation: every divergence, per token and as a global mean.
 for divergence in DIVERGENCES:
