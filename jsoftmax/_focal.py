@@ -39,9 +39,8 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks
+from jsoftmax import _checks, _cpu
 from jsoftmax._checks import Axis
-from jsoftmax._cpu import cap_and_slope, cap_for_row_sums, focal_terms, row_sums
 from jsoftmax._losses import (
     _at_label,
     _check_reduction,
@@ -126,7 +125,8 @@ def _by_tanh(q):
 
 # ``e^q`` and ``e^q - 1``, each exact near ``q = 0``, spelled three ways: with label
 # smoothing, the forward pass's two row sums and the tangent each take their own on GPUs
-# and TPUs (jsoftmax._cpu.focal_terms).
+# and TPUs (jsoftmax._cpu.focal_terms), against XLA's GPU fusion as of jax 0.10-0.11;
+# benchmarks/aot_gpu.py's focal rows show whether a [N, K] buffer returns.
 _SPELLINGS = {
     "expm1": lambda q: (jnp.exp(q), jnp.expm1(q)),
     "halves": _by_halves,  # e^q - 1 = (e^(q/2) - 1) (e^(q/2) + 1)
@@ -138,7 +138,7 @@ def _rows(x, where, labels, weights, gamma, options) -> _Rows:
     """The max, the normaliser, then (with label smoothing) one pass for the row sums."""
     raw = _logits(x, where)
     top, m, s = _normalizer(raw, (-1,), options.softcap)
-    z = cap_for_row_sums(raw, options.softcap)
+    z = _cpu.cap_for_row_sums(raw, options.softcap)
     log_s = jnp.log(s)
     z_y = _label_logit(x, where, labels, options.softcap)
     q_y = (_shifted(z_y, m) - log_s)[..., 0]
@@ -150,9 +150,9 @@ def _rows(x, where, labels, weights, gamma, options) -> _Rows:
         q = _shifted(z, m) - log_s
         kept = raw != -jnp.inf
         gamma_k = gamma[..., None] if options.flsd else gamma
-        f, slope = _focal_terms(q, gamma_k)[0], focal_terms(q, gamma_k, "halves")[1]
+        f, slope = _focal_terms(q, gamma_k)[0], _cpu.focal_terms(q, gamma_k, "halves")[1]
         w = 1.0 if weights is None else weights
-        (w_f, w_slope), (count,) = row_sums(
+        (w_f, w_slope), (count,) = _cpu.row_sums(
             [jnp.where(kept, w * f, 0.0), jnp.where(kept, w * slope, 0.0)],
             [kept.astype(z.dtype)],
         )
@@ -191,7 +191,7 @@ def _focal_tangent(options, x, where, labels, weights, alpha, rows, t_x):
     Under ``jax.checkpoint``, reverse mode keeps only these arguments: the
     logits and labels as given and per-row vectors.
     """
-    z, slope = cap_and_slope(_logits(x, where), options.softcap)
+    z, slope = _cpu.cap_and_slope(_logits(x, where), options.softcap)
     kept = z != -jnp.inf  # masked and -inf classes are constants: no gradient
     q = _shifted(z, rows.m[..., None]) - rows.log_s[..., None]
     label, uniform = _coefficients(rows, alpha, options)
@@ -201,7 +201,10 @@ def _focal_tangent(options, x, where, labels, weights, alpha, rows, t_x):
     if uniform is not None:
         gamma = rows.gamma[..., None] if options.flsd else rows.gamma
         w = 1.0 if weights is None else weights
-        g = g + uniform[..., None] * w * focal_terms(q, gamma, "tanh", kept)[1]
+        # q > -inf, not kept: a finite logit far below a row's +inf has q = -inf too;
+        # and not q != -inf, the forward pass's spelling, which XLA would share.
+        slope_k = _cpu.focal_terms(q, gamma, "tanh", q > -jnp.inf)[1]
+        g = g + uniform[..., None] * w * slope_k
     if slope is not None:  # d cap(x) / dx
         g = g * slope
     if options.smooth or options.softcap is not None:

@@ -294,18 +294,24 @@ def linear_log_probs_loss(
       labels: integers ``[...]`` (global class ids, also when sharded).
       token_loss: an elementwise function of per-token arrays: the
         log-probabilities (float32, float64 for float64 inputs), with
-        ``with_entropy`` the entropies, then ``token_args``. Static (hashed by
-        identity): define it once, not as a new lambda per call, or each
-        un-jitted call compiles anew.
-      token_args: arrays of ``labels``' shape, constants (no gradient flows to
-        them): advantages, old or reference log-probabilities.
+        ``with_entropy`` the entropies, then ``token_args``; one floating
+        value per token. Static (hashed by identity): define it once (a
+        module-level function), not as a new lambda per call, or each
+        un-jitted call compiles anew and the cache keeps it. It must not
+        close over traced values: pass those in ``token_args``.
+      token_args: a tuple of floating arrays that broadcast to ``labels``'
+        shape (a scalar too: a clip range or a KL coefficient), constants (no
+        gradient flows to them): advantages, old or reference log-probabilities.
       bias: floating ``[V]`` (or this device's slice), or None.
       temperature: a positive scalar ``T``. Differentiable.
       where: boolean ``[...]``; False tokens cost 0 and do not count (their
         labels are not read).
       with_entropy: pass each token's entropy to ``token_loss``.
-      reduction: "none" (per token, ``labels``' shape), "sum", or "mean" (over
-        the counting tokens; 0 when none counts).
+      reduction: "mean" (over the counting tokens; 0 when none counts), "sum",
+        or "none" (per token, ``labels``' shape). "mean" by default, unlike
+        the other heads: the fused gradient needs a scalar reduction (with
+        "none" the per-token cotangents arrive in the backward pass, as for
+        :func:`linear_log_probs`).
       chunk_size, accum_dtype, axis_name: as in
         :func:`linear_softmax_cross_entropy`.
 
@@ -341,7 +347,7 @@ def linear_log_probs_loss(
         fname, hidden, weight, labels, bias, temperature, where,
         with_entropy, chunk_size, accum_dtype, axis_name, token_loss,
     )  # fmt: skip
-    token_args = tuple(_token_arg(fname, i, a, labels.shape) for i, a in enumerate(token_args))
+    token_args = _token_args(fname, token_args, labels.shape)
     _check_reduction(fname, reduction)
     out = _call(config, hidden, params, None, labels, where, None, hyper, reduction, token_args)
     return out[0] if reduction == "none" else out
@@ -506,16 +512,24 @@ def _log_probs_setup(
     return config, hidden, (weight, bias), labels, where, hyper
 
 
-def _token_arg(fname, i, arg, tokens):
-    """``token_args[i]``: a floating array of the tokens' shape, held constant."""
-    arg = jnp.asarray(arg)
-    if not jnp.issubdtype(arg.dtype, jnp.floating):
-        raise TypeError(f"{fname}: token_args[{i}] must be floating, got {arg.dtype}")
-    if arg.shape != tokens:
-        raise ValueError(
-            f"{fname}: token_args[{i}] has shape {arg.shape} but the tokens are {tokens}"
-        )
-    return lax.stop_gradient(arg)
+def _token_args(fname, token_args, tokens):
+    """``token_args``: floating arrays broadcast to the tokens' shape, held constant."""
+    if not isinstance(token_args, (tuple, list)):
+        raise TypeError(f"{fname}: token_args must be a tuple of arrays, got {type(token_args)}")
+    checked = []
+    for i, arg in enumerate(token_args):
+        arg = jnp.asarray(arg)
+        if not jnp.issubdtype(arg.dtype, jnp.floating):
+            raise TypeError(f"{fname}: token_args[{i}] must be floating, got {arg.dtype}")
+        try:
+            arg = jnp.broadcast_to(arg, tokens)
+        except ValueError:
+            raise ValueError(
+                f"{fname}: token_args[{i}] has shape {arg.shape}, which does not broadcast "
+                f"to the tokens' {tokens}"
+            ) from None
+        checked.append(lax.stop_gradient(arg))
+    return tuple(checked)
 
 
 def _temperature(fname, temperature):
@@ -544,7 +558,7 @@ def _accum_dtype(fname, accum_dtype):
         raise TypeError(
             f"{fname}: accum_dtype must be a floating dtype or None, got {accum_dtype!r}"
         )
-    return dtype
+    return jax.dtypes.canonicalize_dtype(dtype)  # float64 is float32 without x64
 
 
 def _default_chunk(vocab, backend):
@@ -707,11 +721,18 @@ def _token_loss(config, head, counts, token_args, cts) -> tuple:
     """``config.token_loss`` of the head's per-token values, and the head's gradient under
     the cotangents that the loss's VJP gives them (``cts``: the loss's own)."""
     values = head(None)[0]
-    loss, pullback = jax.vjp(lambda *v: config.token_loss(*v, *token_args), *values)
-    loss = jnp.where(counts, loss.astype(values[0].dtype), 0.0)
-    if cts is not None:
-        cts = pullback(jnp.where(counts, cts[0], 0.0).astype(loss.dtype))
-    return ((loss,), *head(cts)[1:])
+    out, pullback = jax.vjp(lambda *v: config.token_loss(*v, *token_args), *values)
+    if out.shape != values[0].shape or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(
+            "linear_log_probs_loss: token_loss must be elementwise, one floating value per "
+            f"token: got {out.dtype}{list(out.shape)} for a chunk of {len(values[0])} tokens"
+        )
+    loss = jnp.where(counts, out.astype(values[0].dtype), 0.0)
+    if cts is None:
+        return (loss,), None, None
+    # The head runs again under the cotangents: the same values, which XLA computes once.
+    _, dz, d_temperature = head(pullback(jnp.where(counts, cts[0], 0.0).astype(out.dtype)))
+    return (loss,), dz, d_temperature
 
 
 # ---------------------------------------------------------------- the chunked core

@@ -1,5 +1,7 @@
 """Specification of softmax_focal_loss."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -599,6 +601,16 @@ def test_core_equals_the_cpu_schedules(alpha, extras):
     if extras == "all":
         kwargs.update(where=m, class_weights=w, ignore_index=3)
     assert_core_equals_cpu(lambda x: focal(x, y, **kwargs), x)
+
+
+def test_core_equals_the_cpu_schedules_beside_infinite_and_huge_logits():
+    """A finite logit far below a row's +inf (or huge) maximum has log p = -inf: the
+    core's tangent treats it as the forward pass does (a finite gradient), not as kept."""
+    x = np.array([[inf, -1e38, 0.0, 1.0], [3e38, -3e38, 0.0, 1.0], [2.0, -1.0, 0.0, 1.0]])
+    y = np.array([0, 3, 1])
+    loss = functools.partial(focal, labels=y, label_smoothing=0.1)
+    assert_core_equals_cpu(loss, x.astype(np.float32))
+    assert np.isfinite(jax.grad(lambda x: jnp.sum(loss(x)))(x.astype(np.float32))).all()
 
 
 def test_core_spells_the_smoothing_sums_and_the_tangent_apart():
