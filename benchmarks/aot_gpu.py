@@ -3,7 +3,8 @@
 Run (a separate venv: the CUDA wheels are large and make CUDA jax's default):
     python -m venv /tmp/cuda && . /tmp/cuda/bin/activate
     pip install "jax[cuda13]==$JAX_VERSION" optax && pip install -e .
-    JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/aot_gpu.py [losses|softmax] [--gpu h100]
+    JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/aot_gpu.py [losses|softmax|linear] \
+        [--gpu h100]
 
 XLA compiles for a GPU described by a target configuration alone (the CUDA
 plugin's deviceless compile: ``jax.experimental.topologies``), the same
@@ -15,6 +16,10 @@ an estimate of the memory traffic: the bytes each kernel of the optimised
 program reads and writes, summed; the softmax family and the losses are bound
 by it. No time is measured: a GPU's clock decides that, this shows whether the
 program has the shape of the reference (no [N, K] buffer, no extra pass).
+``linear`` compiles bench_linear.py's GPU heads (chunks of 2048 tokens, the GPU
+default; the deviceless compile runs on a CPU backend, whose default differs)
+with each ``accum_dtype`` and prints their temps against the unfused
+computation's: matmul-bound, so no traffic.
 
 On the H200 the device tool lends (jax 0.11.2), the temps matched the
 measured ones to 0.1 MiB, and the traffic ratios the measured time ratios to
@@ -31,6 +36,7 @@ import re
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # compile only, even next to a GPU
 
+import bench_linear
 import bench_losses
 import bench_softmax
 import jax
@@ -177,6 +183,36 @@ def softmax(compile):
             row(compile, f"{name} fwd+bwd {label}", fb(ours), fb(theirs), (x, g))
 
 
+def head_temp(compile, head, args, fused, accum=None):
+    """Compiled temp MiB of bench_linear's fused (or unfused) value and gradients."""
+
+    def fn(h, w, labels, advantage, t_weight):
+        options = {"chunk_size": 2048, "accum_dtype": accum}
+        pair = bench_linear.losses(head, labels, advantage, h, t_weight, options)
+        return pair[0 if fused else 1](h, w)
+
+    return compile(fn, *args).memory_analysis().temp_size_in_bytes / 2**20
+
+
+def linear(compile):
+    print("\n| head | N x D x V | accum_dtype | fused temp MiB | unfused temp MiB | temp ratio |")
+    print("|---|---|---|---:|---:|---:|")
+    heads = ("cross_entropy", "log_probs", "log_probs_loss", "forward_kl")
+    for n, d, v, dtype in bench_linear.sizes(gpu=True):
+        spec = jax.ShapeDtypeStruct
+        args = (spec((n, d), dtype), spec((d, v), dtype), spec((n,), jnp.int32))
+        args += (spec((n,), jnp.float32), spec((d, v), dtype))
+        for head in heads:
+            unfused = head_temp(compile, head, args, False)
+            for accum in (None, "bfloat16"):
+                fused = head_temp(compile, head, args, True, accum)
+                print(
+                    f"| {head} | {n} x {d} x {v} | {accum or 'default'} | {fused:.0f} "
+                    f"| {unfused:.0f} | {fused / unfused:.2f}x |",
+                    flush=True,
+                )
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("what", nargs="*", default=["losses", "softmax"])
@@ -185,7 +221,7 @@ def main():
     print(f"deviceless compile for {GPUS[args.gpu][0]}, jax {jax.__version__}")
     compile = compiler(args.gpu)
     for what in args.what:
-        {"losses": losses, "softmax": softmax}[what](compile)
+        {"losses": losses, "softmax": softmax, "linear": linear}[what](compile)
 
 
 if __name__ == "__main__":

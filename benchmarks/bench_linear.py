@@ -34,9 +34,9 @@ def policy_loss(log_p, entropy, advantage):
     return -advantage * log_p - 0.01 * entropy
 
 
-def sizes():
-    """(N, D, V, dtype) for this backend."""
-    if jax.default_backend() == "cpu":
+def sizes(gpu=None):
+    """(N, D, V, dtype) for this backend (or, with ``gpu``, a GPU's)."""
+    if not (jax.default_backend() != "cpu" if gpu is None else gpu):
         return [(4096, 512, 32000, jnp.float32), (1024, 512, 128000, jnp.float32)]
     return [
         (8192, 2304, 256000, jnp.bfloat16),  # Gemma-2-2B head
