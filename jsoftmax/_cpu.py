@@ -2,8 +2,9 @@
 where it measured faster there; GPUs and TPUs run the plain core.
 
 Each computes what its core counterpart does, to rounding; the tests compare
-the two on CPU. The cores are :mod:`jsoftmax._softmax` and :mod:`jsoftmax._focal`,
-imported as modules: they import this one.
+the two on CPU. The core is :mod:`jsoftmax._softmax`, imported as a module: it
+imports this one. The losses reach these through the module too, and the focal
+loss passes its own terms (:func:`focal_terms`), so that no import order matters.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoftmax import _focal, _softmax
+from jsoftmax import _softmax
 
 
 def cap_and_slope(z: jax.Array, softcap: float | None) -> tuple[jax.Array, jax.Array | None]:
@@ -103,9 +104,9 @@ def softmax_probs(d: jax.Array, s: jax.Array) -> jax.Array:
     )
 
 
-def focal_terms(q, gamma, spelling, finite=None):
-    """:func:`jsoftmax._focal._focal_terms` in the given ``spelling``; on CPU as the
-    forward pass spells them (``expm1``, ``finite`` from ``q``).
+def focal_terms(terms, q, gamma, spelling, finite=None):
+    """The focal terms ``terms(q, gamma, spelling, finite)`` (:func:`jsoftmax._focal._focal_terms`);
+    on CPU as the forward pass spells them, ``terms(q, gamma)``.
 
     With label smoothing the focal loss sums ``f(q)`` and ``f'(q)`` over each
     row and its tangent needs ``f'(q)`` again. XLA's CPU backend computes the
@@ -119,6 +120,6 @@ def focal_terms(q, gamma, spelling, finite=None):
         q,
         gamma,
         finite,
-        cpu=lambda q, gamma, finite: _focal._focal_terms(q, gamma),
-        default=lambda q, gamma, finite: _focal._focal_terms(q, gamma, spelling, finite),
+        cpu=lambda q, gamma, finite: terms(q, gamma),
+        default=lambda q, gamma, finite: terms(q, gamma, spelling, finite),
     )

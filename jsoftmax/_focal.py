@@ -150,7 +150,8 @@ def _rows(x, where, labels, weights, gamma, options) -> _Rows:
         q = _shifted(z, m) - log_s
         kept = raw != -jnp.inf
         gamma_k = gamma[..., None] if options.flsd else gamma
-        f, slope = _focal_terms(q, gamma_k)[0], _cpu.focal_terms(q, gamma_k, "halves")[1]
+        f = _focal_terms(q, gamma_k)[0]
+        slope = _cpu.focal_terms(_focal_terms, q, gamma_k, "halves")[1]
         w = 1.0 if weights is None else weights
         (w_f, w_slope), (count,) = _cpu.row_sums(
             [jnp.where(kept, w * f, 0.0), jnp.where(kept, w * slope, 0.0)],
@@ -203,7 +204,7 @@ def _focal_tangent(options, x, where, labels, weights, alpha, rows, t_x):
         w = 1.0 if weights is None else weights
         # q > -inf, not kept: a finite logit far below a row's +inf has q = -inf too;
         # and not q != -inf, the forward pass's spelling, which XLA would share.
-        slope_k = _cpu.focal_terms(q, gamma, "tanh", q > -jnp.inf)[1]
+        slope_k = _cpu.focal_terms(_focal_terms, q, gamma, "tanh", q > -jnp.inf)[1]
         g = g + uniform[..., None] * w * slope_k
     if slope is not None:  # d cap(x) / dx
         g = g * slope

@@ -33,9 +33,8 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks
+from jsoftmax import _checks, _cpu
 from jsoftmax._checks import Axis
-from jsoftmax._cpu import cap_and_slope, cap_for_row_sums, row_sums
 from jsoftmax._softmax import _capped_slope, _logits, _nonzero, _normalizer, _shifted
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -88,7 +87,7 @@ def _rows(x, where, target, weights, options) -> _Rows:
     """The per-row sums the loss and its derivative need: the max, then one pass."""
     raw = _logits(x, where)
     top, m, s = _normalizer(raw, (-1,), options.softcap)
-    z = cap_for_row_sums(raw, options.softcap)
+    z = _cpu.cap_for_row_sums(raw, options.softcap)
     d = _shifted(z, m)
     # Row sums of terms that need the shift m, and of terms that do not (the
     # target's mass, the kept classes and their weights).
@@ -106,7 +105,7 @@ def _rows(x, where, target, weights, options) -> _Rows:
         if weights is not None:
             unshifted.append(jnp.where(kept, weights, 0.0))
     if shifted:
-        shifted, unshifted = map(list, row_sums(shifted, unshifted))
+        shifted, unshifted = map(list, _cpu.row_sums(shifted, unshifted))
     if options.dense:
         t0, t_d = unshifted.pop(0), shifted.pop(0)
     else:
@@ -152,7 +151,7 @@ def _cross_entropy_tangent(options, x, where, target, weights, alpha, z_loss, ro
     logits and labels as given and per-row vectors; the backward pass is one
     elementwise pass writing the logits' gradient in their dtype.
     """
-    z, slope = cap_and_slope(_logits(x, where), options.softcap)
+    z, slope = _cpu.cap_and_slope(_logits(x, where), options.softcap)
     d = _shifted(z, rows.m[..., None])
     kept = z != -jnp.inf  # masked and -inf classes are constants: no gradient
     # Without smoothing, soft-cap or dense labels, exp(d) is already 0 there.
