@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _select
+from jsoftmax import _checks, _cpu, _select
 
 _MAX_NEWTON_STEPS = 100
 
@@ -288,8 +288,10 @@ def _top1(probs, labels, where):
     """Top-1 confidence and whether it is right (0 in padding rows), and the bad-label flag."""
     dtype = _checks.compute_dtype(probs.dtype)
     p = probs.astype(dtype)
-    confidence = jnp.where(where, jnp.max(p, axis=1), 0.0)
-    hit = jnp.where(where, (jnp.argmax(p, axis=1) == labels).astype(dtype), 0.0)
+    # The entry at the argmax, not jnp.max, which XLA's CPU backend lets drop a NaN.
+    top = _cpu.argmax(p)
+    confidence = jnp.where(where, jnp.take_along_axis(p, top[:, None], 1)[:, 0], 0.0)
+    hit = jnp.where(where, (top == labels).astype(dtype), 0.0)
     return confidence, hit, _count(p, labels, where)[1]
 
 
@@ -567,7 +569,8 @@ def _brier_rows(probs, labels, where):
     return per_row, _count(p, labels, where)[1]
 
 
-def _per_row_mean(per_row, weights):
+def _per_row_mean(per_row, weights, *options):
+    """The weighted mean of per-row values (the options shaped only the rows)."""
     return _mean(jnp.sum(_weighted(weights, per_row)), jnp.sum(weights).astype(per_row.dtype))
 
 

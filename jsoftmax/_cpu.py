@@ -10,6 +10,7 @@ loss passes its own terms (:func:`focal_terms`), so that no import order matters
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -123,3 +124,46 @@ def focal_terms(terms, q, gamma, spelling, finite=None):
         cpu=lambda q, gamma, finite: terms(q, gamma),
         default=lambda q, gamma, finite: terms(q, gamma, spelling, finite),
     )
+
+
+def argmax(p: jax.Array) -> jax.Array:
+    """``jnp.argmax(p, axis=-1)`` (the first maximum; NaN counts as the largest); on CPU,
+    for 64 classes or more, through blocks of about ``sqrt(K)`` classes.
+
+    XLA's CPU argmax, a reduction of two operands, runs one entry at a time:
+    109 ms at float32 [50,000, 1,000] on 2 cores, where the maximum alone takes
+    8-11 ms. The maxima of the blocks (and their sums, which keep a NaN), the
+    argmax among them and the argmax inside the winning block take 28 ms there
+    (56 against 290 at [4096, 32000], 64 against 105 at [500,000, 100], 111
+    against 135 at [1,000,000, 64]). With fewer classes XLA's own is as fast
+    or faster (55-61 ms both at [1,000,000, 32], 2.8 at [1,000,000, 16]); so
+    is it where ``K`` has no divisor near ``sqrt(K)``, since slicing off a
+    remainder costs a copy.
+    """
+    size = _block_size(p.shape[-1])
+    if size is None:
+        return jnp.argmax(p, -1)
+    return lax.platform_dependent(
+        p,
+        cpu=functools.partial(_blocked_argmax, size=size),
+        default=lambda p: jnp.argmax(p, -1),
+    )
+
+
+def _block_size(k):
+    """The divisor of ``k >= 64`` nearest ``sqrt(k)``, if one lies within a factor 4 of it."""
+    if k < 64:
+        return None
+    root = math.isqrt(k)
+    divisors = [d for d in range(root // 4, 4 * root + 1) if k % d == 0]
+    return min(divisors, key=lambda d: abs(d - root), default=None)
+
+
+def _blocked_argmax(p, size):
+    blocks = p.reshape(*p.shape[:-1], p.shape[-1] // size, size)
+    # XLA's CPU max may drop a NaN (jax 0.10's YNNPACK fusions); a sum keeps it, and
+    # marks the blocks that jnp.argmax ranks first (|p|: +inf and -inf make no NaN).
+    has_nan = jnp.isnan(jnp.sum(jnp.abs(blocks), -1))
+    block = jnp.argmax(jnp.where(has_nan, jnp.nan, jnp.max(blocks, -1)), -1)
+    inside = jnp.take_along_axis(blocks, block[..., None, None], -2)[..., 0, :]
+    return block * size + jnp.argmax(inside, -1)

@@ -42,17 +42,22 @@ _BATCH_ELEMENTS = 1 << 22
 # ---------------------------------------------------------------- NLL
 
 
-def _nll_rows(probs, labels, where):
+def _nll_rows(probs, labels, where, log_input):
     p = probs.astype(_checks.compute_dtype(probs.dtype))
     p_label = jnp.take_along_axis(p, labels[:, None], axis=1, mode="clip")[:, 0]
-    return jnp.where(where, -jnp.log(p_label), 0.0), _cal._count(p, labels, where)[1]
+    log_p = p_label if log_input else jnp.log(p_label)
+    return jnp.where(where, -log_p, 0.0), _cal._count(p, labels, where)[1]
 
 
 _NLL = _cal._Metric(_nll_rows, _cal._per_row_mean)
 
 
 def negative_log_likelihood(
-    probs: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None
+    probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    log_input: bool = False,
 ) -> jax.Array:
     r"""Mean negative log-likelihood of the labels under the predicted probabilities.
 
@@ -60,13 +65,19 @@ def negative_log_likelihood(
         \mathrm{NLL} = -\frac{1}{N} \sum_i \log p_{i y_i}
 
     Args:
-      probs: floating ``[N, K]`` predicted probabilities.
+      probs: floating ``[N, K]`` predicted probabilities, or with ``log_input``
+        their logarithms.
       labels: integers ``[N]`` in ``[0, K)``.
       where: boolean ``[N]``; False rows are padding.
+      log_input: ``probs`` holds log-probabilities, as :func:`jsoftmax.calibrate`
+        and :func:`jsoftmax.log_softmax` return them: the NLL is then exact where
+        ``exp`` would round a tiny probability to 0 (float32 below ``1e-45``,
+        an infinite NLL).
 
     Returns:
       A scalar (float32, float64 for float64 ``probs``); 0 when no row is
-      kept, ``inf`` when a kept row gives its label probability 0.
+      kept, ``inf`` when a kept row gives its label probability 0 (log-probability
+      ``-inf``).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -74,14 +85,28 @@ def negative_log_likelihood(
       >>> probs = jnp.array([[0.5, 0.5], [0.25, 0.75]])
       >>> jsoftmax.negative_log_likelihood(probs, jnp.array([0, 1])).round(4)
       Array(0.4904, dtype=float32)
+      >>> log_probs = jnp.array([[0.0, -120.0]])  # exp(-120.0) is 0 in float32
+      >>> jsoftmax.negative_log_likelihood(log_probs, jnp.array([1]), log_input=True)
+      Array(120., dtype=float32)
 
     Note:
       From logits, :func:`jsoftmax.softmax_cross_entropy_with_integer_labels`
-      is more accurate: it never rounds a tiny probability to 0.
+      is as accurate; from calibrated log-probabilities, ``log_input=True``
+      (with :func:`jsoftmax.bootstrap`, through ``functools.partial``).
     """
     fname = "negative_log_likelihood"
     probs, labels, where = _cal._rows(fname, probs, labels, where, "probs")
-    return _cal._evaluate(_NLL, (), probs, labels, where)
+    return _cal._evaluate(_NLL, (_log_input(fname, log_input),), probs, labels, where)
+
+
+def _log_input(fname, log_input):
+    if not isinstance(log_input, bool | np.bool_):
+        raise TypeError(f"{fname}: log_input must be True or False, got {log_input!r}")
+    return bool(log_input)
+
+
+def _nll_plan(log_input=False):
+    return _NLL, (_log_input("negative_log_likelihood", log_input),)
 
 
 # ---------------------------------------------------------------- debiased
@@ -528,7 +553,7 @@ _PLANS: dict[Callable[..., Any], Callable[..., tuple[_cal._Metric, tuple]]] = {
     _cal.adaptive_calibration_error: _sorted_plan("adaptive_calibration_error", _cal._ADAPTIVE),
     _cal.classwise_calibration_error: _sorted_plan("classwise_calibration_error", _cal._CLASSWISE),
     _cal.brier_score: _plain_plan(_cal._BRIER),
-    negative_log_likelihood: _plain_plan(_NLL),
+    negative_log_likelihood: _nll_plan,
     smooth_calibration_error: _plain_plan(_SMOOTH),
     debiased_calibration_error: _debiased_plan,
 }

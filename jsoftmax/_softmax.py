@@ -76,7 +76,9 @@ def _row_max(z: jax.Array, axes: tuple[int, ...], softcap=None) -> tuple[jax.Arr
     """The row max of ``_cap(z, softcap)`` (keepdims), and the shift ``m``: that max
     clamped to be finite.
 
-    NaN propagates; a row of ``-inf`` is shifted by ``-finfo.max``. The cap
+    A row of ``-inf`` is shifted by ``-finfo.max``. A NaN entry makes the
+    max NaN on GPUs; XLA's CPU backend may drop it here, and the row's NaN
+    comes through :func:`_shifted` into the row sum instead. The cap
     increases, so it applies to the max of ``z``: then only the pass that
     sums evaluates ``tanh``, where two passes reading it made XLA's GPU
     backend write it out (a float32 ``[N, K]`` buffer). XLA's float32 ``tanh``
@@ -98,9 +100,13 @@ def _shifted(z: jax.Array, m: jax.Array) -> jax.Array:
     or further (``m`` is clamped there), so its ``exp`` is exactly 0: the limit.
     Clamped at the row's own ``m``, not at a constant, whose ``[..., K]``
     broadcast XLA's CPU backend would write out; at the max, ``z`` and ``m``
-    have the same tangent, so the tie costs no derivative.
+    have the same tangent, so the tie costs no derivative. ``z`` is the
+    second operand so that a NaN entry stays NaN: jax 0.10's CPU backend fuses
+    ``minimum`` with YNNPACK, whose minimum returns its second operand where
+    one is NaN (the row max may drop it too); then the row sum carries the
+    NaN. The suite checks it at sizes that take that fusion.
     """
-    return jnp.minimum(z, m) - m
+    return jnp.minimum(m, z) - m
 
 
 def _normalizer(
@@ -169,9 +175,9 @@ def _clamped(z: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]
 def _family(kind, axes, x, where, temperature):
     """softmax, log_softmax or logsumexp (keepdims) of :func:`_logits`, in ``x``'s dtype."""
     z = _logits(x, where, temperature)
-    if kind == "logsumexp":  # an infinite row max is the answer itself
+    if kind == "logsumexp":  # an infinite row max is the answer itself, unless s is NaN
         top, m, s = _normalizer(z, axes)
-        return jnp.where(jnp.isinf(top), top, m + jnp.log(s)).astype(x.dtype)
+        return jnp.where(jnp.isinf(top) & ~jnp.isnan(s), top, m + jnp.log(s)).astype(x.dtype)
     # max(s, 1), not a select, which splits XLA's CPU fusion: the values are
     # never differentiated (the rule is).
     m, s = _clamped(z, axes)

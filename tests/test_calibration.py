@@ -8,7 +8,7 @@ import pytest
 
 import jsoftmax
 from tests import reference
-from tests.conftest import TRANSFORMS
+from tests.conftest import TRANSFORMS, core_schedules
 
 BINNED = {
     "expected_calibration_error": reference.expected_calibration_error,
@@ -89,6 +89,29 @@ def test_textbook_values():
     np.testing.assert_allclose(jsoftmax.maximum_calibration_error(probs, labels, num_bins=5), 0.25)
     brier = jsoftmax.brier_score(probs, labels)
     np.testing.assert_allclose(brier, (2 * 0.1**2 + 2 * 0.8**2 + 2 * 0.3**2) / 3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [10, 32, 36, 100, 1000, 1009])
+def test_top_label_argmax_is_jnp_argmax_on_every_schedule(k):
+    """The top label (jsoftmax._cpu.argmax, by blocks on CPU) is jnp.argmax's: the first
+    maximum, NaN the largest; ties, NaN, infinities and leading axes, under jit and vmap."""
+    rng = np.random.default_rng(k)
+    p = rng.integers(0, 3, (6, 8, k)).astype(np.float32)  # many ties
+    p[0, 0] = 0.0
+    p[0, 1, ::5] = np.nan
+    p[0, 2, -1] = np.nan
+    p[0, 3, k // 2] = np.inf
+    p[0, 4, [1, -1]] = np.inf
+    p[0, 5, k - 3 :] = 9.0  # the maximum only in the last block
+    expected = np.asarray(jnp.argmax(p, -1))
+    assert np.array_equal(jax.jit(jsoftmax._cpu.argmax)(p), expected)
+    assert np.array_equal(jax.vmap(jsoftmax._cpu.argmax)(p), expected)
+    with core_schedules():
+        assert np.array_equal(jax.jit(jsoftmax._cpu.argmax)(p), expected)
+    size = jsoftmax._cpu._block_size(k)
+    assert (size is None) == (k < 64 or k == 1009)  # 1009 is prime
+    if size is not None:
+        assert np.array_equal(jsoftmax._cpu._blocked_argmax(p, size), expected)
 
 
 def test_bin_edges_are_right_closed_and_zero_is_in_the_first_bin():

@@ -350,6 +350,47 @@ def test_nan_logit_poisons_its_row_only(fn, alpha):
     np.testing.assert_allclose(np.delete(loss, 2), np.delete(clean, 2), rtol=1e-6)
 
 
+NAN_CASES = {
+    **LOSS_CASES,
+    "focal": lambda x, y, q, w, m: jsoftmax.softmax_focal_loss(x, y),
+    "focal+smoothing": lambda x, y, q, w, m: jsoftmax.softmax_focal_loss(
+        x, y, label_smoothing=0.1, gamma="flsd-53"
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", [(1000, 10), (64, 1000)])
+@pytest.mark.parametrize("case", list(NAN_CASES))
+def test_nan_logit_poisons_its_row_only_at_every_size(case, shape):
+    """A NaN logit (beside +inf too) makes its row's loss and gradient NaN and no other's,
+    at sizes where XLA's CPU backend fuses min and max with YNNPACK, which may drop a NaN
+    (jax 0.10: its row then got a finite loss)."""
+    n, k = shape
+    x, y, q, w, m = (np.array(a) for a in loss_inputs(jnp.float32, n, k))
+    y[2:4] = 1  # neither ignored (ignore_index=0) nor the NaN's class
+    m[:4] = True
+    clean = x.copy()
+    x[2, 5] = np.nan
+    x[3, [0, 7]] = [np.inf, np.nan]
+
+    def loss_and_grad(x):
+        def loss(x):
+            return NAN_CASES[case](x, y, q, w, m)
+
+        # The value alone and beside its gradient: XLA fuses each differently.
+        value_and_grad = jax.jit(lambda x: (loss(x), jax.grad(lambda x: loss(x).sum())(x)))
+        return (np.asarray(a) for a in (jax.jit(loss)(x), *value_and_grad(x)))
+
+    loss, loss_beside_grad, grad = loss_and_grad(x)
+    assert np.isnan(loss[2:4]).all() and np.isnan(loss_beside_grad[2:4]).all()
+    assert np.isnan(grad[2:4]).all()
+    rows = np.r_[0:2, 4:n]
+    clean = [a[rows] for a in loss_and_grad(clean)]
+    np.testing.assert_allclose(loss[rows], clean[0], rtol=1e-6)
+    np.testing.assert_allclose(loss_beside_grad[rows], clean[1], rtol=1e-6)
+    np.testing.assert_allclose(grad[rows], clean[2], rtol=1e-5, atol=1e-7)
+
+
 def test_pos_inf_logit():
     logits = jnp.array([[inf, 0.0, inf], [inf, 0.0, 1.0]])
     loss = np.asarray(ce_int(logits, jnp.array([0, 1])))

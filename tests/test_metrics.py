@@ -71,6 +71,30 @@ def test_nll_textbook_and_zero_probability():
     assert jsoftmax.negative_log_likelihood(np.array([[1.0, 0.0]], np.float32), [1]) == np.inf
 
 
+@pytest.mark.parametrize("tx", TRANSFORMS)
+def test_nll_of_log_probabilities(tx):
+    """log_input=True reads log-probabilities: the same NLL, exact where exp underflows,
+    and under bootstrap through functools.partial."""
+    probs, labels = probabilities(300, 4, seed=3)
+    nll = tx(lambda p, y: jsoftmax.negative_log_likelihood(p, y, log_input=True))
+    np.testing.assert_allclose(
+        nll(np.log(probs), labels), reference.negative_log_likelihood(probs, labels), rtol=1e-6
+    )
+    log_probs = np.array([[0.0, -120.0], [-np.inf, 0.0]], np.float32)  # exp(-120) is 0 in float32
+    np.testing.assert_allclose(nll(log_probs, np.array([1, 1])), 60.0)
+    assert jsoftmax.negative_log_likelihood(np.exp(log_probs), [1, 1]) == np.inf
+    assert nll(log_probs, np.array([0, 0])) == np.inf  # a label of probability 0
+    key = jax.random.key(0)
+    from_log = jsoftmax.bootstrap(
+        functools.partial(jsoftmax.negative_log_likelihood, log_input=True),
+        np.log(probs),
+        labels,
+        key=key,
+    )
+    from_probs = jsoftmax.bootstrap(jsoftmax.negative_log_likelihood, probs, labels, key=key)
+    np.testing.assert_allclose(from_log, from_probs, rtol=1e-5)
+
+
 def test_debiased_returns_the_l2_error_not_its_square():
     # Two bins of 4 rows each: confidences 0.9 all wrong, and 0.6 all right.
     probs = np.array([[0.6, 0.4]] * 4 + [[0.9, 0.1]] * 4, np.float32)
@@ -161,6 +185,19 @@ def test_nan_probabilities_and_traced_bad_labels_give_nan(name):
     )
 
 
+@pytest.mark.parametrize("shape", [(1000, 10), (640, 100), (64, 1000)])
+@pytest.mark.parametrize("name", ALL)
+def test_nan_probabilities_give_nan_at_every_size(name, shape):
+    """A row of NaN probabilities but one finite entry, at sizes where XLA's CPU backend
+    fuses its max with YNNPACK, which may drop the NaN (the top-label metrics gave a
+    finite error at 100 classes and more, through the blocked argmax)."""
+    n, k = shape
+    probs, labels = (np.array(a) for a in probabilities(n, k, seed=6))
+    probs[4, 1:] = np.nan
+    labels[4] = 1
+    assert np.isnan(call(name, probs, labels, tx=jax.jit))
+
+
 @pytest.mark.parametrize("name", [*NEW, "smooth_reliability_diagram"])
 def test_errors(name):
     fn = getattr(jsoftmax, name, None) or metric(name)
@@ -189,6 +226,15 @@ def test_option_errors():
         jsoftmax.debiased_calibration_error(probs, labels, num_bins=0)
     with pytest.raises(ValueError, match="num_points must be an integer >= 2, got 1"):
         jsoftmax.smooth_reliability_diagram(probs, labels, num_points=1)
+    with pytest.raises(TypeError, match="log_input must be True or False, got 'yes'"):
+        jsoftmax.negative_log_likelihood(probs, labels, log_input="yes")
+    with pytest.raises(TypeError, match="log_input must be True or False, got 1"):
+        jsoftmax.bootstrap(
+            functools.partial(jsoftmax.negative_log_likelihood, log_input=1),
+            probs,
+            labels,
+            key=jax.random.key(0),
+        )
 
 
 # ---------------------------------------------------------------- bootstrap
