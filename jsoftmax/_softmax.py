@@ -100,13 +100,11 @@ def _shifted(z: jax.Array, m: jax.Array) -> jax.Array:
     or further (``m`` is clamped there), so its ``exp`` is exactly 0: the limit.
     Clamped at the row's own ``m``, not at a constant, whose ``[..., K]``
     broadcast XLA's CPU backend would write out; at the max, ``z`` and ``m``
-    have the same tangent, so the tie costs no derivative. ``z`` is the
-    second operand so that a NaN entry stays NaN: jax 0.10's CPU backend fuses
-    ``minimum`` with YNNPACK, whose minimum returns its second operand where
-    one is NaN (the row max may drop it too); then the row sum carries the
-    NaN. The suite checks it at sizes that take that fusion.
+    have the same tangent, so the tie costs no derivative. A NaN entry stays
+    NaN (:func:`jsoftmax._cpu.clamped`), so the row sum carries it where the
+    row max dropped it (XLA's CPU backend may).
     """
-    return jnp.minimum(m, z) - m
+    return _cpu.clamped(z, m) - m
 
 
 def _normalizer(
@@ -123,6 +121,13 @@ def _normalizer(
     top, m = _row_max(z, axes, softcap)
     s = jnp.sum(jnp.exp(_shifted(_cap(z, softcap), m)), axes, keepdims=True)
     return top, m, jnp.where(s == 0, 1.0, s)
+
+
+def _has_class(top: jax.Array, s: jax.Array) -> jax.Array:
+    """Whether a row keeps a class, from :func:`_normalizer`'s max and ``s``: a max
+    above ``-inf``, or a NaN entry, which makes ``s`` NaN where the max drops it
+    (XLA's CPU backend may, in a row of ``-inf`` and NaN)."""
+    return (top != -jnp.inf) | jnp.isnan(s)
 
 
 def _probs(z: jax.Array, m: jax.Array, s: jax.Array) -> jax.Array:
