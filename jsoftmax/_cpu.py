@@ -63,18 +63,40 @@ def _shared_cap_and_slope(z, softcap):
     return capped, _softmax._capped_slope(capped, softcap)
 
 
-def clamped(z: jax.Array, m: jax.Array) -> jax.Array:
-    """``minimum(z, m)`` that keeps a NaN ``z``: on CPU written ``minimum(m, z)``.
+def clamped(z: jax.Array, m: jax.Array, bound: float | None = None) -> jax.Array:
+    """``z`` clamped at its row's shift ``m``, keeping a NaN ``z``: on CPU
+    ``minimum(m, z)``; elsewhere ``minimum(z, m)``, or ``minimum(z, bound)``
+    where given (softmax's ``finfo.max``: the same value, ``m`` being the row
+    max clamped there).
 
-    jax 0.10's CPU backend fuses ``minimum`` with YNNPACK, whose minimum
-    returns its second operand where one is NaN: with ``z`` first, a NaN
-    logit's row got a finite loss (from a few dozen rows up). XLA's GPU
-    backend keeps NaN in either order, and with ``z`` first fuses label
-    smoothing's row sums into the normaliser's pass: 7.95 against 9.91 GiB
-    moved at bfloat16 [8192, 128256] (an H200, compiled without one).
+    jax 0.10's CPU backend fuses ``minimum`` and ``maximum`` with YNNPACK,
+    whose minimum returns its second operand where one is NaN: with ``z``
+    first, a NaN logit's row got a finite loss, and softmax put its mass on the
+    NaN (from a few dozen rows up). XLA's GPU backend keeps NaN in either
+    order, and fuses what it fused before: with ``z`` first, label smoothing's
+    row sums go into the normaliser's pass (7.95 against 9.91 GiB moved at
+    bfloat16 [8192, 128256]), and softmax forward+backward clamped at
+    ``finfo.max`` holds 0.1 MiB of temp, against 4008 MiB at ``m`` (an H200,
+    compiled without one).
     """
     return lax.platform_dependent(
-        z, m, cpu=lambda z, m: jnp.minimum(m, z), default=lambda z, m: jnp.minimum(z, m)
+        z,
+        m,
+        cpu=lambda z, m: jnp.minimum(m, z),
+        default=lambda z, m: jnp.minimum(z, m if bound is None else bound),
+    )
+
+
+def at_least_one(s: jax.Array, m: jax.Array) -> jax.Array:
+    """``maximum(s, 1)`` that keeps a NaN ``s``: on CPU ``maximum(m - m + 1, s)``.
+
+    As in :func:`clamped`, YNNPACK's maximum returns its second operand where
+    one is NaN, and XLA moves a constant operand second: the 1 is spelled from
+    the row's finite shift ``m``, so that it stays first. A select keeps the
+    NaN too, but YNNPACK fuses none: softmax took 2-5x jax.nn's time with one.
+    """
+    return lax.platform_dependent(
+        s, m, cpu=lambda s, m: jnp.maximum(m - m + 1, s), default=lambda s, m: jnp.maximum(s, 1.0)
     )
 
 

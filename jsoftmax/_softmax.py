@@ -159,8 +159,9 @@ def _nonzero(*tangents):
 
 
 def _clamped_shift(z: jax.Array, m: jax.Array) -> jax.Array:
-    """``z - m`` with ``+inf`` clamped to ``finfo.max`` first: :func:`_shifted`'s limit."""
-    return jnp.minimum(z, jnp.finfo(z.dtype).max) - m
+    """:func:`_shifted` as jax.nn's chain on GPUs: ``+inf`` clamped to ``finfo.max``
+    (the same value: ``m`` is the row max clamped there)."""
+    return _cpu.clamped(z, m, float(jnp.finfo(z.dtype).max)) - m
 
 
 def _clamped(z: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
@@ -188,10 +189,10 @@ def _family(kind, axes, x, where, temperature):
     # max(s, 1), not a select, which splits XLA's CPU fusion: the values are
     # never differentiated (the rule is).
     m, s = _clamped(z, axes)
-    d = _clamped_shift(z, m)
+    d, s = _clamped_shift(z, m), _cpu.at_least_one(s, m)
     if kind == "softmax":
-        return (jnp.exp(d) / jnp.maximum(s, 1.0)).astype(x.dtype)
-    return _log_probs(d, jnp.maximum(s, 1.0)).astype(x.dtype)
+        return (jnp.exp(d) / s).astype(x.dtype)
+    return _log_probs(d, s).astype(x.dtype)
 
 
 def _lse(top, m, s):

@@ -359,7 +359,7 @@ NAN_CASES = {
 }
 
 
-@pytest.mark.parametrize("shape", [(1000, 10), (64, 1000)])
+@pytest.mark.parametrize("shape", [(1000, 10), (8192, 10), (64, 1000), (4096, 1000)])
 @pytest.mark.parametrize("case", list(NAN_CASES))
 def test_nan_logit_poisons_its_row_only_at_every_size(case, shape):
     """A NaN logit (beside +inf, or alone among -inf) makes its row's loss and gradient

@@ -194,7 +194,7 @@ def test_nan_poisons_its_row_only(name, tx):
 
 
 @ALL
-@pytest.mark.parametrize("shape", [(1000, 10), (64, 1000)])
+@pytest.mark.parametrize("shape", [(1000, 10), (8192, 10), (64, 1000), (4096, 1000)])
 def test_nan_poisons_its_row_only_at_every_size(name, shape):
     """As above at sizes where XLA's CPU backend fuses min and max with YNNPACK, which may
     drop a NaN (jax 0.10: logsumexp gave such a row a finite value); the value alone and
