@@ -100,6 +100,25 @@ def at_least_one(s: jax.Array, m: jax.Array) -> jax.Array:
     )
 
 
+def has_class(top: jax.Array, s: jax.Array) -> jax.Array:
+    """Whether a row keeps a class, from :func:`jsoftmax._softmax._normalizer`'s max
+    and ``s``: a max above ``-inf``; on CPU also a NaN ``s``.
+
+    A NaN entry keeps a class (its row is NaN). XLA's GPU backend keeps the NaN
+    in the max; jax 0.10's CPU backend may drop it there (YNNPACK), and a row of
+    ``-inf`` and NaN got loss 0. Its NaN reaches ``s`` (:func:`clamped`). On
+    GPUs the test of ``s`` changed what XLA fuses (class weights 7.89 -> 9.85
+    GiB moved at bfloat16 [8192, 128256], compiled without one), so they test
+    the max alone.
+    """
+    return lax.platform_dependent(
+        top,
+        s,
+        cpu=lambda top, s: (top != -jnp.inf) | jnp.isnan(s),
+        default=lambda top, s: top != -jnp.inf,
+    )
+
+
 def row_sums(shifted: list, unshifted: list) -> tuple[tuple, tuple]:
     """Sums over the last axis of ``[..., K]`` terms that need the row max (one pass
     after it) and of terms that do not.

@@ -54,7 +54,6 @@ from jsoftmax._losses import (
 )
 from jsoftmax._softmax import (
     _capped_slope,
-    _has_class,
     _logits,
     _nonzero,
     _normalizer,
@@ -158,7 +157,7 @@ def _rows(x, where, labels, weights, gamma, options) -> _Rows:
             [jnp.where(kept, w * f, 0.0), jnp.where(kept, w * slope, 0.0)],
             [kept.astype(z.dtype)],
         )
-    has_class = _has_class(top, s)[..., 0]
+    has_class = _cpu.has_class(top, s)[..., 0]
     return _Rows(m[..., 0], log_s[..., 0], has_class, gamma, q_y, w_y, count, w_f, w_slope)
 
 

@@ -37,7 +37,6 @@ from jsoftmax import _checks, _cpu
 from jsoftmax._checks import Axis
 from jsoftmax._softmax import (
     _capped_slope,
-    _has_class,
     _logits,
     _nonzero,
     _normalizer,
@@ -122,7 +121,7 @@ def _rows(x, where, target, weights, options) -> _Rows:
     if options.smooth:
         count, w_d = unshifted.pop(0), shifted.pop(0)
         w_sum = unshifted.pop(0) if weights is not None else count
-    has_class = _has_class(top, s)[..., 0]
+    has_class = _cpu.has_class(top, s)[..., 0]
     return _Rows(m[..., 0], jnp.log(s[..., 0]), has_class, t0, t_d, count, w_sum, w_d)
 
 

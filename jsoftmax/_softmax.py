@@ -123,13 +123,6 @@ def _normalizer(
     return top, m, jnp.where(s == 0, 1.0, s)
 
 
-def _has_class(top: jax.Array, s: jax.Array) -> jax.Array:
-    """Whether a row keeps a class, from :func:`_normalizer`'s max and ``s``: a max
-    above ``-inf``, or a NaN entry, which makes ``s`` NaN where the max drops it
-    (XLA's CPU backend may, in a row of ``-inf`` and NaN)."""
-    return (top != -jnp.inf) | jnp.isnan(s)
-
-
 def _probs(z: jax.Array, m: jax.Array, s: jax.Array) -> jax.Array:
     """``softmax(z)`` from the row statistics: 0 for masked entries and empty rows."""
     return jnp.exp(_shifted(z, m)) / s
