@@ -701,3 +701,35 @@ print("sharded ok")
 
 def test_vocab_sharded_heads_on_a_2x4_cpu_mesh_equal_the_unsharded_ones():
     on_eight_cpu_devices(SHARDED)
+
+
+@pytest.mark.parametrize(("n", "v"), [(1000, 10), (64, 1000)])
+def test_a_nan_hidden_state_poisons_its_token_only_at_every_size(n, v):
+    """A NaN in one token's hidden state makes that token's loss, log-probability,
+    entropy and distillation NaN and no other's, and one NaN logit beside finite ones
+    its row's, at sizes where XLA's CPU backend fuses its max with YNNPACK, which may
+    drop a NaN (the heads shift by the row max and clamp nothing, so the NaN reaches
+    the row sum)."""
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((n, 8)).astype(np.float32)
+    weight = rng.standard_normal((8, v)).astype(np.float32)
+    labels = rng.integers(0, v, n).astype(np.int32)
+    hidden[3, 2] = np.nan
+    outputs = [
+        jsoftmax.linear_softmax_cross_entropy(hidden, weight, labels, reduction="none"),
+        *jsoftmax.linear_log_probs(hidden, weight, labels, return_entropy=True),
+        jsoftmax.linear_distillation_loss(hidden, weight, np.nan_to_num(hidden), weight),
+        jax.grad(lambda h: jsoftmax.linear_softmax_cross_entropy(h, weight, labels).sum())(hidden),
+    ]
+    for out in map(np.asarray, outputs):
+        assert np.isnan(out[3]).all()
+        assert np.isfinite(np.delete(out, 3, 0)).all()
+    # One NaN logit in every row (a NaN bias entry), beside finite ones.
+    bias = np.zeros(v, np.float32)
+    bias[v // 2] = np.nan
+    hidden[3, 2] = 0.0
+    loss = jsoftmax.linear_softmax_cross_entropy(hidden, weight, labels, bias=bias)
+    log_p, entropy = jsoftmax.linear_log_probs(
+        hidden, weight, labels, bias=bias, return_entropy=True
+    )
+    assert np.isnan(loss).all() and np.isnan(log_p).all() and np.isnan(entropy).all()
