@@ -1,10 +1,12 @@
 """Schedules for XLA's CPU backend, each chosen with ``jax.lax.platform_dependent``
-where it measured faster there; GPUs and TPUs run the plain core.
+where it measured faster there, or where jax 0.10's CPU backend (its YNNPACK
+fusions) would drop a NaN that GPUs keep; GPUs and TPUs run the plain core.
 
-Each computes what its core counterpart does, to rounding; the tests compare
-the two on CPU. The core is :mod:`jsoftmax._softmax`, imported as a module: it
-imports this one. The losses reach these through the module too, and the focal
-loss passes its own terms (:func:`focal_terms`), so that no import order matters.
+Each computes what its core counterpart does, to rounding (and NaN); the tests
+compare the two on CPU, and check NaN at sizes that take YNNPACK's fusions. The
+core is :mod:`jsoftmax._softmax`, imported as a module: it imports this one.
+The losses reach these through the module too, and the focal loss passes its
+own terms (:func:`focal_terms`), so that no import order matters.
 """
 
 from __future__ import annotations
