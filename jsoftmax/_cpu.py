@@ -2,8 +2,8 @@
 where it measured faster there, or where jax 0.10's CPU backend (its YNNPACK
 fusions) would drop a NaN that GPUs keep; GPUs and TPUs run the plain core.
 
-Each computes what its core counterpart does, to rounding (and NaN); the tests
-compare the two on CPU, and check NaN at sizes that take YNNPACK's fusions. The
+Each computes what its core counterpart computes on a GPU, to rounding; the
+tests compare the two on CPU, and check NaN at sizes that take YNNPACK's fusions. The
 core is :mod:`jsoftmax._softmax`, imported as a module: it imports this one.
 The losses reach these through the module too, and the focal loss passes its
 own terms (:func:`focal_terms`), so that no import order matters.
