@@ -35,13 +35,7 @@ from jax.typing import ArrayLike
 
 from jsoftmax import _checks, _cpu
 from jsoftmax._checks import Axis
-from jsoftmax._softmax import (
-    _capped_slope,
-    _logits,
-    _nonzero,
-    _normalizer,
-    _shifted,
-)
+from jsoftmax._softmax import _capped_slope, _logits, _nonzero, _normalizer, _shifted
 
 REDUCTIONS = ("none", "sum", "mean")
 

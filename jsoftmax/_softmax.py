@@ -179,8 +179,8 @@ def _family(kind, axes, x, where, temperature):
         # and XLA's CPU backend took 1.5x jax.nn's time at K = 10 with one.
         top, m = _row_max(z, axes)
         return _lse(top, m, jnp.sum(jnp.exp(z - m), axes, keepdims=True)).astype(x.dtype)
-    # max(s, 1), not a select, which splits XLA's CPU fusion: the values are
-    # never differentiated (the rule is).
+    # max(s, 1) (_cpu.at_least_one), not a select, which splits XLA's CPU fusion:
+    # the values are never differentiated (the rule is).
     m, s = _clamped(z, axes)
     d, s = _clamped_shift(z, m), _cpu.at_least_one(s, m)
     if kind == "softmax":
