@@ -462,15 +462,16 @@ def test_value_and_gradient_take_each_row_statistic_once(name):
     assert len(re.findall(r" reduce\(", hlo)) == (2 if name == "logsumexp" else 3)
 
 
-def test_core_equals_the_cpu_schedules(x64):
-    """What GPUs and TPUs run (the plain core) gives the CPU schedule's softmax values and
-    gradients (its tangent's probabilities: jsoftmax._cpu.softmax_probs), at the edges
-    too, and its derivatives check to order 2."""
+@NORMALISERS
+def test_core_equals_the_cpu_schedules(name, x64):
+    """What GPUs and TPUs run (the plain core) gives the CPU schedules' softmax and
+    log_softmax values and gradients (jsoftmax._cpu's family_max, family_exp, family_log,
+    family_probs, positive_sum), at the edges too, and its derivatives check to order 2."""
     rng = np.random.default_rng(12)
     x = jnp.asarray(rng.standard_normal((4, 16)))
     x = x.at[0, 3].set(-np.inf).at[1, 2].set(np.inf).at[2, 5].set(np.nan)
     where = jnp.asarray(rng.random((4, 16)) < 0.8).at[3].set(False)
-    f = jsoftmax.softmax
+    f = FUNCS[name][0]
 
     def value_and_pullback(v):
         y, pullback = jax.vjp(lambda v: f(v, where=where), v)
