@@ -65,9 +65,11 @@ def _shared_cap_and_slope(z, softcap):
     return capped, _softmax._capped_slope(capped, softcap)
 
 
-def clamped(z: jax.Array, m: jax.Array) -> jax.Array:
+def clamped(z: jax.Array, m: jax.Array, bound: float | None = None) -> jax.Array:
     """``z`` clamped at its row's shift ``m``, keeping a NaN ``z``: on CPU
-    ``minimum(m, z)``; elsewhere ``minimum(z, m)``.
+    ``minimum(m, z)``; elsewhere ``minimum(z, m)``, or ``minimum(z, bound)``
+    where given (softmax's ``finfo.max``: the same value, ``m`` being the row
+    max clamped there).
 
     jax 0.10's CPU backend fuses ``minimum`` and ``maximum`` with YNNPACK,
     whose minimum returns its second operand where one is NaN: with ``z``
@@ -75,31 +77,28 @@ def clamped(z: jax.Array, m: jax.Array) -> jax.Array:
     NaN (from a few dozen rows up). XLA's GPU backend keeps NaN in either
     order, and fuses what it fused before: with ``z`` first, label smoothing's
     row sums go into the normaliser's pass (7.95 against 9.91 GiB moved at
-    bfloat16 [8192, 128256], an H200, compiled without one).
+    bfloat16 [8192, 128256]), and softmax forward+backward clamped at
+    ``finfo.max`` holds 0.1 MiB of temp, against 4008 MiB at ``m`` (an H200,
+    compiled without one).
     """
     return lax.platform_dependent(
-        z, m, cpu=lambda z, m: jnp.minimum(m, z), default=lambda z, m: jnp.minimum(z, m)
+        z,
+        m,
+        cpu=lambda z, m: jnp.minimum(m, z),
+        default=lambda z, m: jnp.minimum(z, m if bound is None else bound),
     )
 
 
-def positive_sum(s: jax.Array, m: jax.Array) -> jax.Array:
-    """softmax's row sum ``s`` with an empty row's 0 raised, keeping a NaN ``s``:
-    ``maximum(s, 1)``; on CPU ``maximum(m - m + tiny, s)``.
+def at_least_one(s: jax.Array, m: jax.Array) -> jax.Array:
+    """``maximum(s, 1)`` that keeps a NaN ``s``: on CPU ``maximum(m - m + 1, s)``.
 
-    On CPU the row max's own term may lie a rounding below 1: XLA contracts
-    :func:`family_exp`'s ``z - m`` with a temperature's ``x * (1 / T)`` into
-    a fused multiply-add. There ``maximum(s, 1)`` would scale the row (1.2e-5
-    off at logits near 500); ``tiny`` only lifts the 0. As in :func:`clamped`,
-    YNNPACK's maximum returns its second operand where one is NaN, and XLA
-    moves a constant operand second: the bound is spelled from the row's
-    finite shift ``m``, so that it stays first. A select keeps the NaN too,
-    but YNNPACK fuses none: softmax took 2-5x jax.nn's time with one.
+    As in :func:`clamped`, YNNPACK's maximum returns its second operand where
+    one is NaN, and XLA moves a constant operand second: the 1 is spelled from
+    the row's finite shift ``m``, so that it stays first. A select keeps the
+    NaN too, but YNNPACK fuses none: softmax took 2-5x jax.nn's time with one.
     """
     return lax.platform_dependent(
-        s,
-        m,
-        cpu=lambda s, m: jnp.maximum(m - m + jnp.finfo(m.dtype).tiny, s),
-        default=lambda s, m: jnp.maximum(s, 1.0),
+        s, m, cpu=lambda s, m: jnp.maximum(m - m + 1, s), default=lambda s, m: jnp.maximum(s, 1.0)
     )
 
 
@@ -147,13 +146,13 @@ def row_sums(shifted: list, unshifted: list) -> tuple[tuple, tuple]:
 
 def family_max(z: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """softmax and log_softmax's shift (:func:`jsoftmax._softmax._clamped_max`); on CPU
-    the row max clamped as ``-maximum(-maximum(max, -big), -big)``.
+    the row max clamped after it, as ``-maximum(-maximum(max, -big), -big)``.
 
-    The core clamps the logits before the max; on CPU the ``+inf`` clamp of
-    the logits moves after it, to :func:`family_exp` and :func:`family_log`.
-    XLA turns a ``minimum`` and a ``maximum`` by constants into one ``clamp``,
-    which YNNPACK does not fuse (softmax ran as three loops); negated, the
-    two stay in its loop.
+    The core clamps ``+inf`` logits to ``finfo.max`` before the max, one more
+    elementwise op in a pass that is compute-bound on CPU at few classes; here
+    the max is clamped instead (the same value). XLA turns a ``minimum`` and a
+    ``maximum`` by constants into one ``clamp``, which YNNPACK does not fuse
+    (softmax ran as three loops); negated, the two stay in its loop.
     """
     return lax.platform_dependent(
         z,
@@ -162,55 +161,28 @@ def family_max(z: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     )
 
 
-def family_exp(z: jax.Array, m: jax.Array) -> jax.Array:
-    """``exp`` of :func:`family_log`: on CPU ``minimum(1, exp(z - m))``, whose 1 takes
-    ``+inf`` to one share of the row's mass.
-
-    YNNPACK computes ``exp(z - m)`` in the loop of the max and the sum; a clamp
-    inside its argument cost softmax's forward at float32 [524288, 10] 1.7x
-    jax.nn's time on 2 cores, against 1.1x with the clamp after it. The 1 is
-    spelled from ``m``, to keep a NaN (:func:`positive_sum`).
-    """
-    return lax.platform_dependent(
-        z, m, cpu=_cpu_exp, default=lambda z, m: jnp.exp(_softmax._clamped_shift(z, m))
-    )
-
-
-def family_log(z: jax.Array, m: jax.Array) -> jax.Array:
-    """softmax and log_softmax's shifted logits (:func:`jsoftmax._softmax._clamped_shift`);
-    on CPU ``minimum(0, z - m)``, for :func:`family_exp`'s reason."""
-    return lax.platform_dependent(
-        z, m, cpu=lambda z, m: jnp.minimum(m - m, z - m), default=_softmax._clamped_shift
-    )
-
-
-def family_probs(z: jax.Array, m: jax.Array, s: jax.Array) -> jax.Array:
-    """softmax from the shift ``m`` and ``s``, for the family's tangent:
-    ``exp(family_log - log s)``; on CPU ``family_exp / s``.
-
-    On CPU the value's own ``exp`` (:func:`family_exp`), which the row sum
-    reads too: XLA's CPU backend computes it once for all three, and softmax
-    forward+backward at float32 [4096, 32000] takes 0.97x jax.nn's time,
-    against 1.08x. XLA's GPU backend instead wrote that ``exp`` out (a float32
-    ``[N, K]`` buffer: 4 GiB and 1.44x jax.nn's time at bfloat16 [8192, 128256]
-    on an H200).
-    """
-    return lax.platform_dependent(
-        z,
-        m,
-        s,
-        cpu=lambda z, m, s: _cpu_exp(z, m) / s,
-        default=lambda z, m, s: jnp.exp(_softmax._log_probs(_softmax._clamped_shift(z, m), s)),
-    )
-
-
 def _cpu_max(z, axes):
     big = jnp.finfo(z.dtype).max
     return -jnp.maximum(-jnp.maximum(jnp.max(z, axes, keepdims=True), -big), -big)
 
 
-def _cpu_exp(z, m):
-    return jnp.minimum(m - m + 1, jnp.exp(z - m))
+def softmax_probs(d: jax.Array, s: jax.Array) -> jax.Array:
+    """softmax from the shifted logits ``d`` and ``s = sum(exp(d))``, for its tangent:
+    ``exp(d - log s)``; on CPU ``exp(d) / s``.
+
+    ``exp(d) / s`` is the expression of softmax's value, whose ``exp(d)`` the
+    row sum reads too: XLA's CPU backend computes it once for all three, and
+    softmax forward+backward at float32 [4096, 32000] takes 0.97x jax.nn's
+    time, against 1.08x. XLA's GPU backend instead wrote that ``exp(d)`` out (a
+    float32 ``[N, K]`` buffer: 4 GiB and 1.44x jax.nn's time at bfloat16
+    [8192, 128256] on an H200).
+    """
+    return lax.platform_dependent(
+        d,
+        s,
+        cpu=lambda d, s: jnp.exp(d) / s,
+        default=lambda d, s: jnp.exp(_softmax._log_probs(d, s)),
+    )
 
 
 def focal_terms(terms, q, gamma, spelling, finite=None):

@@ -151,6 +151,12 @@ def _nonzero(*tangents):
     return tuple(None if isinstance(t, SymbolicZero) else t for t in tangents)
 
 
+def _clamped_shift(z: jax.Array, m: jax.Array) -> jax.Array:
+    """:func:`_shifted` as jax.nn's chain on GPUs: ``+inf`` clamped to ``finfo.max``
+    (the same value: ``m`` is the row max clamped there)."""
+    return _cpu.clamped(z, m, float(jnp.finfo(z.dtype).max)) - m
+
+
 def _clamped_max(z: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """softmax and log_softmax's shift ``m``: the row max (keepdims) clamped to be finite,
     as GPUs run it (:func:`jsoftmax._cpu.family_max`)."""
@@ -158,27 +164,16 @@ def _clamped_max(z: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     return jnp.maximum(jnp.max(jnp.minimum(z, big), axes, keepdims=True), -big)
 
 
-def _clamped_shift(z: jax.Array, m: jax.Array) -> jax.Array:
-    """:func:`_shifted` as jax.nn's chain, as GPUs run it (:func:`jsoftmax._cpu.family_log`):
-    ``+inf`` clamped to ``finfo.max`` (the same value: ``m`` is the row max clamped there).
-
-    Clamped at a constant, where :func:`_shifted` clamps at ``m``: XLA's GPU
-    backend then keeps no ``[..., K]`` temporary for softmax forward+backward
-    (0.1 against 4008 MiB at bfloat16 [8192, 128256] on an H200).
-    """
-    return jnp.minimum(z, jnp.finfo(z.dtype).max) - m
-
-
 def _clamped(z: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """softmax and log_softmax's statistics: the shift ``m`` and ``s`` (keepdims, ``s`` raw).
 
-    jax.nn's chain with ``+inf`` clamped first (:func:`jsoftmax._cpu.family_exp`):
-    XLA's CPU backend runs each value as a single fused pass, and the value
-    and the tangent write the same expressions, so a compiler may share them
-    between the forward and backward passes.
+    jax.nn's chain with ``+inf`` clamped to ``finfo.max`` first
+    (:func:`_clamped_shift`): XLA's CPU backend runs each value as a single
+    fused pass, and the value and the tangent write the same expressions, so
+    a compiler may share them between the forward and backward passes.
     """
     m = _cpu.family_max(z, axes)
-    return m, jnp.sum(_cpu.family_exp(z, m), axes, keepdims=True)
+    return m, jnp.sum(jnp.exp(_clamped_shift(z, m)), axes, keepdims=True)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -190,13 +185,13 @@ def _family(kind, axes, x, where, temperature):
         # and XLA's CPU backend took 1.5x jax.nn's time at K = 10 with one.
         top, m = _row_max(z, axes)
         return _lse(top, m, jnp.sum(jnp.exp(z - m), axes, keepdims=True)).astype(x.dtype)
-    # A maximum (_cpu.positive_sum), not a select, which splits XLA's CPU fusion:
+    # max(s, 1) (_cpu.at_least_one), not a select, which splits XLA's CPU fusion:
     # the values are never differentiated (the rule is).
     m, s = _clamped(z, axes)
-    s = _cpu.positive_sum(s, m)
+    d, s = _clamped_shift(z, m), _cpu.at_least_one(s, m)
     if kind == "softmax":
-        return (_cpu.family_exp(z, m) / s).astype(x.dtype)
-    return _log_probs(_cpu.family_log(z, m), s).astype(x.dtype)
+        return (jnp.exp(d) / s).astype(x.dtype)
+    return _log_probs(d, s).astype(x.dtype)
 
 
 def _lse(top, m, s):
@@ -239,7 +234,13 @@ def _family_tangent(kind, axes, x, where, temperature, m, s, t_x, t_temperature)
     the rest in the backward pass's single elementwise pass.
     """
     z = _logits(x, where, temperature)
-    p = _probs(z, m, s) if kind == "logsumexp" else _cpu.family_probs(z, m, s)
+    d = _clamped_shift(z, m)
+    if kind == "logsumexp":
+        p = _probs(z, m, s)
+    elif kind == "softmax":
+        p = _cpu.softmax_probs(d, s)
+    else:
+        p = jnp.exp(_log_probs(d, s))
     t = jnp.zeros((), z.dtype) if t_x is None else t_x.astype(z.dtype)
     if t_temperature is not None:
         # d(x / T) / dT = -x / T**2; 0 at infinite x (whose limit is constant),

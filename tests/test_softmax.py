@@ -463,10 +463,50 @@ def test_value_and_gradient_take_each_row_statistic_once(name):
 
 
 @NORMALISERS
+@pytest.mark.parametrize("shape", [(3, 4), (1000, 10), (4096, 1000)])
+@pytest.mark.parametrize("scaling", ["temperature", "per-row temperature", "caller's multiply"])
+def test_huge_logits_scaled_keep_their_limit(name, shape, scaling):
+    """Finite logits near 2e10 and +-3e38, scaled by a temperature or by a multiply that
+    XLA fuses from the caller's program: values and gradients are the float64 limit
+    (a one-hot or uniform row), not 0. On CPU, ``x * (1 / T) - m`` may become one fused
+    multiply-add, which leaves the max's own exponent off by x's rounding (about 1e3
+    here, so its term underflows); the shift's clamp between them prevents that."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) * 2e10).astype(np.float32)
+    x[0] = 2e10  # a tie across the row: uniform
+    x[1, :2] = [3e38, -3e38]
+    t = np.float32(3.0)
+    f = FUNCS[name][0]
+    if scaling == "caller's multiply":
+        run = jax.jit(lambda v: f(v * (1 / t)))
+    else:
+        temperature = t if scaling == "temperature" else np.full((shape[0], 1), t)
+        run = functools.partial(f, temperature=temperature)
+    y, pullback = jax.vjp(run, x)
+    g = np.cos(np.arange(x.size, dtype=np.float32)).reshape(shape)
+    p = reference.softmax(x, temperature=t)
+    expected = reference.log_softmax(x, temperature=t) if name == "log_softmax" else p
+    # The chain rule through x / T, in float64: jsoftmax's gradients are p (g - sum p g) / T
+    # for softmax and (g - p sum g) / T for log_softmax.
+    g64 = g.astype(np.float64)
+    if name == "softmax":
+        grad = p * (g64 - np.sum(p * g64, -1, keepdims=True)) / t
+    else:
+        grad = (g64 - p * np.sum(g64, -1, keepdims=True)) / t
+    if name == "softmax":
+        close(y, expected)
+    else:  # x / T - max / T rounds in float32: a few ulps of the logits' scale
+        x64 = np.abs(x.astype(np.float64))
+        scale = (x64 + np.max(x64, -1, keepdims=True)) / t
+        assert np.all(np.abs(np.asarray(y, np.float64) - expected) <= 2.0**-21 * scale + 1e-6)
+    close(pullback(g)[0], grad, rtol=1e-5, atol=1e-6)
+
+
+@NORMALISERS
 def test_core_equals_the_cpu_schedules(name, x64):
     """What GPUs and TPUs run (the plain core) gives the CPU schedules' softmax and
-    log_softmax values and gradients (jsoftmax._cpu's family_max, family_exp, family_log,
-    family_probs, positive_sum), at the edges too, and its derivatives check to order 2."""
+    log_softmax values and gradients (jsoftmax._cpu's family_max, at_least_one,
+    softmax_probs), at the edges too, and its derivatives check to order 2."""
     rng = np.random.default_rng(12)
     x = jnp.asarray(rng.standard_normal((4, 16)))
     x = x.at[0, 3].set(-np.inf).at[1, 2].set(np.inf).at[2, 5].set(np.nan)
