@@ -575,15 +575,21 @@ def _merged(config, collective, x):
     return x if config.axis_name is None else collective(x, config.axis_name)
 
 
-def _normalized(config, z):
-    """The row max ``m``, the shifted logits ``d = z - m``, ``exp(d)`` and its row sum ``s``.
+def _normalized(config, z, temperature=None):
+    """Of ``x = z / T`` (``z`` where no temperature is given): the row max ``m``, the
+    shifted logits ``d = x - m``, ``exp(d)`` and its row sum ``s``.
 
     Over the global vocabulary (``m`` is the max over every shard): the row's
-    logsumexp is ``m + log s`` and ``log softmax(z) = d - log s``, which keeps
-    the precision of confident rows (no large ``z`` is subtracted from another).
+    logsumexp is ``m + log s`` and ``log softmax(x) = d - log s``, which keeps
+    the precision of confident rows (no large ``x`` is subtracted from another).
+    Shifted before the division: ``z * (1 / T) - m`` may compile to one fused
+    multiply-add, which leaves the max's own ``d`` off by the rounding of
+    ``z / T``, and its ``exp`` underflowed for logits near 1e9.
     """
     m = _merged(config, lax.pmax, jnp.max(z, axis=1))
     d = z - m[:, None]
+    if temperature is not None:
+        m, d = m / temperature, d / temperature
     e = jnp.exp(d)
     return m, d, e, _merged(config, lax.psum, jnp.sum(e, axis=1))
 
@@ -652,7 +658,7 @@ def _log_probs_head(config, z, t, labels, counts, hyper, cts):
     (``d/dx`` sums to 0 over a row)."""
     del t
     temperature = hyper.temperature
-    _, d, e, s = _normalized(config, z / temperature)
+    _, d, e, s = _normalized(config, z, temperature)
     log_s = jnp.log(s)
     index, d_label, bad = _label_terms(config, d, labels, counts)
     outputs = [d_label - log_s]
@@ -681,8 +687,8 @@ def _distillation_head(config, z, t, labels, counts, hyper, cts):
     """
     del labels
     temperature, beta = hyper.temperature, hyper.beta
-    _, d_q, e_q, s_q = _normalized(config, z / temperature)
-    _, d_p, e_p, s_p = _normalized(config, t / temperature)
+    _, d_q, e_q, s_q = _normalized(config, z, temperature)
+    _, d_p, e_p, s_p = _normalized(config, t, temperature)
     q, p = e_q / s_q[:, None], e_p / s_p[:, None]
     log_q, log_p = d_q - jnp.log(s_q)[:, None], d_p - jnp.log(s_p)[:, None]
 

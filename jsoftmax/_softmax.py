@@ -196,8 +196,18 @@ def _family(kind, axes, x, where, temperature):
 
 def _lse(top, m, s):
     """logsumexp from the row max, the shift and ``s``: an infinite max is the answer
-    itself, unless ``s`` is NaN (a NaN entry, which the max may drop on CPU)."""
-    return jnp.where(jnp.isinf(top) & ~jnp.isnan(s), top, m + jnp.log(s))
+    itself, unless ``s`` is NaN (a NaN entry, which the max may drop on CPU); and ``m``
+    where ``s`` is 0 or ``inf`` beside a finite max.
+
+    ``s`` is at least the max's own term, 1; but unclamped (:func:`_family`), a
+    multiply fused from the caller (``z = x * c``) and the shift may compile to one
+    fused multiply-add, which leaves that term off by the rounding of ``z``: it
+    underflows or overflows only where that rounding exceeds 87, and so does a
+    rounding of ``m``, within which ``m`` is the answer. A per-row bound on ``s``
+    instead cost logsumexp 1.3-2.7x jax.nn's time at K = 10 on CPU.
+    """
+    log_s = jnp.log(s)
+    return jnp.where(jnp.isinf(top) & ~jnp.isnan(s), top, jnp.where(jnp.isinf(log_s), m, m + log_s))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

@@ -213,6 +213,37 @@ def test_log_probs_traced_out_of_range_label_makes_its_token_nan():
         assert np.isnan(out[2]) and np.isfinite(np.delete(out, 2)).all()
 
 
+def test_heads_keep_huge_logits_under_a_temperature():
+    """Logits near 2e10 (a tie) and spread near 1e9, divided by a temperature: the heads'
+    values and gradients are the float64 limit. They shift before dividing: ``z / T - m``
+    may compile to one fused multiply-add, which leaves the max's own term off by the
+    rounding of ``z / T`` (it underflowed, and the log-probabilities came out inf)."""
+    rng = np.random.default_rng(5)
+    hidden = np.concatenate([np.full((1, 2), 1e5), rng.standard_normal((7, 2)) * 3e4])
+    weight = np.full((2, 8), 1e5) * np.concatenate([np.ones((2, 1)), 1 + rng.random((2, 7))], 1)
+    hidden, weight = hidden.astype(np.float32), weight.astype(np.float32)
+    labels = jnp.asarray(rng.integers(0, 8, 8))
+    t = 3.0
+    z = hidden.astype(np.float64) @ weight.astype(np.float64) / t
+    log_p = z - np.max(z, 1, keepdims=True)
+    log_p -= np.log(np.sum(np.exp(log_p), 1, keepdims=True))
+    p = np.exp(log_p)
+    scale = 2.0**-20 * np.max(np.abs(z), 1)
+    (value, entropy), pullback = jax.vjp(
+        lambda h: jsoftmax.linear_log_probs(h, weight, labels, temperature=t, return_entropy=True),
+        hidden,
+    )
+    want = np.take_along_axis(log_p, np.asarray(labels)[:, None], 1)[:, 0]
+    assert np.all(np.abs(np.asarray(value, np.float64) - want) <= scale + 1e-6)
+    entropy_want = -np.sum(np.where(p > 0, p * log_p, 0.0), 1)
+    assert np.all(np.abs(np.asarray(entropy, np.float64) - entropy_want) <= scale + 1e-6)
+    (dh,) = pullback((jnp.ones(8), jnp.zeros(8)))
+    onehot = np.arange(8) == np.asarray(labels)[:, None]
+    np.testing.assert_allclose(dh, (onehot - p) @ weight.T.astype(np.float64) / t, rtol=1e-4)
+    kl = jsoftmax.linear_distillation_loss(hidden, weight, hidden, weight, temperature=t)
+    np.testing.assert_array_equal(kl, 0.0)
+
+
 def test_log_probs_errors():
     hidden, weight, bias, labels, where = problem(6, 4, 10)
     f = jsoftmax.linear_log_probs

@@ -462,15 +462,25 @@ def test_value_and_gradient_take_each_row_statistic_once(name):
     assert len(re.findall(r" reduce\(", hlo)) == (2 if name == "logsumexp" else 3)
 
 
-@NORMALISERS
+@pytest.mark.parametrize(
+    "name, scaling",
+    [
+        *(
+            (name, s)
+            for name in NORMALISERS.args[1]
+            for s in ["temperature", "per-row temperature"]
+        ),
+        *((name, "caller's multiply") for name in FUNCS),
+    ],
+)
 @pytest.mark.parametrize("shape", [(3, 4), (1000, 10), (4096, 1000)])
-@pytest.mark.parametrize("scaling", ["temperature", "per-row temperature", "caller's multiply"])
 def test_huge_logits_scaled_keep_their_limit(name, shape, scaling):
     """Finite logits near 2e10 and +-3e38, scaled by a temperature or by a multiply that
     XLA fuses from the caller's program: values and gradients are the float64 limit
-    (a one-hot or uniform row), not 0. On CPU, ``x * (1 / T) - m`` may become one fused
-    multiply-add, which leaves the max's own exponent off by x's rounding (about 1e3
-    here, so its term underflows); the shift's clamp between them prevents that."""
+    (a one-hot or uniform row; logsumexp the max plus a rounding), not 0 or -inf. XLA may
+    compile ``x * (1 / T) - m`` to one fused multiply-add, which leaves the max's own
+    exponent off by x's rounding (about 1e3 here, so its term underflows): softmax's
+    clamp of the shift sits between them, and logsumexp's row sum is at least 1."""
     rng = np.random.default_rng(3)
     x = (rng.standard_normal(shape) * 2e10).astype(np.float32)
     x[0] = 2e10  # a tie across the row: uniform
@@ -482,23 +492,30 @@ def test_huge_logits_scaled_keep_their_limit(name, shape, scaling):
     else:
         temperature = t if scaling == "temperature" else np.full((shape[0], 1), t)
         run = functools.partial(f, temperature=temperature)
-    y, pullback = jax.vjp(run, x)
-    g = np.cos(np.arange(x.size, dtype=np.float32)).reshape(shape)
+    alone, (y, pullback) = run(x), jax.vjp(run, x)  # XLA compiles each differently
+    g = np.cos(np.arange(y.size, dtype=np.float32)).reshape(y.shape)
     p = reference.softmax(x, temperature=t)
-    expected = reference.log_softmax(x, temperature=t) if name == "log_softmax" else p
     # The chain rule through x / T, in float64: jsoftmax's gradients are p (g - sum p g) / T
-    # for softmax and (g - p sum g) / T for log_softmax.
+    # for softmax, (g - p sum g) / T for log_softmax and p g / T for logsumexp.
     g64 = g.astype(np.float64)
     if name == "softmax":
+        close(y, p)
+        close(alone, p)
         grad = p * (g64 - np.sum(p * g64, -1, keepdims=True)) / t
-    else:
-        grad = (g64 - p * np.sum(g64, -1, keepdims=True)) / t
-    if name == "softmax":
-        close(y, expected)
     else:  # x / T - max / T rounds in float32: a few ulps of the logits' scale
         x64 = np.abs(x.astype(np.float64))
         scale = (x64 + np.max(x64, -1, keepdims=True)) / t
-        assert np.all(np.abs(np.asarray(y, np.float64) - expected) <= 2.0**-21 * scale + 1e-6)
+        expected = reference.log_softmax(x, temperature=t)
+        if name == "logsumexp":
+            expected, scale = reference.logsumexp(x / np.float64(t)), np.max(scale, -1)
+        for value in (y, alone):
+            assert np.all(
+                np.abs(np.asarray(value, np.float64) - expected) <= 2.0**-21 * scale + 1e-6
+            )
+        if name == "log_softmax":
+            grad = (g64 - p * np.sum(g64, -1, keepdims=True)) / t
+        else:
+            grad = p * g64[:, None] / t
     close(pullback(g)[0], grad, rtol=1e-5, atol=1e-6)
 
 
