@@ -584,12 +584,15 @@ def _normalized(config, z, temperature=None):
     the precision of confident rows (no large ``x`` is subtracted from another).
     Shifted before the division: ``z * (1 / T) - m`` may compile to one fused
     multiply-add, which leaves the max's own ``d`` off by the rounding of
-    ``z / T``, and its ``exp`` underflowed for logits near 1e9.
+    ``z / T``, and its ``exp`` underflowed for logits from about 2e9. Halved
+    first (exactly), so that the shift of a row spanning ``+-finfo.max`` does
+    not overflow where ``(z - m) / T`` is finite.
     """
     m = _merged(config, lax.pmax, jnp.max(z, axis=1))
-    d = z - m[:, None]
-    if temperature is not None:
-        m, d = m / temperature, d / temperature
+    if temperature is None:
+        d = z - m[:, None]
+    else:
+        m, d = m / temperature, (0.5 * z - 0.5 * m[:, None]) / (0.5 * temperature)
     e = jnp.exp(d)
     return m, d, e, _merged(config, lax.psum, jnp.sum(e, axis=1))
 

@@ -217,7 +217,8 @@ def test_heads_keep_huge_logits_under_a_temperature():
     """Logits near 2e10 (a tie) and spread near 1e9, divided by a temperature: the heads'
     values and gradients are the float64 limit. They shift before dividing: ``z / T - m``
     may compile to one fused multiply-add, which leaves the max's own term off by the
-    rounding of ``z / T`` (it underflowed, and the log-probabilities came out inf)."""
+    rounding of ``z / T`` (it underflowed, and the log-probabilities came out inf). A
+    row spanning +-3e38 (its bias) keeps its finite log-probabilities too."""
     rng = np.random.default_rng(5)
     hidden = np.concatenate([np.full((1, 2), 1e5), rng.standard_normal((7, 2)) * 3e4])
     weight = np.full((2, 8), 1e5) * np.concatenate([np.ones((2, 1)), 1 + rng.random((2, 7))], 1)
@@ -242,6 +243,17 @@ def test_heads_keep_huge_logits_under_a_temperature():
     np.testing.assert_allclose(dh, (onehot - p) @ weight.T.astype(np.float64) / t, rtol=1e-4)
     kl = jsoftmax.linear_distillation_loss(hidden, weight, hidden, weight, temperature=t)
     np.testing.assert_array_equal(kl, 0.0)
+    bias = np.array([3e38, -3e38, 0.0, 1.0], np.float32)
+    for t in (3.0, 4.0):
+        log_p = jsoftmax.linear_log_probs(
+            np.zeros((4, 2), np.float32),
+            np.zeros((2, 4), np.float32),
+            jnp.arange(4),
+            bias=bias,
+            temperature=t,
+        )
+        want = (bias.astype(np.float64) - np.float64(bias[0])) / t
+        np.testing.assert_allclose(log_p, want, rtol=1e-6)
 
 
 def test_log_probs_errors():
