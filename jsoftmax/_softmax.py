@@ -203,8 +203,8 @@ def _lse(top, m, s):
     multiply fused from the caller (``z = x * c``) and the shift may compile to one
     fused multiply-add, which leaves that term off by the rounding of ``z``: it
     underflows or overflows only where that rounding exceeds 87 (709 in float64),
-    and so does a rounding of ``m``, within which ``m`` is the answer. A per-row bound on ``s``
-    instead cost logsumexp 1.3-2.7x jax.nn's time at K = 10 on CPU.
+    and so does a rounding of ``m``, within which ``m`` is the answer. A per-row
+    bound on ``s`` instead cost logsumexp 1.3-2.7x jax.nn's time at K = 10 on CPU.
     """
     log_s = jnp.log(s)
     return jnp.where(jnp.isinf(top) & ~jnp.isnan(s), top, jnp.where(jnp.isinf(log_s), m, m + log_s))
