@@ -30,7 +30,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks
+from jsoftmax import _checks, _cpu
 from jsoftmax._calibration import _bin_index, _bin_sums, _bounds, _fit_count, _rows, _scale
 from jsoftmax._calibration import _num_bins as _checked_num_bins
 
@@ -221,6 +221,8 @@ def _features(x):
 
 def _interpolate(thresholds, values, count, p):
     """scikit-learn's ``np.interp`` through the first ``count`` (sorted) points, clipped."""
+    if thresholds.shape[0] == 0:  # fitted on no rows at all
+        return p
     hi = jnp.minimum(jnp.searchsorted(thresholds, p, side="right"), count)
     lo = jnp.maximum(hi - 1, 0)
     x0, x1 = thresholds[lo], thresholds[jnp.minimum(hi, count - 1)]
@@ -747,106 +749,154 @@ def fit_isotonic(
       KDD 2002.
     """
     logits, labels, where = _rows("fit_isotonic", logits, labels, where, "logits")
+    index = jax.dtypes.canonicalize_dtype(jnp.int64)
+    if logits.size > jnp.iinfo(index).max:
+        raise ValueError(
+            f"fit_isotonic: logits {logits.shape} hold more rows times classes than {index} "
+            "positions count; enable jax_enable_x64 or fit fewer rows or classes"
+        )
     return IsotonicCalibration(*_fit_isotonic(logits, labels, where))
 
 
 @jax.jit
 def _fit_isotonic(logits, labels, where):
     x, possible, n, nan_if_bad = _prepared(logits, labels, where)
-    p = jnp.exp(_log_softmax(x, possible))
-    hit = labels[:, None] == jnp.arange(x.shape[1])
-    thresholds, values = jax.vmap(_isotonic, (1, 1, None, None))(p, hit, where, n)
-    return thresholds, values * nan_if_bad, n.astype(jnp.int32)
+    p = jnp.exp(_log_softmax(x, possible)).T
+    hit = labels == jnp.arange(x.shape[1])[:, None]
+    n = n.astype(jnp.int32)  # a float count would round flat positions from 2**24
+    thresholds, values = _isotonic(p, hit, where, n)
+    return thresholds, values * nan_if_bad, n
 
 
 def _isotonic(p, hit, where, n):
-    """Pool adjacent violators on one class: sorted thresholds and fitted values."""
-    size = p.shape[0]
-    position = jnp.arange(size)
-    # One integer sort key (XLA's CPU sort is several times faster on one
-    # integer operand than on floats or several operands): a probability in
-    # [0, 1] has a non-negative bit pattern below 2**(bits - 2), ordered as the
-    # value, so twice it plus the label fits. Padding sorts last.
+    """Pool adjacent violators on each class (row) of ``p``: sorted thresholds and fitted values.
+
+    The classes run as one flat problem of ``K * N`` rows whose every class
+    opens a block of its own: flat gathers are several times faster than
+    batched ones on CPU, and the parallel rounds of every class share each pass.
+    """
+    k, size = p.shape
+    # One integer sort key per row (XLA's CPU sort is several times faster on
+    # one integer operand than on floats or several operands): a probability
+    # in [0, 1] has a non-negative bit pattern below 2**(bits - 2), ordered as
+    # the value, so twice it plus the label fits. Padding sorts last.
     bits = lax.bitcast_convert_type(p, jnp.dtype(f"int{8 * p.dtype.itemsize}"))
-    key = jnp.sort(jnp.where(where & ~jnp.isnan(p), 2 * bits + hit, jnp.iinfo(bits.dtype).max))
-    kept = position < n
+    key = jnp.where(where & ~jnp.isnan(p), 2 * bits + hit, jnp.iinfo(bits.dtype).max)
+    key = _cpu.sort_rows(key)
+    kept = jnp.arange(size) < n
     xs = jnp.where(kept, lax.bitcast_convert_type(key >> 1, p.dtype), jnp.inf)
+    total = k * size
     # The labels are 0/1 and every kept row weighs 1: block sums are
-    # differences of exact integer prefix sums.
-    hits = jnp.concatenate([jnp.zeros(1, key.dtype), jnp.cumsum(key & 1 & kept)])
-    rows = jnp.minimum(jnp.arange(size + 1), n)
+    # differences of exact integer prefix sums, the kept rows before flat
+    # position ``f`` are ``(f // size) * n + min(f % size, n)``.
+    hits = jnp.concatenate([jnp.zeros(1, key.dtype), jnp.cumsum((key & 1 & kept).ravel())])
 
     def means(bounds):
         """The mean of each block starting at ``bounds``; +inf for padding alone or past the end."""
-        ends = jnp.append(bounds, size)
-        weight = rows[ends[1:]] - rows[ends[:-1]]
-        total = (hits[ends[1:]] - hits[ends[:-1]]).astype(p.dtype)
-        return jnp.where(weight > 0, total / jnp.maximum(weight, 1), jnp.inf)
+        ends = jnp.append(bounds, total)
+        before = (ends // size) * n + jnp.minimum(ends % size, n)
+        weight = before[1:] - before[:-1]
+        sums = (hits[ends[1:]] - hits[ends[:-1]]).astype(p.dtype)
+        return jnp.where(weight > 0, sums / jnp.maximum(weight, 1), jnp.inf)
 
     def violations(bounds, count):
-        """The blocks whose mean does not exceed the one before: each pools into it."""
+        """The blocks whose mean does not exceed the one before (in a class): each pools into it."""
         mean, block = means(bounds), jnp.arange(bounds.shape[0])
-        return (block > 0) & (block < count) & (jnp.roll(mean, 1) >= mean)
+        first = bounds % size == 0
+        return (block < count) & ~first & (jnp.roll(mean, 1) >= mean)
 
     def pool(state):
         """One round: every maximal run of blocks whose means do not increase becomes one."""
-        bounds, count, violated = state
+        bounds, count, _ = state
+        violated = violations(bounds, count)
         keep = ~violated & (jnp.arange(bounds.shape[0]) < count)
         slot = jnp.where(keep, jnp.cumsum(keep) - 1, bounds.shape[0])
-        bounds = jnp.full_like(bounds, size).at[slot].set(bounds, mode="drop")
-        count = jnp.sum(keep)
-        return bounds, count, violations(bounds, count)
+        bounds = jnp.full_like(bounds, total).at[slot].set(bounds, mode="drop")
+        return bounds, jnp.sum(keep), jnp.any(violated)
 
-    # The blocks' first rows, front-packed and padded with ``size``. Once the
+    # The blocks' first rows, front-packed and padded with ``total``. Once the
     # blocks fit in a quarter of the array the rounds go on in a smaller one,
     # so the many late rounds of few blocks cost little.
+    position = jnp.arange(total)
     opens = _resolution_groups(xs)
     bounds = (
-        jnp.full(size, size)
-        .at[jnp.where(opens, jnp.cumsum(opens) - 1, size)]
+        jnp.full(total, total)
+        .at[jnp.where(opens, jnp.cumsum(opens) - 1, total)]
         .set(position, mode="drop")
     )
     count = jnp.sum(opens)
-    solution = jnp.full(size, size)
-    finished = jnp.asarray(size == 0)
+    solution = jnp.full(total, total)
+    # ``pooled``: the last round pooled blocks, so another may; a stage whose
+    # blocks already fit in the next one is skipped without a round.
+    pooled, finished = jnp.asarray(total > 0), jnp.asarray(False)
     while True:
         smaller = bounds.shape[0] // 4
         last = smaller < 16
         limit = 0 if last else smaller
-        state = bounds, count, violations(bounds, count) & ~finished
-        bounds, count, violated = lax.while_loop(
-            lambda s, limit=limit: jnp.any(s[2]) & (s[1] > limit), pool, state
+        bounds, count, pooled = lax.while_loop(
+            lambda s, limit=limit: s[2] & (s[1] > limit), pool, (bounds, count, pooled)
         )
-        done = ~finished & ~jnp.any(violated)
+        done = ~finished & ~pooled
         solution = jnp.where(done, solution.at[: bounds.shape[0]].set(bounds), solution)
         finished = finished | done
         if last:
             break
         bounds = bounds[:smaller]
-    block = jnp.cumsum(jnp.zeros(size + 1, bool).at[solution].set(True)[:size]) - 1
-    return xs, means(solution)[block]
+    block = jnp.cumsum(jnp.zeros(total + 1, bool).at[solution].set(True)[:total]) - 1
+    return xs, means(solution)[block].reshape(k, size)
 
 
 def _resolution_groups(xs):
-    """scikit-learn's grouping of sorted ``xs``: the rows that open a group.
+    """scikit-learn's grouping of each sorted row of ``xs``: the entries that open a group, flat.
 
-    A row opens a group when it is at least the dtype's resolution above the
-    first row of the group before it: row 0 opens one, and so does
-    ``next(i)``, the first row that far above an opener ``i``. The openers are
-    the chain ``0, next(0), next(next(0)), ...``, marked by pointer doubling.
+    An entry opens a group when it is at least the dtype's resolution above
+    the first entry of the group before it: a row's first entry opens one,
+    and so does ``next(i)``, the first entry of the row that far above an
+    opener ``i``. The openers are the chains ``start, next(start), ...``,
+    marked by pointer doubling over the flattened rows.
     """
-    size = xs.shape[0]
+    k, size = xs.shape
+    first = jnp.broadcast_to(jnp.arange(size) == 0, xs.shape).ravel()
+    end = jnp.broadcast_to(jnp.arange(1, k + 1)[:, None] * size, xs.shape).ravel()
+    xs = xs.ravel()
+    total = xs.shape[0]
+    position = jnp.arange(total)
+    # next(i) is monotone in i, so next of every 32nd row brackets the rest.
+    every = 32
+    coarse = _first_far(xs, xs[::every], position[::every] + 1, end[::every], end[::every])
+    coarse = jnp.append(coarse, total)
+    low = jnp.maximum(coarse[position // every], position + 1)
+    following = _first_far(xs, xs, low, jnp.minimum(coarse[position // every + 1], end), end)
+
+    def double(state):
+        opens, jump, _ = state
+        marked = opens.at[jnp.where(opens, jump, total)].set(True)
+        return marked, jump[jump], jnp.any(marked != opens)
+
+    # Every row at least the resolution above the row before opens a group, so
+    # the chains from those are short. ``jump`` is next^(2^l), with ``total``
+    # as its own successor; a round that marks nothing new marks nothing later.
+    gap = xs - jnp.append(-jnp.inf, xs[:-1]) >= jnp.finfo(xs.dtype).resolution
+    state = jnp.append(gap | first, False), jnp.append(following, total), True
+    opens, _, _ = lax.while_loop(lambda state: state[2], double, state)
+    return opens[:total]
+
+
+def _first_far(xs, base, low, high, end):
+    """The first row ``j`` in ``[low, high]`` with ``xs[j] - base >= resolution``; ``end`` for none.
+
+    By bisection on the exact test (monotone in ``j``); the answer must lie in
+    the bracket, and ``end`` stands for no row before it.
+    """
     resolution = jnp.finfo(xs.dtype).resolution
-    # next(i) by bisection on the exact test ``xs[j] - xs[i] >= resolution``
-    # (monotone in j); ``size`` where no row is far enough.
-    low, high = jnp.arange(1, size + 1), jnp.full(size, size)
-    for _ in range(size.bit_length()):
+
+    def bisect(bracket):
+        low, high = bracket
         middle = (low + high) // 2
-        far = (middle < size) & (xs[jnp.minimum(middle, size - 1)] - xs >= resolution)
-        low, high = jnp.where(far, low, jnp.minimum(middle + 1, high)), jnp.where(far, middle, high)
-    jump = jnp.append(low, size)  # next^(2^l), with ``size`` as its own successor
-    opens = jnp.arange(size + 1) == 0
-    for _ in range(size.bit_length()):
-        opens = opens.at[jnp.where(opens, jump, size)].set(True)
-        jump = jump[jump]
-    return opens[:size]
+        far = (middle < end) & (xs[jnp.minimum(middle, xs.shape[0] - 1)] - base >= resolution)
+        return jnp.where(far, low, jnp.minimum(middle + 1, high)), jnp.where(far, middle, high)
+
+    # (A loop, not unrolled: XLA would fuse each round's bracket into the next
+    # round's gather and recompute every round before it there.)
+    low, _ = lax.while_loop(lambda bracket: jnp.any(bracket[0] < bracket[1]), bisect, (low, high))
+    return low

@@ -206,6 +206,22 @@ def focal_terms(terms, q, gamma, spelling, finite=None):
     )
 
 
+def sort_rows(keys: jax.Array) -> jax.Array:
+    """``jnp.sort(keys, axis=1)``; on CPU as four independent sorts of a quarter of the rows.
+
+    XLA's CPU sort runs a batch's rows one after another; independent sorts
+    run side by side on the cores. int32 keys on 2 cores: 438 -> 322 ms at
+    [10, 1,000,000], 1723 -> 1368 ms at [1,000, 50,000] (two parts gained
+    nothing, eight less than four).
+    """
+
+    def parts(keys):
+        pieces = jnp.array_split(keys, min(keys.shape[0], 4))
+        return jnp.concatenate([jnp.sort(piece, axis=1) for piece in pieces])
+
+    return lax.platform_dependent(keys, cpu=parts, default=lambda keys: jnp.sort(keys, axis=1))
+
+
 def argmax(p: jax.Array) -> jax.Array:
     """``jnp.argmax(p, axis=-1)`` (the first maximum; NaN counts as the largest); on CPU,
     for 64 classes or more, through blocks of about ``sqrt(K)`` classes.

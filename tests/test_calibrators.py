@@ -11,6 +11,7 @@ from scipy.special import log_softmax, softmax
 from sklearn.isotonic import IsotonicRegression
 
 import jsoftmax
+from jsoftmax import _calibrators
 from tests.conftest import TRANSFORMS
 
 
@@ -236,6 +237,46 @@ def test_isotonic_equals_scikit_learn_per_class(ties, x64):
     np.testing.assert_allclose(got, want, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_isotonic_groups_rows_as_scikit_learn_does(dtype, x64):
+    """Each class's sorted run is grouped by scikit-learn's sequential rule, run by run."""
+
+    def sequential(xs):  # a row opens a group at least ``resolution`` above the last opener
+        opens, last = np.zeros(len(xs), bool), -np.inf
+        for j, x in enumerate(xs):
+            if j == 0 or x - last >= np.finfo(dtype).resolution:
+                opens[j], last = True, x
+        return opens
+
+    rng = np.random.default_rng(10)
+    for size, k in [(1, 3), (7, 2), (100, 4), (257, 3)]:  # runs shorter and longer than 32
+        # Ties, steps below the resolution and steps above it, so that
+        # chains of openers cross whole stretches of rows.
+        step = np.finfo(dtype).resolution * rng.choice([0.0, 0.3, 0.7, 3.0], (k, size))
+        xs = np.cumsum(step, axis=1).astype(dtype)
+        got = _calibrators._resolution_groups(jnp.asarray(xs))
+        want = np.concatenate([sequential(run) for run in xs])
+        np.testing.assert_array_equal(got, want)
+
+
+def test_isotonic_is_exact_past_two_to_the_24_rows_and_classes():
+    """The classes run as one flat problem of ``N * K`` rows, counted exactly past 2**24."""
+    rng = np.random.default_rng(12)
+    n = 5_600_001  # 3 n is odd and above 2**24: a float32 count rounds there
+    z = rng.standard_normal(n).astype(np.float32)
+    logits = np.stack([np.zeros_like(z), z, np.zeros_like(z)], axis=1)
+    labels = rng.integers(0, 3, n).astype(np.int32)
+    swapped = np.where(labels == 1, 1, 2 - labels)
+    # Classes 0 and 2 have the same probabilities: swapping their labels swaps their fits.
+    last = jsoftmax.fit_isotonic(logits, labels).values[2]
+    first = jsoftmax.fit_isotonic(logits, swapped).values[0]
+    np.testing.assert_array_equal(last, first)
+    # Past int32 positions (without x64) it says so, before allocating anything.
+    huge = jax.ShapeDtypeStruct((2**16, 2**15), jnp.float32), jax.ShapeDtypeStruct((2**16,), int)
+    with pytest.raises(ValueError, match=r"fit_isotonic: logits \(65536, 32768\) hold more"):
+        jax.eval_shape(jsoftmax.fit_isotonic, *huge)
+
+
 def test_isotonic_and_histogram_edge_cases():
     logits = np.log(np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]], np.float32))
     labels = np.array([0, 1, 1])
@@ -243,6 +284,8 @@ def test_isotonic_and_histogram_edge_cases():
     # No kept row: isotonic is the identity, histogram binning the bin centres.
     identity = jsoftmax.calibrate(jsoftmax.fit_isotonic(logits, labels, where=nothing), logits)
     np.testing.assert_allclose(identity, logits, rtol=1e-6)
+    empty = jsoftmax.fit_isotonic(np.zeros((0, 2), np.float32), np.zeros(0, np.int32))
+    np.testing.assert_allclose(jsoftmax.calibrate(empty, logits), logits, rtol=1e-6)
     centres = jsoftmax.fit_histogram_binning(logits, labels, num_bins=4, where=nothing).values
     np.testing.assert_allclose(centres, [[0.125, 0.375, 0.625, 0.875]] * 2)
     # A class impossible only in the new logits stays impossible (its bin's value is 0.5 > 0).
