@@ -530,7 +530,8 @@ def fit_ensemble_temperature(
     fitted as the paper does, both steps on the Brier score
     ``BS = mean_i sum_k (q_ik - [y_i = k])^2``: first ``T`` minimising the
     Brier score of ``softmax(x / T)`` over ``bounds`` (a grid of 16
-    log-spaced temperatures, then golden-section search around the best),
+    log-spaced temperatures, then Brent's method around the best, to
+    ``sqrt(eps)`` of ``log T``),
     then the weights minimising the Brier score of ``q`` on the simplex, a
     quadratic program solved exactly (each face's KKT system, the best
     feasible point). ``w = (1, 0, 0)`` is feasible, so the fitted Brier score
@@ -567,7 +568,8 @@ def fit_ensemble_temperature(
 
 
 _GRID = 16
-_GOLDEN_STEPS = 60  # a cap only: sqrt(eps) of log T comes first
+_BRENT_STEPS = 60  # a cap only: sqrt(eps) of log T comes first
+_GOLDEN = (3 - 5**0.5) / 2  # the golden section of a bracket, from its nearer end
 # The supports of the simplex's faces: three vertices, three edges, the interior.
 _FACES = ((1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
 
@@ -597,40 +599,72 @@ def _fit_ensemble(logits, labels, where, low, high):
         p_label = jnp.exp((x_label - top) / t) / s
         return jnp.sum(rows[:, 0] * (jnp.sum(e * e, axis=1) / s**2 - 2 * p_label + 1))
 
-    # A grid brackets the best temperature; golden-section search narrows it.
+    # A grid brackets the best temperature; Brent's method narrows it: steps to
+    # the vertex of the parabola through the three best points, golden sections
+    # where those would step badly.
     grid = jnp.linspace(jnp.log(low), jnp.log(high), _GRID, dtype=x.dtype)
-    best = jnp.argmin(lax.map(brier, grid))
-    a, b = grid[jnp.maximum(best - 1, 0)], grid[jnp.minimum(best + 1, _GRID - 1)]
-    ratio = (jnp.sqrt(5.0) - 1) / 2
+    scores = lax.map(brier, grid)
+    best = jnp.argmin(scores)
+    left, right = jnp.maximum(best - 1, 0), jnp.minimum(best + 1, _GRID - 1)
+    neighbour = jnp.where(scores[left] <= scores[right], left, right)  # the better one
+    other = jnp.where(neighbour == left, right, left)
 
     # Near its minimum the score changes by about (step)**2, so its rounding error
-    # hides steps below sqrt(eps) of log T: float32 stops after ~17 steps, float64 ~38.
+    # hides steps below sqrt(eps) of log T.
     tolerance = jnp.sqrt(jnp.finfo(x.dtype).eps)
 
     def narrowing(state):
-        a, b, step = state[0], state[1], state[-1]
-        return (b - a > tolerance * (1 + jnp.abs(a + b) / 2)) & (step < _GOLDEN_STEPS)
+        a, b, x, step = state[0], state[1], state[2], state[-1]
+        small = tolerance * (1 + jnp.abs(x)) / 4
+        return (jnp.abs(x - (a + b) / 2) > 2 * small - (b - a) / 2) & (step < _BRENT_STEPS)
 
-    def golden(state):
-        # The inner points c < d keep their scores: one new evaluation a step.
-        a, b, c, d, f_c, f_d, step = state
-        left = f_c < f_d
-        a, b = jnp.where(left, a, c), jnp.where(left, d, b)
-        new = jnp.where(left, b - ratio * (b - a), a + ratio * (b - a))
-        f_new = brier(new)
-        c, d = jnp.where(left, new, d), jnp.where(left, c, new)
-        f_c, f_d = jnp.where(left, f_new, f_d), jnp.where(left, f_c, f_new)
-        return a, b, c, d, f_c, f_d, step + 1
+    def brent(state):
+        a, b, x, w, v, f_x, f_w, f_v, d, e, step = state
+        middle, small = (a + b) / 2, tolerance * (1 + jnp.abs(x)) / 4
+        r, q = (x - w) * (f_x - f_v), (x - v) * (f_x - f_w)
+        p, q = (x - v) * q - (x - w) * r, 2 * (q - r)
+        p, q = jnp.where(q > 0, -p, p), jnp.abs(q)
+        # The vertex, if it lies inside the bracket and the step halves the one before last.
+        inside = (q * (a - x) < p) & (p < q * (b - x))
+        vertex = (jnp.abs(e) > small) & (jnp.abs(p) < jnp.abs(q * e / 2)) & inside
+        to_vertex = p / jnp.where(vertex, q, 1.0)
+        near_end = jnp.minimum(x + to_vertex - a, b - x - to_vertex) < 2 * small
+        to_vertex = jnp.where(near_end, jnp.where(middle > x, small, -small), to_vertex)
+        larger = jnp.where(x >= middle, a - x, b - x)
+        d, e = jnp.where(vertex, to_vertex, _GOLDEN * larger), jnp.where(vertex, d, larger)
+        u = x + jnp.where(jnp.abs(d) >= small, d, jnp.where(d > 0, small, -small))
+        f_u = brier(u)
+        better = f_u <= f_x
+        # The bracket keeps the best point inside: it ends at x or u, whichever is worse.
+        a = jnp.where(better, jnp.where(u >= x, x, a), jnp.where(u < x, u, a))
+        b = jnp.where(better, jnp.where(u >= x, b, x), jnp.where(u < x, b, u))
+        second = ~better & ((f_u <= f_w) | (w == x))
+        third = ~better & ~second & ((f_u <= f_v) | (v == x) | (v == w))
+        v, f_v = (
+            jnp.where(better | second, old, jnp.where(third, new, keep))
+            for old, new, keep in ((w, u, v), (f_w, f_u, f_v))
+        )
+        w, f_w = (
+            jnp.where(better, old, jnp.where(second, new, keep))
+            for old, new, keep in ((x, u, w), (f_x, f_u, f_w))
+        )
+        x, f_x = jnp.where(better, u, x), jnp.where(better, f_u, f_x)
+        return a, b, x, w, v, f_x, f_w, f_v, d, e, step + 1
 
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    state = a, b, c, d, brier(c), brier(d), 0
-    a, b = lax.while_loop(narrowing, golden, state)[:2]
-    t = jnp.exp((a + b) / 2)
+    a, b = grid[left], grid[right]
+    state = (a, b, grid[best], grid[neighbour], grid[other])
+    state += (scores[best], scores[neighbour], scores[other])
+    state += (jnp.zeros((), x.dtype), b - a, 0)
+    # (Clipped: at a bound, exp(log(bound)) may round past it.)
+    t = jnp.clip(jnp.exp(lax.while_loop(narrowing, brent, state)[2]), low, high)
 
     # The Brier score of q = sum_j w_j P_j is w' A w - 2 c' w + 1: a quadratic on the simplex.
-    members = jnp.stack([probs(t), probs(1.0), jnp.full_like(x, 1.0 / k)])
-    gram = jnp.einsum("jnk,mnk->jm", members * rows, members)
-    c = jnp.sum(jnp.where(label, members * rows, 0.0), axis=(1, 2))
+    # The uniform member is the constant 1 / K: its sums are the others' over K.
+    members = probs(t), probs(1.0), jnp.ones_like(x)
+    gram = jnp.array([[jnp.sum(rows * p * q) for q in members] for p in members])
+    c = jnp.array([jnp.sum(jnp.where(label, rows * p, 0.0)) for p in members])
+    scale = jnp.array([1.0, 1.0, 1.0 / k], x.dtype)
+    gram, c = gram * scale * scale[:, None], c * scale
 
     def solve(face):
         face = jnp.asarray(face, bool)

@@ -185,6 +185,10 @@ def test_ensemble_temperature_in_float32_is_the_float64_one_to_its_precision():
         t64 = jsoftmax.fit_ensemble_temperature(logits, labels).temperature
     assert t32.dtype == np.float32
     np.testing.assert_allclose(t32, t64, rtol=1e-3)
+    # At a bound (pure noise wants T -> inf), T is the bound, not its log's rounding.
+    noise = np.random.default_rng(0).standard_normal((3000, 4)).astype(np.float32) * 5
+    labels = np.random.default_rng(1).integers(0, 4, 3000)
+    assert jsoftmax.fit_ensemble_temperature(noise, labels).temperature == np.float32(100.0)
 
 
 def test_ensemble_weights_reach_every_face_of_the_simplex(x64):
