@@ -668,7 +668,7 @@ def _fit_ensemble(logits, labels, where, low, high):
     t = jnp.clip(jnp.exp(lax.while_loop(narrowing, brent, state)[2]), low, high)
 
     # The Brier score of q = sum_j w_j P_j is w' A w - 2 c' w + 1: a quadratic on the simplex.
-    # The uniform member is the constant 1 / K: its sums are the others' over K.
+    # The uniform member is the constant 1 / K: sums of ones, scaled by 1 / K (1 / K**2 squared).
     members = probs(t), probs(1.0), jnp.ones_like(x)
     gram = jnp.array([[jnp.sum(rows * p * q) for q in members] for p in members])
     c = jnp.array([jnp.sum(jnp.where(label, rows * p, 0.0)) for p in members])
@@ -760,8 +760,8 @@ def fit_isotonic(
     For each class ``k``, the non-decreasing function ``g_k`` minimising
     ``sum_i (g_k(p_ik) - [y_i = k])^2`` over the kept rows (rows whose ``p_ik``
     are equal to within the dtype's resolution share a value), linearly
-    interpolated between the fitted points and clipped outside them: per
-    class equal to scikit-learn's
+    interpolated between the groups' first points and clipped outside them:
+    per class equal to scikit-learn's
     ``IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip")``.
     :func:`calibrate` then renormalises ``g_k(p_k)`` over the classes (uniform
     where every class gets 0).
@@ -803,10 +803,13 @@ def fit_isotonic(
 
 @jax.jit
 def _fit_isotonic(logits, labels, where):
-    x, possible, n, nan_if_bad = _prepared(logits, labels, where)
+    x, possible, _, nan_if_bad = _prepared(logits, labels, where)
     p = jnp.exp(_log_softmax(x, possible)).T
     hit = labels == jnp.arange(x.shape[1])[:, None]
-    n = n.astype(jnp.int32)  # a float count would round flat positions from 2**24
+    # A kept row without probabilities (every class impossible, or a +inf logit)
+    # is bad input, as a NaN logit is.
+    nan_if_bad = jnp.where(jnp.any(where & jnp.isnan(p)), jnp.nan, nan_if_bad)
+    n = jnp.sum(where, dtype=jnp.int32)  # counted exactly past 2**24, as the flat positions
     thresholds, values = _isotonic(p, hit, where, n)
     return thresholds, values * nan_if_bad, n
 
@@ -862,12 +865,9 @@ def _isotonic(p, hit, where, n):
     # so the many late rounds of few blocks cost little.
     position = jnp.arange(total)
     opens = _resolution_groups(xs)
-    bounds = (
-        jnp.full(total, total)
-        .at[jnp.where(opens, jnp.cumsum(opens) - 1, total)]
-        .set(position, mode="drop")
-    )
-    count = jnp.sum(opens)
+    group = jnp.cumsum(opens) - 1
+    starts = jnp.full(total, total).at[jnp.where(opens, group, total)].set(position, mode="drop")
+    bounds, count = starts, jnp.sum(opens)
     solution = jnp.full(total, total)
     # ``pooled``: the last round pooled blocks, so another may; a stage whose
     # blocks already fit in the next one is skipped without a round.
@@ -886,7 +886,9 @@ def _isotonic(p, hit, where, n):
             break
         bounds = bounds[:smaller]
     block = jnp.cumsum(jnp.zeros(total + 1, bool).at[solution].set(True)[:total]) - 1
-    return xs, means(solution)[block].reshape(k, size)
+    # scikit-learn interpolates between the groups' first rows: each row's threshold.
+    thresholds = xs.ravel()[starts[group]].reshape(k, size)
+    return thresholds, means(solution)[block].reshape(k, size)
 
 
 def _resolution_groups(xs):
@@ -935,7 +937,7 @@ def _first_far(xs, base, low, high, end):
 
     def bisect(bracket):
         low, high = bracket
-        middle = (low + high) // 2
+        middle = low + (high - low) // 2  # (low + high) would overflow past 2**30 rows
         far = (middle < end) & (xs[jnp.minimum(middle, xs.shape[0] - 1)] - base >= resolution)
         return jnp.where(far, low, jnp.minimum(middle + 1, high)), jnp.where(far, middle, high)
 

@@ -216,7 +216,7 @@ def sort_rows(keys: jax.Array) -> jax.Array:
     """
 
     def parts(keys):
-        pieces = jnp.array_split(keys, min(keys.shape[0], 4))
+        pieces = jnp.array_split(keys, max(min(keys.shape[0], 4), 1))
         return jnp.concatenate([jnp.sort(piece, axis=1) for piece in pieces])
 
     return lax.platform_dependent(keys, cpu=parts, default=lambda keys: jnp.sort(keys, axis=1))

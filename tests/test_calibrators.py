@@ -263,6 +263,23 @@ def test_isotonic_groups_rows_as_scikit_learn_does(dtype, x64):
         np.testing.assert_array_equal(got, want)
 
 
+def test_isotonic_interpolates_between_groups_as_scikit_learn_does():
+    """Rows within the resolution of a group's first row interpolate from that first row."""
+    rng = np.random.default_rng(13)
+    resolution = np.finfo(np.float32).resolution
+    p = np.sort(0.5 + resolution * np.cumsum(rng.choice([0.0, 0.4, 0.7, 1.5], 300)))
+    p = p.astype(np.float32)
+    hit = rng.random(300) < (p - 0.5) / (p[-1] - 0.5)
+    n = jnp.asarray(300, jnp.int32)
+    thresholds, values = _calibrators._isotonic(
+        jnp.asarray(p)[None], jnp.asarray(hit)[None], True, n
+    )
+    fresh = np.concatenate([p, rng.uniform(p[0] - 1e-6, p[-1] + 1e-6, 300).astype(np.float32)])
+    got = _calibrators._interpolate(thresholds[0], values[0], n, jnp.asarray(fresh))
+    isotonic = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(p, hit)
+    np.testing.assert_allclose(got, isotonic.predict(fresh), atol=1e-6)
+
+
 def test_isotonic_is_exact_past_two_to_the_24_rows_and_classes():
     """The classes run as one flat problem of ``N * K`` rows, counted exactly past 2**24."""
     rng = np.random.default_rng(12)
@@ -275,10 +292,18 @@ def test_isotonic_is_exact_past_two_to_the_24_rows_and_classes():
     last = jsoftmax.fit_isotonic(logits, labels).values[2]
     first = jsoftmax.fit_isotonic(logits, swapped).values[0]
     np.testing.assert_array_equal(last, first)
+    # The rows are counted exactly past 2**24 too (a float32 sum stops at 2**24).
+    rows = 2**24 + 1
+    ones = jsoftmax.fit_isotonic(np.zeros((rows, 1), np.float32), np.zeros(rows, np.int32))
+    assert int(ones.count) == rows
     # Past int32 positions (without x64) it says so, before allocating anything.
-    huge = jax.ShapeDtypeStruct((2**16, 2**15), jnp.float32), jax.ShapeDtypeStruct((2**16,), int)
-    with pytest.raises(ValueError, match=r"fit_isotonic: logits \(65536, 32768\) hold more"):
-        jax.eval_shape(jsoftmax.fit_isotonic, *huge)
+    if not jax.config.jax_enable_x64:
+        huge = (
+            jax.ShapeDtypeStruct((2**16, 2**15), jnp.float32),
+            jax.ShapeDtypeStruct((2**16,), int),
+        )
+        with pytest.raises(ValueError, match=r"fit_isotonic: logits \(65536, 32768\) hold more"):
+            jax.eval_shape(jsoftmax.fit_isotonic, *huge)
 
 
 def test_isotonic_and_histogram_edge_cases():
@@ -290,6 +315,13 @@ def test_isotonic_and_histogram_edge_cases():
     np.testing.assert_allclose(identity, logits, rtol=1e-6)
     empty = jsoftmax.fit_isotonic(np.zeros((0, 2), np.float32), np.zeros(0, np.int32))
     np.testing.assert_allclose(jsoftmax.calibrate(empty, logits), logits, rtol=1e-6)
+    no_class = jsoftmax.fit_isotonic(np.zeros((0, 0), np.float32), np.zeros(0, np.int32))
+    assert no_class.values.shape == (0, 0)
+    # A kept row without probabilities (every class impossible) is bad input: NaN.
+    impossible = np.where(np.arange(3)[:, None] == 1, -np.inf, logits)
+    assert np.all(np.isnan(jsoftmax.fit_isotonic(impossible, labels).values))
+    masked = jsoftmax.fit_isotonic(impossible, labels, where=np.arange(3) != 1)
+    assert np.all(np.isfinite(masked.values[:, : masked.count]))
     centres = jsoftmax.fit_histogram_binning(logits, labels, num_bins=4, where=nothing).values
     np.testing.assert_allclose(centres, [[0.125, 0.375, 0.625, 0.875]] * 2)
     # A class impossible only in the new logits stays impossible (its bin's value is 0.5 > 0).
