@@ -12,9 +12,9 @@ The parametric calibrators (vector, matrix and Dirichlet scaling) minimise a
 convex objective, the mean negative log-likelihood plus their penalty, by
 L-BFGS (:func:`_minimize`) from the identity map, until the gradient's largest
 entry is below ``_GRADIENT_TOL`` times the objective's scale or no step
-decreases it (the dtype's precision is reached). They run on centred features
-(the bias absorbs the mean), which changes the problem's conditioning, not its
-optimum. A class whose logit is
+decreases it (the dtype's precision is reached). They run on standardised
+features (the weights absorb the spread, the bias the mean), which changes the
+problem's conditioning, not its optimum. A class whose logit is
 ``-inf`` stays impossible after calibration, and its input never enters a
 product (it is read as the row's smallest finite logit). A NaN logit or a
 traced bad label in a kept row makes the calibrator NaN; padding rows never
@@ -348,18 +348,28 @@ def _fit_affine(logits, labels, where, kind, penalties):
     def linear(w, f):
         return w * f if kind == "vector" else f @ w
 
-    # L-BFGS runs on centred features, ``z = (f - mean) w + c`` with
-    # ``c = b + mean w``: the same problem, far better conditioned where the
-    # features sit far from 0 (log-probabilities: 64 -> 23 evaluations).
-    mean = jnp.sum(jnp.where(where[:, None], features, 0.0), axis=0) / jnp.maximum(n, 1)
-    centred = features - mean
-    w0 = jnp.ones(k, x.dtype) if kind == "vector" else eye
-    flat0, unflatten = ravel_pytree((w0, linear(w0, mean)))
+    # L-BFGS runs on standardised features, ``z = ((f - mean) / spread) v + c``
+    # with ``w = v / spread`` (by rows) and ``b = c - mean w``: the same problem,
+    # far better conditioned (200,000 x 10: Dirichlet's log-probabilities 53-67
+    # -> 15-16 evaluations, logits with per-class offsets up to 531 -> 32).
+    kept = where[:, None]
+    mean = jnp.sum(jnp.where(kept, features, 0.0), axis=0) / jnp.maximum(n, 1)
+    variance = jnp.sum(jnp.where(kept, (features - mean) ** 2, 0.0), axis=0) / jnp.maximum(n, 1)
+    spread = jnp.where(variance > 0, jnp.sqrt(variance), 1.0)  # a constant feature keeps its scale
+    standard = (features - mean) / spread
+    by_row = spread if kind == "vector" else spread[:, None]
+    identity = jnp.ones(k, x.dtype) if kind == "vector" else eye
+    flat0, unflatten = ravel_pytree((identity * by_row, linear(identity, mean)))
+
+    def weight_and_bias(flat):
+        v, c = unflatten(flat)
+        w = v / by_row
+        return w, c - linear(w, mean)
 
     def objective(flat):
-        w, c = unflatten(flat)
-        loss = _mean_nll(linear(w, centred) + c, possible, labels, where, n)
-        b = c - linear(w, mean)
+        v, c = unflatten(flat)
+        w, b = weight_and_bias(flat)
+        loss = _mean_nll(linear(v, standard) + c, possible, labels, where, n)
         if kind == "matrix":
             loss = loss + penalties[0] * (jnp.sum((w - eye) ** 2) + jnp.sum(b**2))
         elif kind == "dirichlet":
@@ -367,8 +377,7 @@ def _fit_affine(logits, labels, where, kind, penalties):
             loss = loss + penalties[0] * off + penalties[1] * jnp.sum(b**2) / k
         return loss
 
-    w, c = unflatten(_minimize(objective, flat0) * nan_if_bad)
-    return w, c - linear(w, mean)
+    return weight_and_bias(_minimize(objective, flat0) * nan_if_bad)
 
 
 def _penalty(fname, name, value):
@@ -393,9 +402,9 @@ def fit_vector_scaling(
         -\log \mathrm{softmax}(a \odot x_i + b)_{y_i}
 
     a convex problem, solved by L-BFGS from ``a = 1, b = 0`` (the identity)
-    until the gradient's largest entry (in ``a`` and the bias of the centred
-    logits) is below 1e-5 (1e-9 for float64) or the objective stops
-    decreasing.
+    until the gradient's largest entry (in the scale and bias of the
+    standardised logits) is below 1e-5 (1e-9 for float64) or the objective
+    stops decreasing.
 
     Args:
       logits: floating ``[N, K]``, the uncalibrated model's validation logits;
