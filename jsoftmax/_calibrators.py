@@ -915,7 +915,7 @@ def _resolution_groups(xs):
     xs = xs.ravel()
     total = xs.shape[0]
     position = jnp.arange(total)
-    # next(i) is monotone in i, so next of every 32nd row brackets the rest.
+    # next(i) is monotone in i, so next of every 32nd entry brackets the rest.
     every = 32
     coarse = _first_far(xs, xs[::every], position[::every] + 1, end[::every], end[::every])
     coarse = jnp.append(coarse, total)
@@ -927,7 +927,7 @@ def _resolution_groups(xs):
         marked = opens.at[jnp.where(opens, jump, total)].set(True)
         return marked, jump[jump], jnp.any(marked != opens)
 
-    # Every row at least the resolution above the row before opens a group, so
+    # Every entry at least the resolution above the one before opens a group, so
     # the chains from those are short. ``jump`` is next^(2^l), with ``total``
     # as its own successor; a round that marks nothing new marks nothing later.
     gap = xs - jnp.append(-jnp.inf, xs[:-1]) >= jnp.finfo(xs.dtype).resolution
