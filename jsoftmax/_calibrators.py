@@ -33,7 +33,7 @@ from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
 from jsoftmax import _checks, _cpu
-from jsoftmax._calibration import _bin_index, _bin_sums, _bounds, _fit_count, _rows, _scale
+from jsoftmax._calibration import _bin_index, _bin_sums, _bounds, _fit_count, _mean, _rows, _scale
 from jsoftmax._calibration import _num_bins as _checked_num_bins
 
 _MAX_ITERATIONS = 500
@@ -353,22 +353,21 @@ def _fit_affine(logits, labels, where, kind, penalties):
     # far better conditioned (200,000 x 10: Dirichlet's log-probabilities 53-67
     # -> 15-16 evaluations, logits with per-class offsets up to 531 -> 32).
     kept = where[:, None]
-    mean = jnp.sum(jnp.where(kept, features, 0.0), axis=0) / jnp.maximum(n, 1)
-    variance = jnp.sum(jnp.where(kept, (features - mean) ** 2, 0.0), axis=0) / jnp.maximum(n, 1)
+    mean = _mean(jnp.sum(jnp.where(kept, features, 0.0), axis=0), n)
+    variance = _mean(jnp.sum(jnp.where(kept, (features - mean) ** 2, 0.0), axis=0), n)
     spread = jnp.where(variance > 0, jnp.sqrt(variance), 1.0)  # a constant feature keeps its scale
     standard = (features - mean) / spread
     by_row = spread if kind == "vector" else spread[:, None]
     identity = jnp.ones(k, x.dtype) if kind == "vector" else eye
     flat0, unflatten = ravel_pytree((identity * by_row, linear(identity, mean)))
 
-    def weight_and_bias(flat):
-        v, c = unflatten(flat)
+    def weight_and_bias(v, c):
         w = v / by_row
         return w, c - linear(w, mean)
 
     def objective(flat):
         v, c = unflatten(flat)
-        w, b = weight_and_bias(flat)
+        w, b = weight_and_bias(v, c)
         loss = _mean_nll(linear(v, standard) + c, possible, labels, where, n)
         if kind == "matrix":
             loss = loss + penalties[0] * (jnp.sum((w - eye) ** 2) + jnp.sum(b**2))
@@ -377,7 +376,7 @@ def _fit_affine(logits, labels, where, kind, penalties):
             loss = loss + penalties[0] * off + penalties[1] * jnp.sum(b**2) / k
         return loss
 
-    return weight_and_bias(_minimize(objective, flat0) * nan_if_bad)
+    return weight_and_bias(*unflatten(_minimize(objective, flat0) * nan_if_bad))
 
 
 def _penalty(fname, name, value):
@@ -631,14 +630,17 @@ def _fit_ensemble(logits, labels, where, low, high):
     # hides steps below sqrt(eps) of log T.
     tolerance = jnp.sqrt(jnp.finfo(x.dtype).eps)
 
+    def least_step(x):
+        return tolerance * (1 + jnp.abs(x)) / 4
+
     def narrowing(state):
         a, b, x, step = state[0], state[1], state[2], state[-1]
-        small = tolerance * (1 + jnp.abs(x)) / 4
+        small = least_step(x)
         return (jnp.abs(x - (a + b) / 2) > 2 * small - (b - a) / 2) & (step < _BRENT_STEPS)
 
     def brent(state):
         a, b, x, w, v, f_x, f_w, f_v, d, e, step = state
-        middle, small = (a + b) / 2, tolerance * (1 + jnp.abs(x)) / 4
+        middle, small = (a + b) / 2, least_step(x)
         r, q = (x - w) * (f_x - f_v), (x - v) * (f_x - f_w)
         p, q = (x - v) * q - (x - w) * r, 2 * (q - r)
         p, q = jnp.where(q > 0, -p, p), jnp.abs(q)
@@ -679,7 +681,8 @@ def _fit_ensemble(logits, labels, where, low, high):
     # The Brier score of q = sum_j w_j P_j is w' A w - 2 c' w + 1: a quadratic on the simplex.
     # The uniform member is the constant 1 / K: sums of ones, scaled by 1 / K (1 / K**2 squared).
     members = probs(t), probs(1.0), jnp.ones_like(x)
-    gram = jnp.array([[jnp.sum(rows * p * q) for q in members] for p in members])
+    upper = {(i, j): jnp.sum(rows * members[i] * members[j]) for i in range(3) for j in range(i, 3)}
+    gram = jnp.array([[upper[min(i, j), max(i, j)] for j in range(3)] for i in range(3)])
     c = jnp.array([jnp.sum(jnp.where(label, rows * p, 0.0)) for p in members])
     scale = jnp.array([1.0, 1.0, 1.0 / k], x.dtype)
     gram, c = gram * scale * scale[:, None], c * scale
