@@ -117,8 +117,11 @@ def fit_temperature(
     Note:
       It works under ``jax.jit`` and ``jax.vmap`` (stacked problems run as one
       batched iteration). With no unmasked row it returns 1 clipped to
-      ``bounds``. A row whose label has logit ``-inf`` has infinite NLL at
-      every ``T`` and pushes the fit to ``T_hi``; NaN logits give NaN. Traced
+      ``bounds``. A row with every logit ``-inf`` is padding; a row holding
+      ``+inf`` is certain at every ``T`` (its ``+inf`` classes share the
+      mass), so it changes nothing unless its label is elsewhere. A row whose
+      label is impossible (logit ``-inf``, or not ``+inf`` in a certain row)
+      has infinite NLL at every ``T``: no optimum, NaN. NaN logits and traced
       out-of-range labels give NaN.
 
     References:
@@ -147,7 +150,8 @@ def _bounds(fname, bounds):
 @jax.jit
 def _fit(logits, labels, where, low, high):
     dtype = _checks.compute_dtype(logits.dtype)
-    x = logits.astype(dtype)
+    # A certain row's likelihood is the same at every temperature: it adds nothing.
+    x, where, n, nan_if_bad, _ = _fit_rows(logits.astype(dtype), labels, where, True)
     # A power of two c ~ max |x| makes u = x / c exact and |u| <= 2, so beta * u
     # cannot overflow where beta * x would.
     amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), initial=0.0)
@@ -157,7 +161,6 @@ def _fit(logits, labels, where, low, high):
     d = u - jnp.max(u, axis=1, keepdims=True)  # <= 0; -inf for impossible classes
     d_label = jnp.take_along_axis(d, labels[:, None], axis=1, mode="clip")
     spread = jnp.where(jnp.isfinite(d), d - d_label, 0.0)  # u_k - u_y, 0 where p_k = 0
-    n, nan_if_bad = _fit_count(x, labels, where)
 
     def derivatives(beta):
         """First and second derivative of the mean NLL with respect to beta * c."""
@@ -296,15 +299,45 @@ def _top1(probs, labels, where):
 
 
 def _count(p, labels, where):
-    """``N``, the number of kept rows, and a factor that is NaN when a kept label is bad."""
+    """``N``, the number of kept rows (an integer, exact past 2**24), and a factor that is
+    NaN when a kept label is bad."""
     bad = jnp.any(where & ((labels < 0) | (labels >= p.shape[1])))
-    return jnp.sum(where.astype(p.dtype)), jnp.where(bad, jnp.nan, 1.0).astype(p.dtype)
+    return jnp.sum(where, dtype=int), jnp.where(bad, jnp.nan, 1.0).astype(p.dtype)
 
 
-def _fit_count(x, labels, where):
-    """:func:`_count` for a fit: its factor is NaN also when a kept row has a NaN logit."""
-    n, nan_if_bad = _count(x, labels, where)
-    return n, jnp.where(jnp.any(jnp.isnan(x) & where[:, None]), jnp.nan, nan_if_bad)
+def _certain(x):
+    """``x`` with each row holding ``+inf`` made certain, and each row's max.
+
+    As in :func:`jsoftmax.softmax`, the ``+inf`` classes share the mass and the
+    others are impossible: the row becomes 0 there and ``-inf`` elsewhere (NaN
+    stays NaN), which no temperature changes. The max is ``+inf`` for those
+    rows and ``-inf`` for a row without a possible class.
+    """
+    top = jnp.max(x, axis=-1, keepdims=True, initial=-jnp.inf)
+    return jnp.where(top == jnp.inf, jnp.where(x == jnp.inf, 0.0, x - jnp.inf), x), top
+
+
+def _fit_rows(x, labels, where, likelihood):
+    """The rows as every fit reads them: ``x`` (:func:`_certain`), ``where``, ``N``,
+    the bad-input factor and the certain rows.
+
+    A row with every class ``-inf`` predicts nothing and is padding, as the
+    losses give it cost 0 and do not count it. The factor is NaN when a kept
+    row has a bad label or a NaN logit and, for a ``likelihood`` fit, when a
+    kept row's label is impossible: its likelihood is then 0 under every
+    calibrator, so the fit has no optimum.
+    """
+    mapped, top = _certain(x)
+    kept = where & (top[:, 0] > -jnp.inf)
+    bad = jnp.isnan(x)
+    if likelihood:
+        # Found in the same reduction as NaN: a gather of the label's logit costs as much
+        # again on CPU.
+        label = jnp.arange(x.shape[1]) == labels[:, None]
+        bad = bad | (label & (mapped == -jnp.inf) & kept[:, None])
+    n, nan_if_bad = _count(x, labels, kept)
+    nan_if_bad = jnp.where(jnp.any(bad & where[:, None]), jnp.nan, nan_if_bad)
+    return mapped, kept, n, nan_if_bad, top[:, 0] == jnp.inf
 
 
 def _mean(total, n):

@@ -16,9 +16,13 @@ decreases it (the dtype's precision is reached). They run on standardised
 features (the weights absorb the spread, the bias the mean), which changes the
 problem's conditioning, not its optimum. A class whose logit is
 ``-inf`` stays impossible after calibration, and its input never enters a
-product (it is read as the row's smallest finite logit). A NaN logit or a
-traced bad label in a kept row makes the calibrator NaN; padding rows never
-reach a fit.
+product (it is read as the row's smallest finite logit). A row holding
+``+inf`` is certain, as in :func:`jsoftmax.softmax` (its ``+inf`` classes
+share the mass, the others are impossible), and no calibrator moves it; a
+row with every class ``-inf`` predicts nothing and is padding, as the losses
+count it. A NaN logit or a traced bad label in a kept row makes the
+calibrator NaN, and so does an impossible label for the likelihood fits
+(its NLL is infinite under every calibrator); padding rows never reach a fit.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
+from jsoftmax import _calibration as _cal
 from jsoftmax import _checks, _cpu
-from jsoftmax._calibration import _bin_index, _bin_sums, _bounds, _fit_count, _mean, _rows, _scale
+from jsoftmax._calibration import _bin_index, _bin_sums, _bounds, _mean, _rows, _scale
 from jsoftmax._calibration import _num_bins as _checked_num_bins
 
 _MAX_ITERATIONS = 500
@@ -181,8 +186,15 @@ def _num_classes(calibrator) -> int | None:
 
 @jax.jit
 def _apply(calibrator, logits):
-    x = logits.astype(_checks.compute_dtype(logits.dtype))
+    x, top = _cal._certain(logits.astype(_checks.compute_dtype(logits.dtype)))
     possible = x != -jnp.inf
+    # No calibrator moves a certain row, nor gives a row without a possible class one.
+    log_q = _calibrated(calibrator, x, possible)
+    log_q = jnp.where(top == jnp.inf, _log_softmax(x, possible), log_q)
+    return jnp.where(jnp.any(possible, axis=-1, keepdims=True), log_q, -jnp.inf)
+
+
+def _calibrated(calibrator, x, possible):
     if isinstance(calibrator, VectorScaling):
         return _log_softmax(calibrator.scale * _features(x) + calibrator.bias, possible)
     if isinstance(calibrator, MatrixScaling):
@@ -194,7 +206,7 @@ def _apply(calibrator, logits):
     if isinstance(calibrator, EnsembleTemperature):
         tempered = jnp.exp(_log_softmax(_scale(x, calibrator.temperature), possible))
         w = calibrator.weights
-        return jnp.log(w[0] * tempered + w[1] * p + w[2] / x.shape[-1])
+        return jnp.log(w[0] * tempered + w[1] * p + w[2] * _uniform(possible))
     if isinstance(calibrator, HistogramBinning):
         index = _bin_index(p, calibrator.values.shape[-1])
         q = jnp.take_along_axis(calibrator.values, index.T, axis=1).T
@@ -202,10 +214,17 @@ def _apply(calibrator, logits):
         q = jax.vmap(_interpolate, (0, 0, None, 1), 1)(
             calibrator.thresholds, calibrator.values, calibrator.count, p
         )
-    q = jnp.where(possible, q, 0.0)  # an impossible class's bin or step may still be > 0
+    # An impossible class's bin or step may still be > 0; a NaN logit's row stays NaN.
+    q = jnp.where(jnp.isnan(p), p, jnp.where(possible, q, 0.0))
     total = jnp.sum(q, axis=-1, keepdims=True)
-    uniform = -jnp.log(jnp.asarray(x.shape[-1], x.dtype))
-    return jnp.where(total > 0, jnp.log(q) - jnp.log(jnp.where(total > 0, total, 1.0)), uniform)
+    log_q = jnp.log(q) - jnp.log(jnp.where(total > 0, total, 1.0))
+    return jnp.where(total == 0, jnp.log(_uniform(possible)), log_q)
+
+
+def _uniform(possible):
+    """The uniform distribution over each row's possible classes (0 for a row without one)."""
+    count = jnp.sum(possible, axis=-1, keepdims=True)
+    return jnp.where(possible, 1 / jnp.maximum(count, 1), 0.0)
 
 
 def _log_softmax(z, possible):
@@ -323,22 +342,22 @@ def _mean_nll(z, possible, labels, where, n):
     return jnp.sum(jnp.where(where, nll, 0.0)) / jnp.maximum(n, 1)
 
 
-def _prepared(logits, labels, where):
-    """The logits in the compute dtype, their possible classes, ``N`` and the bad-input factor.
+def _prepared(logits, labels, where, likelihood=False):
+    """:func:`_fit_rows` of the logits in the compute dtype, with their possible classes.
 
-    The factor is NaN when a kept row has a bad label or a NaN logit; padding
-    rows read as zeros, so nothing in them reaches a fit.
+    Padding rows read as zeros, so nothing in them reaches a fit.
     """
-    x = logits.astype(_checks.compute_dtype(logits.dtype))
-    n, nan_if_bad = _fit_count(x, labels, where)
+    x, where, n, nan_if_bad, certain = _cal._fit_rows(
+        logits.astype(_checks.compute_dtype(logits.dtype)), labels, where, likelihood
+    )
     x = jnp.where(where[:, None], x, 0.0)
-    return x, x != -jnp.inf, n, nan_if_bad
+    return x, x != -jnp.inf, where, n, nan_if_bad, certain
 
 
 @functools.partial(jax.jit, static_argnames=("kind",))
 def _fit_affine(logits, labels, where, kind, penalties):
     """Vector, matrix or Dirichlet scaling: the penalised mean NLL minimised from the identity."""
-    x, possible, n, nan_if_bad = _prepared(logits, labels, where)
+    x, possible, where, n, nan_if_bad, certain = _prepared(logits, labels, where, True)
     k = x.shape[1]
     if kind == "dirichlet":
         x = _log_softmax(x, possible)
@@ -352,9 +371,12 @@ def _fit_affine(logits, labels, where, kind, penalties):
     # with ``w = v / spread`` (by rows) and ``b = c - mean w``: the same problem,
     # far better conditioned (200,000 x 10: Dirichlet's log-probabilities 53-67
     # -> 15-16 evaluations, logits with per-class offsets up to 531 -> 32).
-    kept = where[:, None]
-    mean = _mean(jnp.sum(jnp.where(kept, features, 0.0), axis=0), n)
-    variance = _mean(jnp.sum(jnp.where(kept, (features - mean) ** 2, 0.0), axis=0), n)
+    # A certain row's likelihood is the same under every calibrator: it counts
+    # in N, and nothing else of it enters.
+    scored = where & ~certain
+    kept, m = scored[:, None], jnp.sum(scored, dtype=n.dtype)
+    mean = _mean(jnp.sum(jnp.where(kept, features, 0.0), axis=0), m)
+    variance = _mean(jnp.sum(jnp.where(kept, (features - mean) ** 2, 0.0), axis=0), m)
     spread = jnp.where(variance > 0, jnp.sqrt(variance), 1.0)  # a constant feature keeps its scale
     standard = (features - mean) / spread
     by_row = spread if kind == "vector" else spread[:, None]
@@ -368,7 +390,7 @@ def _fit_affine(logits, labels, where, kind, penalties):
     def objective(flat):
         v, c = unflatten(flat)
         w, b = weight_and_bias(v, c)
-        loss = _mean_nll(linear(v, standard) + c, possible, labels, where, n)
+        loss = _mean_nll(linear(v, standard) + c, possible, labels, scored, n)
         if kind == "matrix":
             loss = loss + penalties[0] * (jnp.sum((w - eye) ** 2) + jnp.sum(b**2))
         elif kind == "dirichlet":
@@ -593,7 +615,7 @@ _FACES = ((1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 
 
 @jax.jit
 def _fit_ensemble(logits, labels, where, low, high):
-    x, possible, n, nan_if_bad = _prepared(logits, labels, where)
+    x, possible, where, n, nan_if_bad, _ = _prepared(logits, labels, where)
     k = x.shape[1]
     rows = where.astype(x.dtype)[:, None] / jnp.maximum(n, 1)
     label = jnp.arange(k) == labels[:, None]
@@ -679,13 +701,15 @@ def _fit_ensemble(logits, labels, where, low, high):
     t = jnp.clip(jnp.exp(lax.while_loop(narrowing, brent, state)[2]), low, high)
 
     # The Brier score of q = sum_j w_j P_j is w' A w - 2 c' w + 1: a quadratic on the simplex.
-    # The uniform member is the constant 1 / K: sums of ones, scaled by 1 / K (1 / K**2 squared).
-    members = probs(t), probs(1.0), jnp.ones_like(x)
-    upper = {(i, j): jnp.sum(rows * members[i] * members[j]) for i in range(3) for j in range(i, 3)}
+    # The uniform member is 1 / m on each row's m possible classes: as every member sums
+    # to 1 over them, each product with it sums to 1 / m in a row.
+    members = probs(t), probs(1.0)
+    per_class = rows / jnp.maximum(jnp.sum(possible, axis=1, keepdims=True), 1)
+    upper = {(i, j): jnp.sum(rows * members[i] * members[j]) for i in range(2) for j in range(i, 2)}
+    upper |= {(i, 2): jnp.sum(per_class) for i in range(3)}
     gram = jnp.array([[upper[min(i, j), max(i, j)] for j in range(3)] for i in range(3)])
-    c = jnp.array([jnp.sum(jnp.where(label, rows * p, 0.0)) for p in members])
-    scale = jnp.array([1.0, 1.0, 1.0 / k], x.dtype)
-    gram, c = gram * scale * scale[:, None], c * scale
+    c = [jnp.sum(jnp.where(label, rows * p, 0.0)) for p in members]
+    c = jnp.array([*c, jnp.sum(jnp.where(label & possible, per_class, 0.0))])
 
     def solve(face):
         face = jnp.asarray(face, bool)
@@ -752,7 +776,7 @@ def fit_histogram_binning(
 
 @functools.partial(jax.jit, static_argnames=("num_bins",))
 def _fit_histogram(logits, labels, where, num_bins):
-    x, possible, _, nan_if_bad = _prepared(logits, labels, where)
+    x, possible, where, _, nan_if_bad, _ = _prepared(logits, labels, where)
     k = x.shape[1]
     p = jnp.exp(_log_softmax(x, possible))
     hit = (labels[:, None] == jnp.arange(k)).astype(x.dtype)
@@ -815,13 +839,9 @@ def fit_isotonic(
 
 @jax.jit
 def _fit_isotonic(logits, labels, where):
-    x, possible, _, nan_if_bad = _prepared(logits, labels, where)
+    x, possible, where, n, nan_if_bad, _ = _prepared(logits, labels, where)
     p = jnp.exp(_log_softmax(x, possible)).T
     hit = labels == jnp.arange(x.shape[1])[:, None]
-    # A kept row without probabilities (every class impossible, or a +inf logit)
-    # is bad input, as a NaN logit is.
-    nan_if_bad = jnp.where(jnp.any(where & jnp.isnan(p)), jnp.nan, nan_if_bad)
-    n = jnp.sum(where, dtype=jnp.int32)  # counted exactly past 2**24, as the flat positions
     thresholds, values = _isotonic(p, hit, where, n)
     return thresholds, values * nan_if_bad, n
 

@@ -317,11 +317,6 @@ def test_isotonic_and_histogram_edge_cases():
     np.testing.assert_allclose(jsoftmax.calibrate(empty, logits), logits, rtol=1e-6)
     no_class = jsoftmax.fit_isotonic(np.zeros((0, 0), np.float32), np.zeros(0, np.int32))
     assert no_class.values.shape == (0, 0)
-    # A kept row without probabilities (every class impossible) is bad input: NaN.
-    impossible = np.where(np.arange(3)[:, None] == 1, -np.inf, logits)
-    assert np.all(np.isnan(jsoftmax.fit_isotonic(impossible, labels).values))
-    masked = jsoftmax.fit_isotonic(impossible, labels, where=np.arange(3) != 1)
-    assert np.all(np.isfinite(masked.values[:, : masked.count]))
     centres = jsoftmax.fit_histogram_binning(logits, labels, num_bins=4, where=nothing).values
     np.testing.assert_allclose(centres, [[0.125, 0.375, 0.625, 0.875]] * 2)
     # A class impossible only in the new logits stays impossible (its bin's value is 0.5 > 0).
@@ -355,6 +350,122 @@ def test_impossible_classes_stay_impossible(fit):
     assert np.all(got[:, 3] == -np.inf)
     assert not np.any(np.isnan(got))
     np.testing.assert_allclose(np.exp(got).sum(1), 1, rtol=1e-5)
+
+
+LIKELIHOOD_FITS = [jsoftmax.fit_temperature, *ALL_FITS[:3]]
+
+
+def edge_data(n=300):
+    logits, labels = miscalibrated(n, 4, seed=13)
+    return logits, labels
+
+
+def same_fit(got, want, rtol):
+    """Equal temperatures, or equal predictions (a constant added to every bias is free)."""
+    if not isinstance(got, tuple):
+        np.testing.assert_allclose(got, want, rtol=rtol)
+        return
+    logits, _ = edge_data()
+    got, want = (jsoftmax.calibrate(c, logits.astype(c[0].dtype)) for c in (got, want))
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("fit", [jsoftmax.fit_temperature, *ALL_FITS])
+def test_a_row_with_every_class_impossible_is_padding(fit):
+    # As the losses give it cost 0 and do not count it.
+    logits, labels = edge_data()
+    logits = logits.astype(np.float32)
+    logits[5] = -np.inf
+    same_fit(fit(logits, labels), fit(logits, labels, where=np.arange(300) != 5), rtol=0)
+
+
+@pytest.mark.parametrize("fit", [jsoftmax.fit_temperature, *ALL_FITS])
+def test_infinite_logits_make_a_row_certain(fit, x64):
+    # A +inf logit: the +inf classes share the mass and the others are impossible,
+    # at every temperature and under every calibrator (as in softmax). Its likelihood
+    # is then a constant, so the likelihood fits' optimum is that of the data with the
+    # row replaced by any other constant-likelihood row: one possible class, the label.
+    logits, labels = edge_data()
+    rows, hits = [(0.0, np.inf, 1.0, 2.0), (np.inf, np.inf, 0.0, 1.0)], [1, 0]
+    certain, labels = logits.copy(), labels.copy()
+    certain[:2], labels[:2] = rows, hits
+    if fit in LIKELIHOOD_FITS:
+        reference = np.where(np.arange(4) == np.array(hits)[:, None], 0.0, -np.inf)
+        rtol = 1e-6
+    else:
+        # Probabilities [0, 1, 0, 0] and [0.5, 0.5, 0, 0] at every temperature.
+        reference = np.where(np.isinf(rows), 0.0, -1e300)
+        rtol = 1e-12
+    replaced = certain.copy()
+    replaced[:2] = reference
+    same_fit(fit(certain, labels), fit(replaced, labels), rtol)
+
+
+@pytest.mark.parametrize("fit", [jsoftmax.fit_temperature, *ALL_FITS])
+def test_a_label_on_an_impossible_class(fit, x64):
+    # Probability 0 under every calibrator: the likelihood fits have no optimum (NaN);
+    # the fits of probabilities count a probability-0 event that happened.
+    logits, labels = edge_data()
+    rows, hits = [(0.0, -np.inf, 1.0, 2.0), (0.0, np.inf, 1.0, 2.0)], [1, 0]
+    impossible, labels = logits.copy(), labels.copy()
+    impossible[:2], labels[:2] = rows, hits
+    got = fit(impossible, labels)
+    if fit in LIKELIHOOD_FITS:
+        assert all(np.all(np.isnan(a)) for a in jax.tree.leaves(got))
+        return
+    replaced = impossible.copy()
+    replaced[:2] = np.clip(rows, -1e300, 1e300)
+    want = fit(replaced, labels)
+    if fit is not jsoftmax.fit_ensemble_temperature:
+        same_fit(got, want, rtol=1e-12)
+        return
+    # The same temperature; the uniform member differs (it spreads over the possible
+    # classes), so the weights are checked as the best mixture of the members.
+    np.testing.assert_allclose(got.temperature, want.temperature, rtol=1e-12)
+
+    def score(weights):
+        mixture = jsoftmax.EnsembleTemperature(got.temperature, np.asarray(weights))
+        return brier(np.exp(np.asarray(jsoftmax.calibrate(mixture, impossible))), labels)
+
+    for weights in [want.weights, (1, 0, 0), (0, 1, 0), (0, 0, 1), (0.5, 0.25, 0.25)]:
+        assert score(got.weights) <= score(weights) + 1e-15
+
+
+@pytest.mark.parametrize("fit", ALL_FITS)
+def test_calibrate_keeps_the_edge_rows(fit):
+    logits, labels = edge_data()
+    fitted = fit(logits.astype(np.float32), labels)
+    rows = [
+        [-np.inf] * 4,
+        [0.0, np.inf, 1.0, np.inf],
+        [np.inf, -np.inf, 3.0, 1.0],
+        [np.nan, np.inf, 0.0, 0.0],
+        [np.nan, 0.0, 1.0, 2.0],
+    ]
+    got = np.asarray(jsoftmax.calibrate(fitted, np.array(rows, np.float32)))
+    np.testing.assert_array_equal(got[0], [-np.inf] * 4)
+    np.testing.assert_allclose(got[1], [-np.inf, -np.log(2), -np.inf, -np.log(2)], rtol=1e-6)
+    np.testing.assert_array_equal(got[2], [0.0, -np.inf, -np.inf, -np.inf])
+    assert np.all(np.isnan(got[3:]))
+
+
+def test_ensemble_uniform_member_spreads_over_the_possible_classes():
+    # A useless model: Mix-n-Match gives the uniform member weight, which must not
+    # reach an impossible class.
+    rng = np.random.default_rng(14)
+    logits = rng.standard_normal((2000, 4)).astype(np.float32)
+    logits[:, 3] = -np.inf
+    labels = rng.integers(0, 3, 2000)
+    fitted = jsoftmax.fit_ensemble_temperature(logits, labels)
+    assert fitted.weights[2] > 0.1
+    got = np.asarray(jsoftmax.calibrate(fitted, logits))
+    assert np.all(got[:, 3] == -np.inf)
+    np.testing.assert_allclose(np.exp(got).sum(1), 1, rtol=1e-5)
+    # Its Brier score is the one the fit minimised: no weight does better.
+    score = brier(np.exp(got), labels)
+    for w in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
+        other = jsoftmax.EnsembleTemperature(fitted.temperature, np.array(w, np.float32))
+        assert score <= brier(np.exp(jsoftmax.calibrate(other, logits)), labels) + 1e-6
 
 
 @pytest.mark.parametrize("fit", ALL_FITS)
