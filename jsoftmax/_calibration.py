@@ -116,8 +116,8 @@ def fit_temperature(
 
     Note:
       It works under ``jax.jit`` and ``jax.vmap`` (stacked problems run as one
-      batched iteration). With no unmasked row it returns 1 clipped to
-      ``bounds``. A row with every logit ``-inf`` is padding; a row holding
+      batched iteration). With no unmasked row (or only certain ones) it
+      returns 1 clipped to ``bounds``. A row with every logit ``-inf`` is padding; a row holding
       ``+inf`` is certain at every ``T`` (its ``+inf`` classes share the
       mass), so it changes nothing unless its label is elsewhere. A row whose
       label is impossible (logit ``-inf``, or not ``+inf`` in a certain row)
@@ -151,10 +151,11 @@ def _bounds(fname, bounds):
 def _fit(logits, labels, where, low, high):
     dtype = _checks.compute_dtype(logits.dtype)
     # A certain row's likelihood is the same at every temperature: it adds nothing.
-    x, where, n, nan_if_bad, _ = _fit_rows(logits.astype(dtype), labels, where, True)
-    # A power of two c ~ max |x| makes u = x / c exact and |u| <= 2, so beta * u
-    # cannot overflow where beta * x would.
-    amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), initial=0.0)
+    x, where, n, nan_if_bad, certain = _fit_rows(logits.astype(dtype), labels, where, True)
+    n = n.astype(dtype)
+    # A power of two c ~ max |x| (of the kept rows) makes u = x / c exact and |u| <= 2,
+    # so beta * u cannot overflow where beta * x would.
+    amax = jnp.max(jnp.where(jnp.isfinite(x) & where[:, None], jnp.abs(x), 0.0), initial=0.0)
     exponent = jnp.minimum(jnp.ceil(jnp.log2(amax)), jnp.finfo(dtype).maxexp - 1)
     c = jnp.where(amax > 0, jnp.exp2(exponent), 1.0).astype(dtype)
     u = x / c
@@ -201,7 +202,7 @@ def _fit(logits, labels, where, low, high):
     beta = lax.while_loop(running, step, (0, *start, width, width, False))[1]
     t = jnp.clip(c / beta, low, high)
     t = jnp.where(g_lo >= 0, high, jnp.where(g_hi <= 0, low, t))
-    t = jnp.where(n > 0, t, jnp.clip(1.0, low, high))
+    t = jnp.where(jnp.any(where & ~certain), t, jnp.clip(1.0, low, high))
     return (t * nan_if_bad).astype(dtype)
 
 
@@ -302,7 +303,7 @@ def _count(p, labels, where):
     """``N``, the number of kept rows (an integer, exact past 2**24), and a factor that is
     NaN when a kept label is bad."""
     bad = jnp.any(where & ((labels < 0) | (labels >= p.shape[1])))
-    return jnp.sum(where, dtype=int), jnp.where(bad, jnp.nan, 1.0).astype(p.dtype)
+    return jnp.sum(where, dtype=jnp.int32), jnp.where(bad, jnp.nan, 1.0).astype(p.dtype)
 
 
 def _certain(x):
@@ -329,7 +330,7 @@ def _fit_rows(x, labels, where, likelihood):
     """
     mapped, top = _certain(x)
     kept = where & (top[:, 0] > -jnp.inf)
-    bad = jnp.isnan(x)
+    bad = jnp.isnan(x)  # (against ``where``: the max may drop a NaN on CPU, see _cpu.argmax)
     if likelihood:
         # Found in the same reduction as NaN: a gather of the label's logit costs as much
         # again on CPU.

@@ -36,9 +36,17 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
-from jsoftmax import _calibration as _cal
 from jsoftmax import _checks, _cpu
-from jsoftmax._calibration import _bin_index, _bin_sums, _bounds, _mean, _rows, _scale
+from jsoftmax._calibration import (
+    _bin_index,
+    _bin_sums,
+    _bounds,
+    _certain,
+    _fit_rows,
+    _mean,
+    _rows,
+    _scale,
+)
 from jsoftmax._calibration import _num_bins as _checked_num_bins
 
 _MAX_ITERATIONS = 500
@@ -186,7 +194,7 @@ def _num_classes(calibrator) -> int | None:
 
 @jax.jit
 def _apply(calibrator, logits):
-    x, top = _cal._certain(logits.astype(_checks.compute_dtype(logits.dtype)))
+    x, top = _certain(logits.astype(_checks.compute_dtype(logits.dtype)))
     possible = x != -jnp.inf
     # No calibrator moves a certain row, nor gives a row without a possible class one.
     log_q = _calibrated(calibrator, x, possible)
@@ -195,6 +203,7 @@ def _apply(calibrator, logits):
 
 
 def _calibrated(calibrator, x, possible):
+    """The calibrator's log-probabilities of logits ``x`` (no ``+inf``) with some possible class."""
     if isinstance(calibrator, VectorScaling):
         return _log_softmax(calibrator.scale * _features(x) + calibrator.bias, possible)
     if isinstance(calibrator, MatrixScaling):
@@ -206,7 +215,9 @@ def _calibrated(calibrator, x, possible):
     if isinstance(calibrator, EnsembleTemperature):
         tempered = jnp.exp(_log_softmax(_scale(x, calibrator.temperature), possible))
         w = calibrator.weights
-        return jnp.log(w[0] * tempered + w[1] * p + w[2] * _uniform(possible))
+        mix = w[0] * tempered + w[1] * p + w[2] * _uniform(possible, x.dtype)
+        # (Not the log of an impossible class's 0: its gradient would be NaN.)
+        return jnp.where(possible, jnp.log(jnp.where(possible, mix, 1.0)), -jnp.inf)
     if isinstance(calibrator, HistogramBinning):
         index = _bin_index(p, calibrator.values.shape[-1])
         q = jnp.take_along_axis(calibrator.values, index.T, axis=1).T
@@ -218,12 +229,12 @@ def _calibrated(calibrator, x, possible):
     q = jnp.where(jnp.isnan(p), p, jnp.where(possible, q, 0.0))
     total = jnp.sum(q, axis=-1, keepdims=True)
     log_q = jnp.log(q) - jnp.log(jnp.where(total > 0, total, 1.0))
-    return jnp.where(total == 0, jnp.log(_uniform(possible)), log_q)
+    return jnp.where(total == 0, jnp.log(_uniform(possible, x.dtype)), log_q)
 
 
-def _uniform(possible):
+def _uniform(possible, dtype):
     """The uniform distribution over each row's possible classes (0 for a row without one)."""
-    count = jnp.sum(possible, axis=-1, keepdims=True)
+    count = jnp.sum(possible, axis=-1, keepdims=True, dtype=dtype)
     return jnp.where(possible, 1 / jnp.maximum(count, 1), 0.0)
 
 
@@ -347,7 +358,7 @@ def _prepared(logits, labels, where, likelihood=False):
 
     Padding rows read as zeros, so nothing in them reaches a fit.
     """
-    x, where, n, nan_if_bad, certain = _cal._fit_rows(
+    x, where, n, nan_if_bad, certain = _fit_rows(
         logits.astype(_checks.compute_dtype(logits.dtype)), labels, where, likelihood
     )
     x = jnp.where(where[:, None], x, 0.0)
@@ -374,9 +385,10 @@ def _fit_affine(logits, labels, where, kind, penalties):
     # A certain row's likelihood is the same under every calibrator: it counts
     # in N, and nothing else of it enters.
     scored = where & ~certain
-    kept, m = scored[:, None], jnp.sum(scored, dtype=n.dtype)
-    mean = _mean(jnp.sum(jnp.where(kept, features, 0.0), axis=0), m)
-    variance = _mean(jnp.sum(jnp.where(kept, (features - mean) ** 2, 0.0), axis=0), m)
+    m = jnp.sum(scored, dtype=n.dtype)
+    mean = _mean(jnp.sum(jnp.where(scored[:, None], features, 0.0), axis=0), m)
+    deviation = jnp.where(scored[:, None], (features - mean) ** 2, 0.0)
+    variance = _mean(jnp.sum(deviation, axis=0), m)
     spread = jnp.where(variance > 0, jnp.sqrt(variance), 1.0)  # a constant feature keeps its scale
     standard = (features - mean) / spread
     by_row = spread if kind == "vector" else spread[:, None]
@@ -702,14 +714,16 @@ def _fit_ensemble(logits, labels, where, low, high):
 
     # The Brier score of q = sum_j w_j P_j is w' A w - 2 c' w + 1: a quadratic on the simplex.
     # The uniform member is 1 / m on each row's m possible classes: as every member sums
-    # to 1 over them, each product with it sums to 1 / m in a row.
+    # to 1 over them, its product with any member sums to 1 / m in a row.
     members = probs(t), probs(1.0)
-    per_class = rows / jnp.maximum(jnp.sum(possible, axis=1, keepdims=True), 1)
+    m = jnp.sum(possible, axis=1, keepdims=True, dtype=x.dtype)
+    row_over_m = rows / jnp.maximum(m, 1)
+    with_uniform = jnp.sum(row_over_m)
     upper = {(i, j): jnp.sum(rows * members[i] * members[j]) for i in range(2) for j in range(i, 2)}
-    upper |= {(i, 2): jnp.sum(per_class) for i in range(3)}
+    upper |= {(i, 2): with_uniform for i in range(3)}
     gram = jnp.array([[upper[min(i, j), max(i, j)] for j in range(3)] for i in range(3)])
     c = [jnp.sum(jnp.where(label, rows * p, 0.0)) for p in members]
-    c = jnp.array([*c, jnp.sum(jnp.where(label & possible, per_class, 0.0))])
+    c = jnp.array([*c, jnp.sum(jnp.where(label & possible, row_over_m, 0.0))])
 
     def solve(face):
         face = jnp.asarray(face, bool)

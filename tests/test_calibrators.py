@@ -399,6 +399,8 @@ def test_infinite_logits_make_a_row_certain(fit, x64):
     replaced = certain.copy()
     replaced[:2] = reference
     same_fit(fit(certain, labels), fit(replaced, labels), rtol)
+    if fit is jsoftmax.fit_temperature:  # certain rows alone: as no row at all
+        assert fit(certain[:2], labels[:2]) == 1.0
 
 
 @pytest.mark.parametrize("fit", [jsoftmax.fit_temperature, *ALL_FITS])
@@ -447,6 +449,31 @@ def test_calibrate_keeps_the_edge_rows(fit):
     np.testing.assert_allclose(got[1], [-np.inf, -np.log(2), -np.inf, -np.log(2)], rtol=1e-6)
     np.testing.assert_array_equal(got[2], [0.0, -np.inf, -np.inf, -np.inf])
     assert np.all(np.isnan(got[3:]))
+
+
+@pytest.mark.parametrize("fit", ALL_FITS)
+def test_calibrate_at_the_edges_differentiates_without_nan(fit):
+    logits, labels = edge_data()
+    fitted = fit(logits.astype(np.float32), labels)
+    rows = np.array([[1.0, 0.0, -np.inf, 2.0], [0.0, np.inf, 1.0, np.inf]], np.float32)
+
+    def finite_sum(calibrator, x):
+        out = jsoftmax.calibrate(calibrator, x)
+        return jnp.sum(jnp.where(jnp.isfinite(out), out, 0.0))
+
+    by_calibrator, by_logits = jax.grad(finite_sum, (0, 1), allow_int=True)(fitted, rows)
+    assert not np.any(np.isnan(by_logits))
+    for leaf in jax.tree.leaves(by_calibrator):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert not np.any(np.isnan(leaf))
+
+
+@pytest.mark.parametrize("fit", ALL_FITS)
+def test_calibrate_keeps_float32_under_x64(fit, x64):
+    logits, labels = edge_data()
+    logits = logits.astype(np.float32)
+    logits[:, 3] = -np.inf
+    assert jsoftmax.calibrate(fit(logits, labels % 3), logits).dtype == np.float32
 
 
 def test_ensemble_uniform_member_spreads_over_the_possible_classes():
