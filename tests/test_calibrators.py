@@ -177,6 +177,19 @@ def test_ensemble_temperature_as_the_paper_fits_it(x64):
     assert brier(got, labels) <= brier(softmax(logits / nll_t, axis=1), labels)
 
 
+def test_ensemble_temperature_is_the_global_minimum_of_a_two_population_score(x64):
+    # Half the rows scaled by 0.05, half by 30: the Brier score has a local minimum near
+    # T = 0.05 and its global one near T = 30 (a grid of 6 points finds the local one).
+    rng = np.random.default_rng(7)
+    truth = 2.6 * rng.standard_normal((1000, 20))
+    labels = (rng.random((1000, 1)) > np.cumsum(softmax(truth, 1), 1)).sum(1).clip(0, 19)
+    logits = truth * np.where(rng.random((1000, 1)) < 0.5, 0.05, 30.0)
+    t = float(jsoftmax.fit_ensemble_temperature(logits, labels).temperature)
+    scan = np.exp(np.linspace(np.log(0.01), np.log(100.0), 2000))
+    best = min(brier(softmax(logits / s, 1), labels) for s in scan)
+    assert brier(softmax(logits / t, 1), labels) <= best + 1e-12
+
+
 def test_ensemble_temperature_in_float32_is_the_float64_one_to_its_precision():
     """Float32 stops narrowing at sqrt(eps) of log T, where its Brier score's rounding decides."""
     logits, labels = miscalibrated(2000, 5, seed=4, scale=2.5)
