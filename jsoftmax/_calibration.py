@@ -117,9 +117,10 @@ def fit_temperature(
     Note:
       It works under ``jax.jit`` and ``jax.vmap`` (stacked problems run as one
       batched iteration). With no unmasked row (or only certain ones) it
-      returns 1 clipped to ``bounds``. A row with every logit ``-inf`` is padding; a row holding
-      ``+inf`` is certain at every ``T`` (its ``+inf`` classes share the
-      mass), so it changes nothing unless its label is elsewhere. A row whose
+      returns 1 clipped to ``bounds``. A row with every logit ``-inf`` is
+      padding; a row holding ``+inf`` is certain at every ``T`` (its ``+inf``
+      classes share the mass), so it changes nothing unless its label is
+      elsewhere. A row whose
       label is impossible (logit ``-inf``, or not ``+inf`` in a certain row)
       has infinite NLL at every ``T``: no optimum, NaN. NaN logits and traced
       out-of-range labels give NaN.

@@ -232,10 +232,14 @@ def _calibrated(calibrator, x, possible):
     return jnp.where(total == 0, jnp.log(_uniform(possible, x.dtype)), log_q)
 
 
+def _possible_count(possible, dtype):
+    """Each row's number of possible classes (``[..., 1]``; 1 for a row without one)."""
+    return jnp.maximum(jnp.sum(possible, axis=-1, keepdims=True, dtype=dtype), 1)
+
+
 def _uniform(possible, dtype):
     """The uniform distribution over each row's possible classes (0 for a row without one)."""
-    count = jnp.sum(possible, axis=-1, keepdims=True, dtype=dtype)
-    return jnp.where(possible, 1 / jnp.maximum(count, 1), 0.0)
+    return jnp.where(possible, 1 / _possible_count(possible, dtype), 0.0)
 
 
 def _log_softmax(z, possible):
@@ -722,8 +726,7 @@ def _fit_ensemble(logits, labels, where, low, high):
     # The uniform member is 1 / m on each row's m possible classes: as every member sums
     # to 1 over them, its product with any member sums to 1 / m in a row.
     members = probs(t), probs(1.0)
-    m = jnp.sum(possible, axis=1, keepdims=True, dtype=x.dtype)
-    row_over_m = rows / jnp.maximum(m, 1)
+    row_over_m = rows / _possible_count(possible, x.dtype)
     with_uniform = jnp.sum(row_over_m)
     upper = {(i, j): jnp.sum(rows * members[i] * members[j]) for i in range(2) for j in range(i, 2)}
     upper |= {(i, 2): with_uniform for i in range(3)}
