@@ -33,6 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
@@ -193,8 +194,14 @@ def _num_classes(calibrator) -> int | None:
 
 
 @jax.jit
+@functools.partial(
+    jax.checkpoint, prevent_cse=False, policy=jax.checkpoint_policies.save_only_these_names("row")
+)
 def _apply(calibrator, logits):
+    # Reverse mode keeps the logits as given and the per-row vectors named "row"
+    # (maxima, normalisers): the backward pass recomputes the rest elementwise.
     x, top = _certain(logits.astype(_checks.compute_dtype(logits.dtype)))
+    top = checkpoint_name(top, "row")
     possible = x != -jnp.inf
     # No calibrator moves a certain row, nor gives a row without a possible class one.
     log_q = _calibrated(calibrator, x, possible)
@@ -228,7 +235,9 @@ def _calibrated(calibrator, x, possible):
     # An impossible class's bin or step may still be > 0; a NaN logit's row stays NaN.
     q = jnp.where(jnp.isnan(p), p, jnp.where(possible, q, 0.0))
     total = jnp.sum(q, axis=-1, keepdims=True)
-    log_q = jnp.log(q) - jnp.log(jnp.where(total > 0, total, 1.0))
+    # (Not the log of a 0: its gradient would be NaN on a flat step of the isotonic fit.)
+    log_q = jnp.where(q == 0, -jnp.inf, jnp.log(jnp.where(q == 0, 1.0, q)))
+    log_q = log_q - jnp.log(jnp.where(total > 0, total, 1.0))
     return jnp.where(total == 0, jnp.log(_uniform(possible, x.dtype)), log_q)
 
 
@@ -245,7 +254,7 @@ def _uniform(possible, dtype):
 def _log_softmax(z, possible):
     """``log_softmax`` over the possible classes (``-inf`` elsewhere)."""
     z = jnp.where(possible, z, -jnp.inf)
-    return z - jax.scipy.special.logsumexp(z, axis=-1, keepdims=True)
+    return z - checkpoint_name(jax.scipy.special.logsumexp(z, axis=-1, keepdims=True), "row")
 
 
 def _features(x):

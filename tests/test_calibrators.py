@@ -12,7 +12,7 @@ from sklearn.isotonic import IsotonicRegression
 
 import jsoftmax
 from jsoftmax import _calibrators
-from tests.conftest import TRANSFORMS
+from tests.conftest import TRANSFORMS, saved_residuals
 
 
 def miscalibrated(n, k, seed, scale=3.0, shift=0.5):
@@ -478,6 +478,18 @@ def test_calibrate_at_the_edges_differentiates_without_nan(fit):
     for leaf in jax.tree.leaves(by_calibrator):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             assert not np.any(np.isnan(leaf))
+
+
+@pytest.mark.parametrize("fit", ALL_FITS)
+def test_calibrate_keeps_the_logits_as_given_and_per_row_vectors(fit):
+    logits, labels = miscalibrated(64, 8, seed=4)
+    fitted = fit(logits.astype(np.float32), labels)
+    x = jnp.asarray(logits, jnp.bfloat16)
+    loss = lambda x: jnp.sum(jnp.exp(jsoftmax.calibrate(fitted, x)[:, 0]))  # noqa: E731
+    # Beyond the calibrator's own arrays ("from a constant"): the logits and [64, 1] vectors.
+    large = [r for r in saved_residuals(loss, x) if np.prod(r[1]) > 64 and "constant" not in r[2]]
+    assert large == [("bf16", (64, 8), "from the argument x")]
+    assert np.all(np.isfinite(jax.grad(loss)(x).astype(np.float32)))
 
 
 @pytest.mark.parametrize("fit", ALL_FITS)
