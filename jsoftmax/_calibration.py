@@ -213,10 +213,10 @@ def _rows(fname, values, labels, where, name):
     if values.ndim != 2:
         raise ValueError(f"{fname}: {name} must have shape [N, K], got {values.shape}")
     num_rows, num_classes = values.shape
-    labels = _checks.integer_labels(
-        fname, labels, (num_rows,), num_classes, f"{name} {values.shape}"
-    )
     where = _checks.mask(fname, where, (num_rows,))
+    labels = _checks.integer_labels(
+        fname, labels, (num_rows,), num_classes, f"{name} {values.shape}", kept=where
+    )
     return values, labels, (jnp.ones(num_rows, bool) if where is None else where)
 
 
@@ -599,9 +599,10 @@ def brier_score(probs: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None 
 
 def _brier_rows(probs, labels, where):
     p = probs.astype(_checks.compute_dtype(probs.dtype))
+    flag = _count(p, labels, where)[1]
+    p = jnp.where(where[:, None], p, 0.0)  # a padding row's NaN reaches no gradient
     p_label = jnp.take_along_axis(p, labels[:, None], axis=1, mode="clip")[:, 0]
-    per_row = jnp.where(where, jnp.sum(p * p, axis=1) - 2 * p_label + 1, 0.0)
-    return per_row, _count(p, labels, where)[1]
+    return jnp.where(where, jnp.sum(p * p, axis=1) - 2 * p_label + 1, 0.0), flag
 
 
 def _per_row_mean(per_row, weights, *options):

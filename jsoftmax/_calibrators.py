@@ -202,11 +202,14 @@ def _apply(calibrator, logits):
     # (maxima, normalisers): the backward pass recomputes the rest elementwise.
     x, top = _certain(logits.astype(_checks.compute_dtype(logits.dtype)))
     top = checkpoint_name(top, "row")
+    # No calibrator moves a certain row, nor gives a row without a possible class one:
+    # that row is calibrated as zeros, whose gradient is not NaN, then set to -inf.
+    empty = top == -jnp.inf
+    x = jnp.where(empty, 0.0, x)
     possible = x != -jnp.inf
-    # No calibrator moves a certain row, nor gives a row without a possible class one.
     log_q = _calibrated(calibrator, x, possible)
     log_q = jnp.where(top == jnp.inf, _log_softmax(x, possible), log_q)
-    return jnp.where(jnp.any(possible, axis=-1, keepdims=True), log_q, -jnp.inf)
+    return jnp.where(empty, -jnp.inf, log_q)
 
 
 def _calibrated(calibrator, x, possible):
@@ -218,13 +221,16 @@ def _calibrated(calibrator, x, possible):
     if isinstance(calibrator, DirichletCalibration):
         log_p = _features(_log_softmax(x, possible))
         return _log_softmax(log_p @ calibrator.weight + calibrator.bias, possible)
-    p = jnp.exp(_log_softmax(x, possible))
     if isinstance(calibrator, EnsembleTemperature):
-        tempered = jnp.exp(_log_softmax(_scale(x, calibrator.temperature), possible))
-        w = calibrator.weights
-        mix = w[0] * tempered + w[1] * p + w[2] * _uniform(possible, x.dtype)
-        # (Not the log of an impossible class's 0: its gradient would be NaN.)
-        return jnp.where(possible, jnp.log(jnp.where(possible, mix, 1.0)), -jnp.inf)
+        t = calibrator.temperature
+        members = (
+            # (A temperature <= 0, never fitted, gives NaN as everywhere else.)
+            _log_softmax(_scale(x, jnp.where(t > 0, t, jnp.nan)), possible),
+            _log_softmax(x, possible),
+            -jnp.log(_possible_count(possible, x.dtype)),
+        )
+        return _log_mixture(calibrator.weights, members, possible)
+    p = jnp.exp(_log_softmax(x, possible))
     if isinstance(calibrator, HistogramBinning):
         index = _bin_index(p, calibrator.values.shape[-1])
         q = jnp.take_along_axis(calibrator.values, index.T, axis=1).T
@@ -239,6 +245,23 @@ def _calibrated(calibrator, x, possible):
     log_q = jnp.where(q == 0, -jnp.inf, jnp.log(jnp.where(q == 0, 1.0, q)))
     log_q = log_q - jnp.log(jnp.where(total > 0, total, 1.0))
     return jnp.where(total == 0, jnp.log(_uniform(possible, x.dtype)), log_q)
+
+
+def _log_mixture(weights, members, possible):
+    """``log(sum_j weights[j] exp(members[j]))`` on the possible classes, ``-inf`` elsewhere.
+
+    Shifted by the largest member of positive weight, so a probability below the
+    dtype's smallest keeps its log (the mixture of probabilities would round it to 0).
+    """
+    top = functools.reduce(
+        jnp.maximum, [jnp.where(weights[j] > 0, m, -jnp.inf) for j, m in enumerate(members)]
+    )
+    top = lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+    # A member of weight 0 may lie far above: capped, its exp is finite and 0 * exp is 0.
+    cap = jnp.log(jnp.finfo(top.dtype).max) - 1
+    total = sum(weights[j] * jnp.exp(jnp.minimum(m - top, cap)) for j, m in enumerate(members))
+    # (Not the log of an impossible class's 0: its gradient would be NaN.)
+    return jnp.where(possible, top + jnp.log(jnp.where(possible, total, 1.0)), -jnp.inf)
 
 
 def _possible_count(possible, dtype):

@@ -84,12 +84,17 @@ def integer_labels(
     num_classes: int,
     what: str,
     ignore_index: int | None = None,
+    kept: jax.Array | None = None,
 ) -> jax.Array:
     """Checks integer labels' dtype, their ``shape`` (which ``what`` needs) and concrete range.
 
     Traced labels cannot be range-checked; each caller documents what an
     out-of-range traced label gives (NaN in its row, never a wrapped class).
+    Only the labels of the rows in ``kept`` are checked (the others are
+    padding); a traced ``kept`` leaves them all to that rule.
     """
+    # The range is read before ``jnp.asarray``, which wraps int64 labels to int32 without x64.
+    values = None if is_traced(labels) else np.asarray(labels)
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"{fname}: labels must be integers, got dtype {labels.dtype}")
@@ -97,11 +102,12 @@ def integer_labels(
         raise ValueError(
             f"{fname}: labels has shape {labels.shape} but {what} needs {tuple(shape)}"
         )
-    if not is_traced(labels):
-        values = np.asarray(labels)
+    if values is not None and not (kept is not None and is_traced(kept)):
         bad = (values < 0) | (values >= num_classes)
         if ignore_index is not None:  # (comparing with None is an object comparison per label)
             bad &= values != ignore_index
+        if kept is not None:
+            bad &= np.asarray(kept)
         if bad.any():
             position = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(
@@ -109,7 +115,9 @@ def integer_labels(
                 f"range for {num_classes} classes"
                 + ("" if ignore_index is None else f" (ignore_index={ignore_index})")
             )
-    return labels
+    # Class indices and ignore_index in a type that holds them (an int8 label of 3
+    # against 200 classes would compare with a wrapped class count).
+    return labels.astype(jnp.int32) if labels.dtype.itemsize < 4 else labels
 
 
 def temperature(

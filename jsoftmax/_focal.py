@@ -319,7 +319,7 @@ def softmax_focal_loss(
     z, labels, where, class_weights = _integer_inputs(
         fname, logits, labels, axis, where, class_weights, ignore_index
     )
-    _check_softcap(fname, logit_softcap)
+    logit_softcap = _check_softcap(fname, logit_softcap)
     _check_reduction(fname, reduction)
     alpha = _hyper(fname, "label_smoothing", label_smoothing, 0.0, 1.0)
     smooth = not _is_zero(label_smoothing)

@@ -108,7 +108,9 @@ def linear_softmax_cross_entropy(
       bias: floating ``[V]`` (or this device's ``[V / P]`` slice), or None.
       where: boolean ``[...]``; False tokens cost 0 and do not count.
       ignore_index: a label value whose tokens cost 0 and do not count.
-      label_smoothing: ``alpha`` in [0, 1], spread over all ``V`` classes.
+      label_smoothing: ``alpha`` in [0, 1], spread over each token's ``K`` kept
+        classes, those whose logit is not ``-inf`` (a padded vocabulary's ``-inf``
+        bias leaves its padding out), as the unfused loss spreads it.
       z_loss: ``lambda >= 0``, adds ``lambda * logsumexp**2`` per token.
       logit_softcap: ``c > 0`` replaces the logits by ``c * tanh(logits / c)``.
       reduction: "none" (per token, ``labels``' shape), "sum", or "mean" (over
@@ -167,7 +169,7 @@ def linear_softmax_cross_entropy(
         ignore_index,
     )
     where = _checks.mask(fname, where, labels.shape)
-    _check_softcap(fname, logit_softcap)
+    logit_softcap = _check_softcap(fname, logit_softcap)
     size = _chunk_size(fname, chunk_size, weight.shape[1], labels.size)
     alpha, z_loss_, smooth, with_z_loss = _options(fname, reduction, label_smoothing, z_loss)
     config = _Config(
@@ -541,9 +543,13 @@ def _chunk_size(fname, chunk_size, vocab, tokens):
     """The static chunk: as given (checked), or the default for this backend and ``vocab``."""
     if chunk_size is None:
         chunk_size = _default_chunk(vocab, jax.default_backend())
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    elif (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, int | np.integer)
+        or chunk_size < 1
+    ):
         raise ValueError(f"{fname}: chunk_size must be an integer >= 1, got {chunk_size!r}")
-    return min(chunk_size, max(1, tokens))
+    return min(int(chunk_size), max(1, tokens))
 
 
 def _accum_dtype(fname, accum_dtype):
@@ -626,19 +632,37 @@ def _label_terms(config, z, labels, counts):
 
 
 def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
-    r"""``lse - (1 - alpha) z_y - alpha / V sum_k z_k + lambda lse**2`` per token, and
-    ``d/dz = (1 + 2 lambda lse) p - (1 - alpha) [k = y] - alpha / V`` (times the cap's slope)."""
+    r"""``lse - (1 - alpha) z_y - alpha / K sum_{k kept} z_k + lambda lse**2`` per token and
+    ``d/dz = (1 + 2 lambda lse) p - (1 - alpha) [k = y] - alpha / K [k kept]`` (times the
+    cap's slope), the ``K`` kept classes those whose logit is not ``-inf``.
+
+    As :func:`jsoftmax.softmax_cross_entropy_with_integer_labels` counts them:
+    a ``-inf`` logit (a padded vocabulary's ``-inf`` bias) takes no smoothing
+    mass and no gradient, also at the label (whose loss is ``+inf``, and 0 of
+    its term at ``alpha = 1``). Smoothing's two row sums, ``K`` and ``sum_{k
+    kept} z_k``, read the chunk's logits in the pass that sums them (no matmul)
+    and merge over the shards in one ``psum``.
+    """
     del t
     alpha, z_loss = hyper.alpha, hyper.z_loss
     if config.softcap is not None:
-        z = _cap(z, config.softcap)
+        z = _cap(z, config.softcap)  # -inf stays -inf
     m, _, e, s = _normalized(config, z)
     lse = m + jnp.log(s)
     index, z_label, bad = _label_terms(config, z, labels, counts)
-    vocab = _vocabulary(config, z.shape[1])[1]
-    loss = lse - (1 - alpha) * z_label
+    label = (1 - alpha) * z_label
+    if config.smooth:  # the smoothing alone at alpha = 1, also for a -inf label
+        label = jnp.where(alpha == 1, 0.0, label)
+    loss = lse - label
     if config.smooth:
-        loss = loss - alpha / vocab * _merged(config, lax.psum, jnp.sum(z, axis=1))
+        kept = z != -jnp.inf
+        count, z_sum = _merged(
+            config,
+            lax.psum,
+            (jnp.sum(kept, axis=1, dtype=z.dtype), jnp.sum(jnp.where(kept, z, 0.0), axis=1)),
+        )
+        uniform = alpha / jnp.maximum(count, 1.0)
+        loss = loss - uniform * z_sum
     if config.with_z_loss:
         loss = loss + z_loss * lse**2
     loss = jnp.where(counts, loss, 0.0) * bad
@@ -646,9 +670,10 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
         return (loss,), None, None
     r = jnp.where(counts, cts[0], 0.0) * bad
     p_coef = (1 + 2 * z_loss * lse) * r / s if config.with_z_loss else r / s
-    dz = p_coef[:, None] * e - _at_label(index, (1 - alpha) * r, z)
+    label_coef = jnp.where(z_label == -jnp.inf, 0.0, (1 - alpha) * r)
+    dz = p_coef[:, None] * e - _at_label(index, label_coef, z)
     if config.smooth:
-        dz = dz - (alpha / vocab * r)[:, None]
+        dz = dz - jnp.where(kept, (uniform * r)[:, None], 0.0)
     if config.softcap is not None:
         dz = dz * _capped_slope(z, config.softcap)
     return (loss,), dz, None

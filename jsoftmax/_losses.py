@@ -129,9 +129,11 @@ def _loss(rows, alpha, z_loss, options):
     loss = rows.t0 * log_s - rows.t_d
     if options.smooth:
         uniform = (rows.w_sum * log_s - rows.w_d) / jnp.maximum(rows.count, 1.0)
-        loss = jnp.where(alpha == 1, 0.0, (1 - alpha) * loss) + alpha * uniform
+        # A traced weight of 0 drops its term as a concrete one does (0 * inf on +inf rows).
+        loss = jnp.where(alpha == 1, 0.0, (1 - alpha) * loss)
+        loss = loss + jnp.where(alpha == 0, 0.0, alpha * uniform)
     if options.with_z_loss:
-        loss = loss + z_loss * _lse(rows) ** 2
+        loss = loss + jnp.where(z_loss == 0, 0.0, z_loss * _lse(rows) ** 2)
     return jnp.where(rows.has_class, loss, 0.0)
 
 
@@ -224,8 +226,19 @@ def _check_reduction(fname, reduction):
 
 
 def _check_softcap(fname, logit_softcap):
-    if logit_softcap is not None and not float(logit_softcap) > 0:  # static: a Python number
+    """The soft-cap as the static Python float it is, or None."""
+    if logit_softcap is None:
+        return None
+    try:
+        value = float(logit_softcap)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise TypeError(
+            f"{fname}: logit_softcap must be a concrete number (it is static), "
+            f"got {type(logit_softcap).__name__}"
+        ) from None
+    if not 0 < value < float("inf"):
         raise ValueError(f"{fname}: logit_softcap must be in (0.0, inf), got {logit_softcap}")
+    return value
 
 
 def _hyper(fname, name, value, low, high=np.inf):
@@ -426,7 +439,7 @@ def softmax_cross_entropy_with_integer_labels(
     z, labels, where, class_weights = _integer_inputs(
         fname, logits, labels, axis, where, class_weights, ignore_index
     )
-    _check_softcap(fname, logit_softcap)
+    logit_softcap = _check_softcap(fname, logit_softcap)
     alpha, z_loss_, smooth, with_z_loss = _options(fname, reduction, label_smoothing, z_loss)
     return _integer_loss(
         z,
@@ -477,6 +490,10 @@ def _integer_inputs(fname, logits, labels, axis, where, class_weights, ignore_in
             raise ValueError(
                 f"{fname}: class_weights has shape {class_weights.shape} but the logits "
                 f"have {num_classes} classes; it needs ({num_classes},)"
+            )
+        if not _checks.is_traced(class_weights) and not np.all(np.asarray(class_weights) >= 0):
+            raise ValueError(
+                f"{fname}: class_weights must be non-negative, got {np.asarray(class_weights)}"
             )
     return z, labels, where, class_weights
 

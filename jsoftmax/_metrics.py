@@ -45,8 +45,10 @@ _BATCH_ELEMENTS = 1 << 22
 def _nll_rows(probs, labels, where, log_input):
     p = probs.astype(_checks.compute_dtype(probs.dtype))
     p_label = jnp.take_along_axis(p, labels[:, None], axis=1, mode="clip")[:, 0]
+    # A padding row's value is never read, nor is its gradient NaN (log 0, a NaN).
+    p_label = jnp.where(where, p_label, 0.0 if log_input else 1.0)
     log_p = p_label if log_input else jnp.log(p_label)
-    return jnp.where(where, -log_p, 0.0), _cal._count(p, labels, where)[1]
+    return -log_p, _cal._count(p, labels, where)[1]
 
 
 _NLL = _cal._Metric(_nll_rows, _cal._per_row_mean)
@@ -151,7 +153,9 @@ def _debiased_squared(key, values, outcomes, order, weights, num_bins):
     size = jnp.maximum(count, 1)
     frequency = (gap + total) / size
     error = (gap / size) ** 2 - frequency * (1 - frequency) / jnp.maximum(count - 1, 1)
-    return _cal._mean(jnp.sum(jnp.where(count >= 2, count * error, 0.0)), n.astype(values.dtype))
+    squared = _cal._mean(jnp.sum(jnp.where(count >= 2, count * error, 0.0)), n.astype(values.dtype))
+    # A NaN value counts even in a bin of one row, which the sum above leaves out.
+    return jnp.where(jnp.isnan(jnp.sum(total)), jnp.nan, squared)
 
 
 def _debiased_reduce(statistics, weights, num_bins, mode):

@@ -31,9 +31,30 @@ def _logits(x: jax.Array, where=None, temperature=None, softcap=None) -> jax.Arr
     """
     z = x.astype(_checks.compute_dtype(x.dtype))
     if temperature is not None:
-        z = z / temperature
+        z = _divided(z, temperature)
     z = _cap(z, softcap)
     return z if where is None else jnp.where(where, z, -jnp.inf)
+
+
+@jax.custom_jvp
+def _divided(z: jax.Array, temperature: jax.Array) -> jax.Array:
+    """``z / temperature``, whose derivative in the temperature is 0 where the quotient
+    is not finite."""
+    return z / temperature
+
+
+@_divided.defjvp
+def _divided_jvp(primals, tangents):
+    # d(z / T) / dT = -(z / T) / T, taken as 0 at an infinite z / T, whose limit is
+    # constant in T. JAX's own, -z / T**2, is infinite there: the rules take no
+    # derivative of _logits, but their own derivatives (second derivatives, the
+    # mixed ones in x and T) do, and multiplied it by 0 (a max's or a clamp's
+    # selection, exp(-inf)): NaN in the whole row. Only those differentiate this:
+    # the value's own program is still the one division.
+    (z, temperature), (t_z, t_temperature) = primals, tangents
+    out = _divided(z, temperature)
+    finite = jnp.where(jnp.isfinite(out), out, 0.0)
+    return out, (t_z - finite * t_temperature) / temperature
 
 
 def _cap(z: jax.Array, softcap: float | None) -> jax.Array:

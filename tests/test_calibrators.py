@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize
+import scipy.special
 from scipy.special import log_softmax, softmax
 from sklearn.isotonic import IsotonicRegression
 
@@ -490,6 +491,46 @@ def test_calibrate_keeps_the_logits_as_given_and_per_row_vectors(fit):
     large = [r for r in saved_residuals(loss, x) if np.prod(r[1]) > 64 and "constant" not in r[2]]
     assert large == [("bf16", (64, 8), "from the argument x")]
     assert np.all(np.isfinite(jax.grad(loss)(x).astype(np.float32)))
+
+
+@pytest.mark.parametrize("fit", ALL_FITS)
+def test_a_padding_row_in_calibrate_changes_no_gradient(fit):
+    logits, labels = edge_data()
+    fitted = fit(logits.astype(np.float32), labels)
+    rows = logits[:5].astype(np.float32)
+    padded = np.concatenate([rows, np.full((1, 4), -np.inf, np.float32)])
+
+    def loss(calibrator, x):
+        return -jnp.sum(jsoftmax.calibrate(calibrator, x)[:5, 2])
+
+    for got, want in zip(
+        jax.tree.leaves(jax.grad(loss, allow_int=True)(fitted, padded)),
+        jax.tree.leaves(jax.grad(loss, allow_int=True)(fitted, rows)),
+        strict=True,
+    ):
+        if jnp.issubdtype(got.dtype, jnp.floating):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_ensemble_calibrate_keeps_probabilities_below_float32s_smallest(x64):
+    # The mixture of probabilities rounds exp(-90) to 0 in float32; its log is exact.
+    x = np.array([[180.0, 0.0, 0.0], [3.0, -200.0, 1.0]], np.float32)
+    for weights in ([1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.5, 0.2, 0.3]):
+        c = jsoftmax.EnsembleTemperature(jnp.float32(2.0), jnp.array(weights, jnp.float32))
+        x64_ = x.astype(np.float64)
+        members = [
+            log_softmax(x64_ / 2, axis=1),
+            log_softmax(x64_, axis=1),
+            np.log(np.ones_like(x64_) / 3),
+        ]
+        want = scipy.special.logsumexp(
+            np.stack(members), axis=0, b=np.array(weights)[:, None, None]
+        )
+        np.testing.assert_allclose(jsoftmax.calibrate(c, x), want, rtol=1e-6)
+        by_c, by_x = jax.grad(lambda c, x: jnp.sum(jsoftmax.calibrate(c, x)[:, 1]), (0, 1))(c, x)
+        assert np.all(np.isfinite(by_x))
+        # By a weight of 0 it is exp(member - mixture): up to 1e39 here, past float32.
+        assert np.all(np.isfinite(by_c.weights[np.array(weights) > 0]))
 
 
 @pytest.mark.parametrize("fit", ALL_FITS)

@@ -285,6 +285,10 @@ def test_errors():
     for chunk_size in (0, -3, 2.0, True):
         with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
             loss(hidden, weight, labels, chunk_size=chunk_size)
+    np.testing.assert_array_equal(
+        loss(hidden, weight, labels, chunk_size=np.int64(2)),
+        loss(hidden, weight, labels, chunk_size=2),
+    )
     with pytest.raises(ValueError, match=r"logit_softcap must be in \(0.0, inf\)"):
         loss(hidden, weight, labels, logit_softcap=0.0)
     with pytest.raises(ValueError, match="reduction must be one of"):

@@ -7,7 +7,14 @@ import pytest
 
 import jsoftmax
 from tests.conftest import lowered_for
-from tests.test_linear import assert_same, fused, on_eight_cpu_devices, problem
+from tests.test_linear import (
+    assert_same,
+    fused,
+    on_eight_cpu_devices,
+    problem,
+    unfused,
+    value_and_grads,
+)
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -571,6 +578,56 @@ def test_distillation_errors():
         f(s_h, s_w, t_h, t_w, where=where[:5])
 
 
+# ---------------------------------------------------------------- cross-entropy, padded
+
+
+PADDED_OPTIONS = [
+    {"label_smoothing": 0.1},
+    {"label_smoothing": 1.0},
+    {"label_smoothing": 0.2, "z_loss": 1e-3, "logit_softcap": 5.0, "ignore_index": 7},
+]
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("chunk_size", [3, 16])
+@pytest.mark.parametrize(
+    "options", PADDED_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+)
+def test_cross_entropy_smoothing_over_a_padded_vocabulary(options, chunk_size, reduction):
+    """A -inf bias on padded classes: label smoothing spreads over the kept classes only,
+    as the unfused loss does, in value and in the gradients (0 on the padded columns' bias),
+    chunks that divide neither the tokens nor the vocabulary."""
+    hidden, weight, bias, labels, where = problem(13, 8, 40, seed=11)
+    bias[-5:] = -np.inf
+    labels = labels % 35
+    if "ignore_index" in options:
+        labels[::4] = options["ignore_index"]
+    options = {**options, "reduction": reduction}
+    ours = value_and_grads(
+        fused, hidden, weight, bias, labels, where, chunk_size=chunk_size, **options
+    )
+    theirs = value_and_grads(unfused, hidden, weight, bias, labels, where, **options)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(ours))
+    assert_same(ours, theirs)
+    assert (ours[1][2][-5:] == 0).all()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_cross_entropy_label_on_a_padded_class(alpha):
+    """A label whose class has a -inf logit costs +inf (0 of it at alpha = 1, the uniform
+    term alone); the gradients are the unfused ones, 0 on the padded columns' bias."""
+    hidden, weight, bias, labels, _ = problem(6, 8, 12, seed=12)
+    bias[-3:] = -np.inf
+    labels[::2] = 10
+    options = {"label_smoothing": alpha, "chunk_size": 4}
+    ours = value_and_grads(fused, hidden, weight, bias, labels, None, **options)
+    del options["chunk_size"]
+    theirs = value_and_grads(unfused, hidden, weight, bias, labels, None, **options)
+    assert_same(ours, theirs)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(ours[1]))
+    assert (ours[1][2][-3:] == 0).all()
+
+
 # ---------------------------------------------------------------- memory
 
 
@@ -738,6 +795,26 @@ for divergence in DIVERGENCES:
               lambda h, w, b: unfused_distillation(h, w, b, t_h, t_w, t_b, where, 1.5,
                                                    divergence, 0.3, reduction),
               (hidden, weight, bias), (data, rows, model))
+# Cross-entropy over a padded vocabulary (the last shard all padding), smoothed.
+from tests.test_linear import unfused
+padded = bias.copy()
+padded[-13:] = -np.inf
+labels_kept = labels % 27
+for options in ({"label_smoothing": 0.1}, {"label_smoothing": 0.2, "z_loss": 1e-3,
+                                           "logit_softcap": 5.0}):
+    for reduction in ("none", "sum"):
+        def local_ce(h, w, b, y, m):
+            loss = jsoftmax.linear_softmax_cross_entropy(
+                h, w, y, bias=b, where=m, reduction=reduction, chunk_size=4,
+                axis_name="model", **options)
+            return loss if reduction == "none" else jax.lax.psum(loss, "data")
+        sharded = jax.shard_map(local_ce, mesh=mesh, in_specs=(data, rows, model, data, data),
+                                out_specs=data if reduction == "none" else P())
+        y_kept = placed(labels_kept, data)
+        check(lambda h, w, b: sharded(h, w, b, y_kept, m),
+              lambda h, w, b: unfused(h, w, b, labels_kept, where, reduction=reduction,
+                                      **options),
+              (hidden, weight, padded), (data, rows, model))
 print("sharded ok")
 """
 

@@ -317,6 +317,42 @@ def test_concrete_out_of_range_label_raises_with_position():
         ce_int(logits, labels)
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16, np.int64])
+@pytest.mark.parametrize("tx", TRANSFORMS)
+def test_narrow_and_wide_label_types_read_the_same_classes(dtype, tx):
+    # 300 classes do not fit an int8: the labels are compared as int32.
+    k = 300
+    logits = np.random.default_rng(0).standard_normal((4, k)).astype(np.float32)
+    labels = np.array([3, 100, 127, 5])
+    if np.iinfo(dtype).max >= k:
+        labels[1] = k - 1
+    want = ce_int(logits, labels.astype(np.int32), ignore_index=-100)
+    got = tx(lambda x, y: ce_int(x, y, ignore_index=-100))(logits, labels.astype(dtype))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_int64_labels_past_int32_are_out_of_range():
+    _, labels = data()
+    wide = labels.astype(np.int64)
+    wide[3] = 2**32 + 1  # int32 would read class 1
+    with pytest.raises(ValueError, match=r"label 4294967297 at position \(3,\)"):
+        ce_int(data()[0], wide)
+
+
+@pytest.mark.parametrize("fn", ["int", "dense"])
+def test_traced_zero_smoothing_and_z_loss_drop_their_terms(fn):
+    # A +inf row with smoothing costs inf, without it 0; a traced 0 is no smoothing.
+    logits = jnp.array([[inf, 1.0, 2.0], [1e20, 1.0, 2.0]])
+    labels = jnp.array([0, 0])
+
+    def loss(alpha, z):
+        if fn == "int":
+            return ce_int(logits, labels, label_smoothing=alpha, z_loss=z)
+        return ce_dense(logits, jax.nn.one_hot(labels, 3), label_smoothing=alpha, z_loss=z)
+
+    np.testing.assert_array_equal(jax.jit(loss)(0.0, 0.0), loss(0.0, 0.0))
+
+
 def test_traced_out_of_range_label_is_nan_in_its_row_only():
     logits, labels = data()
     labels[3] = K + 2
@@ -479,6 +515,8 @@ def test_errors_name_the_argument():
         ce_dense(logits, np.ones((6, 4), np.float32))
     with pytest.raises(ValueError, match=r"class_weights has shape \(4,\).*needs \(5,\)"):
         ce_int(logits, labels, class_weights=np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="class_weights must be non-negative"):
+        ce_int(logits, labels, class_weights=np.array([1, 1, -1, 1, 1], np.float32))
     for alpha in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"label_smoothing must be in \[0.0, 1.0\]"):
             ce_int(logits, labels, label_smoothing=alpha)
@@ -486,9 +524,16 @@ def test_errors_name_the_argument():
             jsoftmax.smooth_labels(logits, alpha)
     with pytest.raises(ValueError, match="z_loss must be in"):
         ce_dense(logits, logits, z_loss=-1.0)
-    for cap in (0.0, -2.0):
+    for cap in (0.0, -2.0, np.inf):
         with pytest.raises(ValueError, match=r"logit_softcap must be in \(0.0, inf\)"):
             ce_int(logits, labels, logit_softcap=cap)
+    # Static: any concrete number, never a traced one.
+    np.testing.assert_array_equal(
+        ce_int(logits, labels, logit_softcap=jnp.array(2.0)),
+        ce_int(logits, labels, logit_softcap=2.0),
+    )
+    with pytest.raises(TypeError, match="logit_softcap must be a concrete number"):
+        jax.jit(lambda c: ce_int(logits, labels, logit_softcap=c))(2.0)
     with pytest.raises(ValueError, match="reduction must be one of"):
         ce_int(logits, labels, reduction="average")
 

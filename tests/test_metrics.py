@@ -178,11 +178,40 @@ def test_nan_probabilities_and_traced_bad_labels_give_nan(name):
     bad = labels.copy()
     bad[7] = 3
     assert np.isnan(call(name, probs, bad, tx=jax.jit))
-    # ... unless the bad row is padding.
+    # ... unless the bad row is padding, also when the labels are concrete (-1 pads them).
     where = np.arange(20) != 7
-    np.testing.assert_allclose(
-        call(name, probs, bad, where=where, tx=jax.jit), call(name, probs, labels, where=where)
-    )
+    bad[7] = -1
+    for tx in (jax.jit, lambda f: f):
+        np.testing.assert_allclose(
+            call(name, probs, bad, where=where, tx=tx), call(name, probs, labels, where=where)
+        )
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_nan_row_alone_in_its_bin_gives_nan(name):
+    # Four rows, 15 bins: the debiased errors leave out bins of one row, but not the NaN.
+    probs, labels = probabilities(4, 3, seed=6)
+    assert np.isnan(call(name, np.where(np.arange(4)[:, None] == 0, np.nan, probs), labels))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_padding_rows_have_zero_gradient(name):
+    probs, labels = probabilities(30, 3, seed=7)
+    probs = np.array(probs)
+    probs[3], probs[4, 1] = 0.0, np.nan  # no probability at all, and a NaN
+    where = ~np.isin(np.arange(30), [3, 4])
+    grad = jax.grad(lambda p: metric(name)(p, labels, where=where))(probs)
+    kept = jax.grad(lambda p: metric(name)(p, labels[where]))(probs[where])
+    np.testing.assert_array_equal(grad[~where], 0.0)
+    np.testing.assert_allclose(grad[where], kept, rtol=1e-5, atol=1e-7)
+
+
+def test_int64_labels_are_range_checked_before_int32():
+    probs, labels = probabilities(10, 3, seed=8)
+    wide = np.array(labels, np.int64)
+    wide[2] = 2**32  # int32 would read class 0
+    with pytest.raises(ValueError, match="label 4294967296 at position"):
+        jsoftmax.expected_calibration_error(probs, wide)
 
 
 @pytest.mark.parametrize("shape", [(1000, 10), (640, 100), (64, 1000)])

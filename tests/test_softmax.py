@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import jsoftmax
+from jsoftmax import _softmax
 from tests import reference
 from tests.conftest import (
     TRANSFORMS,
@@ -359,6 +360,119 @@ def test_check_grads_with_neg_inf_entries(name, x64):
     x = jnp.array([[1.0, -inf, 0.5], [-inf, -inf, -inf]])
     f = FUNCS[name][0]
     check_grads(lambda v: jnp.where(jnp.isfinite(f(v)), f(v), 0.0), (x,), order=2, modes=("rev",))
+
+
+def _scaled_logsumexp(x, axis=-1, where=None, *, temperature):
+    """logsumexp of ``x / temperature`` (keepdims): the kernel softmax and log_softmax
+    share; the public logsumexp takes no temperature."""
+    return _softmax._call("logsumexp", "logsumexp", x, axis, where, temperature)
+
+
+SCALED = {
+    "softmax": (jsoftmax.softmax, reference.softmax),
+    "log_softmax": (jsoftmax.log_softmax, reference.log_softmax),
+    "logsumexp": (
+        _scaled_logsumexp,
+        lambda x, where=None, temperature=1.0: reference.logsumexp(
+            np.asarray(x, np.float64) / temperature, where=where, keepdims=True
+        ),
+    ),
+}
+
+
+@ALL
+@pytest.mark.parametrize("masked", [False, True])
+def test_check_grads_order_two_in_temperature_beside_infinities(name, masked, x64):
+    """Second derivatives in the temperature, and the mixed ones in x and the
+    temperature, on rows holding +inf, -inf and masked entries (one row fully masked
+    where ``masked``). The rule's own derivative took ``x / T``'s derivative in ``T`` at
+    an infinite ``x`` (infinite), and a 0 times it made the row NaN. Differentiated in
+    the finite entries of ``x``: an infinite one has no finite neighbours."""
+    x = jnp.array(
+        [
+            [1.0, -inf, 3.0, 0.5],
+            [inf, 1.0, -0.5, -inf],
+            [-inf, inf, 2.0, inf],
+            [0.5, -1.0, 2.0, 1.5],
+            [-inf, 2.0, -inf, 0.5],
+        ]
+    )
+    where = None
+    if masked:
+        where = jnp.array(
+            [[1, 1, 1, 0], [1, 1, 0, 1], [1, 1, 1, 1], [0, 1, 1, 0], [0, 0, 1, 0]], bool
+        )
+    finite = jnp.isfinite(x)
+    t = jnp.array([[2.0], [0.7], [1.3], [0.9], [1.6]])
+    f = SCALED[name][0]
+
+    def scaled(v, t):
+        y = f(jnp.where(finite, v, x), where=where, temperature=t)
+        # -inf and +inf outputs as 0; so too log_softmax's finite entries in a +inf row,
+        # finfo.max below it, where a finite difference rounds away.
+        return jnp.where(jnp.abs(y) < 1e300, y, 0.0)
+
+    check_grads_order_two(scaled, (jnp.where(finite, x, 0.0), t))
+
+
+def _central(f, t, h=1e-3):
+    """``f(t)``'s first and second derivatives by central differences (float64)."""
+    return (f(t + h) - f(t - h)) / (2 * h), (f(t + h) - 2 * f(t) + f(t - h)) / h**2
+
+
+@ALL
+@pytest.mark.parametrize(
+    ("row", "keep"),
+    [
+        ([1.0, -inf, 3.0], None),
+        ([1.0, 5.0, 3.0], [True, False, True]),
+        ([inf, 1.0], None),
+        ([-inf, inf, 2.0, inf], None),
+    ],
+)
+def test_second_derivatives_in_temperature_beside_infinities(name, row, keep, x64):
+    """The second derivative in the temperature and the mixed one in x and the
+    temperature, of the first entry that is not -inf, against the float64 reference's
+    finite differences: -0.4147 for log_softmax's first entry of [1, -inf, 3] at T = 2
+    (a -inf entry and a masked one alike), 0 for softmax's of [inf, 1] (constant). Both
+    were NaN."""
+    if name == "logsumexp" and inf in row:
+        pytest.skip("logsumexp of a +inf row is +inf")
+    ours, ref = SCALED[name]
+    x, where = jnp.array(row), None if keep is None else jnp.array(keep)
+    i = 0 if name == "logsumexp" else int(np.argmax(np.array(row) > -inf))  # not -inf
+
+    def first(x, t):
+        return ours(x, where=where, temperature=t)[i]
+
+    t = 2.0
+    hessian = jax.hessian(first, 1)(x, t)
+    mixed = np.asarray(jax.jacfwd(jax.grad(first), 1)(x, t))
+    x64_row = np.array(row)
+
+    def reference_first(x, t):
+        return ref(x, where=keep, temperature=t)[i]
+
+    expected = _central(lambda t: reference_first(x64_row, t), t)[1]
+    close(hessian, expected, rtol=1e-6, atol=1e-9)
+    if name == "log_softmax" and keep is None and row[1] == -inf:
+        close(hessian, -0.41468, rtol=1e-4)
+    # The mixed derivatives in each finite, kept entry; 0 in -inf and masked ones
+    # (constant). A +inf entry's gradient is the rule's, not a limit: finite here.
+    for j, v in enumerate(row):
+        if v == inf:
+            assert np.isfinite(mixed[j]), mixed
+            continue
+        if v == -inf or (keep is not None and not keep[j]):
+            assert mixed[j] == 0, mixed
+            continue
+
+        def along(t, j=j):
+            return _central(
+                lambda h: reference_first(x64_row + h * (np.arange(len(row)) == j), t), 0.0
+            )[0]
+
+        close(mixed[j], _central(along, t)[0], rtol=1e-5, atol=1e-8)
 
 
 @ALL
