@@ -13,7 +13,7 @@ import numpy as np
 from jax.core import Tracer
 from jax.typing import ArrayLike
 
-Axis = int | tuple[int, ...]
+Axis = int | tuple[int, ...] | None
 
 
 def is_traced(value: object) -> bool:
@@ -34,20 +34,24 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def axes(fname: str, axis: Axis, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Normalises ``axis`` (int or tuple, negative allowed) to sorted non-negative ints."""
-    raw = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+def axes(fname: str, axis: Axis, shape: tuple[int, ...], *, sort: bool = True) -> tuple[int, ...]:
+    """Normalises ``axis`` (int, tuple with negatives allowed, or None for every axis, as
+    in ``jax.nn``) to non-negative ints, sorted unless ``sort`` is False (the given
+    order, which a flattened class axis follows in optax)."""
     ndim = len(shape)
+    if axis is None:
+        return tuple(range(ndim))
+    raw = (axis,) if isinstance(axis, int | np.integer) else axis
+    if not isinstance(raw, tuple | list) or not all(isinstance(a, int | np.integer) for a in raw):
+        raise TypeError(f"{fname}: axis must be an int, a tuple of ints or None, got {axis!r}")
     out = []
     for a in raw:
-        if not isinstance(a, int | np.integer):
-            raise TypeError(f"{fname}: axis must be an int or a tuple of ints, got {axis!r}")
         if not -ndim <= a < ndim:
             raise ValueError(f"{fname}: axis {a} is out of range for an array of shape {shape}")
         out.append(int(a) % ndim)
     if len(set(out)) != len(out):
         raise ValueError(f"{fname}: axis {axis!r} repeats an axis")
-    return tuple(sorted(out))
+    return tuple(sorted(out)) if sort else tuple(out)
 
 
 def mask(

@@ -264,7 +264,7 @@ def _class_last(fname, logits, axis, where):
     A mask of size 1 along the class axes stays a row mask ``[..., 1]``.
     """
     logits = _checks.floating(fname, "logits", logits)
-    axes = _checks.axes(fname, axis, logits.shape)
+    axes = _checks.axes(fname, axis, logits.shape, sort=False)
     where = _checks.mask(fname, where, logits.shape, full=False)
     if where is not None and any(where.shape[a] != 1 for a in axes):
         where = jnp.broadcast_to(where, logits.shape)

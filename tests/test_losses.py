@@ -115,11 +115,12 @@ def test_textbook_value():
 # ---------------------------------------------------------------- optax and consistency
 
 
-@pytest.mark.parametrize("axis", [-1, 0, 1, (1, 2)])
+@pytest.mark.parametrize("axis", [-1, 0, 1, (1, 2), (2, 1)])
 def test_equals_optax_where_optax_is_right(axis):
+    # A tuple's class index runs over its axes in the order given, as optax flattens them.
     rng = np.random.default_rng(4)
     logits = rng.standard_normal((3, 4, 5)).astype(np.float32)
-    dense = rng.dirichlet(np.ones(4 * 5 if axis == (1, 2) else logits.shape[axis]), 60)
+    dense = rng.dirichlet(np.ones(4 * 5 if isinstance(axis, tuple) else logits.shape[axis]), 60)
     axes = (axis,) if isinstance(axis, int) else axis
     batch_shape = tuple(s for i, s in enumerate(logits.shape) if i not in np.array(axes) % 3)
     k = int(np.prod([logits.shape[a] for a in axes]))
@@ -132,6 +133,17 @@ def test_equals_optax_where_optax_is_right(axis):
         q = np.moveaxis(dense[: int(np.prod(batch_shape))].reshape(*batch_shape, k), -1, axis)
         close(ce_dense(logits, q, axis), optax.softmax_cross_entropy(logits, q, axis))
         close(jsoftmax.smooth_labels(q, 0.3, axis), optax.smooth_labels(q, 0.3, axis=axis))
+
+
+def test_axis_none_is_every_axis_as_in_optax_and_jax_nn():
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((3, 4)).astype(np.float32)
+    q = rng.dirichlet(np.ones(12)).reshape(3, 4)
+    close(ce_dense(logits, q, axis=None), optax.softmax_cross_entropy(logits, q, axis=None))
+    close(ce_int(logits, 7, axis=None), ce_int(logits.reshape(12), 7))
+    close(jsoftmax.logsumexp(logits, axis=None), jax.nn.logsumexp(logits, axis=None))
+    with pytest.raises(TypeError, match="axis must be an int, a tuple of ints or None"):
+        ce_int(logits, 1, axis=1.0)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
