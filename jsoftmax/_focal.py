@@ -264,7 +264,8 @@ def softmax_focal_loss(
       logits: floating ``[..., K]`` (the class axes are ``axis``; a tuple is
         flattened row-major, as optax does).
       labels: integers, ``logits``' shape without ``axis``.
-      axis: the class axis or axes.
+      axis: the class axis or axes (a tuple flattened in the order given, as optax does;
+        None: every axis).
       where: boolean mask broadcastable to ``logits``; ``[..., 1]`` masks rows.
       gamma: the focusing parameter ``gamma >= 0``: a number or a scalar array
         (which may be traced, e.g. a schedule; it is not differentiated), or

@@ -310,7 +310,8 @@ def softmax_cross_entropy(
     Args:
       logits: floating ``[..., K]`` (the class axes are ``axis``).
       labels: floating, ``logits``' shape: probabilities (rows summing to 1).
-      axis: the class axis or axes.
+      axis: the class axis or axes (a tuple flattened in the order given, as optax does;
+        None: every axis).
       where: boolean mask broadcastable to ``logits``; ``[..., 1]`` masks rows.
       label_smoothing: ``alpha`` in [0, 1].
       z_loss: ``lambda >= 0``, the weight of PaLM's auxiliary ``logsumexp**2``.
@@ -396,7 +397,8 @@ def softmax_cross_entropy_with_integer_labels(
       logits: floating ``[..., K]`` (the class axes are ``axis``; a tuple is
         flattened row-major, as optax does).
       labels: integers, ``logits``' shape without ``axis``.
-      axis: the class axis or axes.
+      axis: the class axis or axes (a tuple flattened in the order given, as optax does;
+        None: every axis).
       where: boolean mask broadcastable to ``logits``; ``[..., 1]`` masks rows.
       label_smoothing: ``alpha`` in [0, 1].
       class_weights: ``[K]`` non-negative weights ``w`` (not differentiated).
@@ -523,7 +525,8 @@ def smooth_labels(
     Args:
       labels: floating probabilities ``[..., K]``.
       alpha: in [0, 1].
-      axis: the class axis or axes.
+      axis: the class axis or axes (a tuple flattened in the order given, as optax does;
+        None: every axis).
       where: boolean mask broadcastable to ``labels``: the uniform part is
         spread over the ``K`` kept classes only; masked ones keep
         ``(1 - alpha) * labels``.

@@ -316,6 +316,10 @@ def _call(kind, fname, x, axis, where, temperature=None):
     if temperature is not None:
         temperature = _checks.temperature(fname, temperature, x.shape, axes)
         temperature = temperature.astype(_checks.compute_dtype(x.dtype))
+    if any(x.shape[a] == 0 for a in axes):
+        # No class at all: softmax's result is empty, logsumexp's a fully masked row's -inf.
+        shape = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
+        return jnp.full(shape if kind == "logsumexp" else x.shape, -jnp.inf, x.dtype)
     return _jitted(kind, axes, x, where, temperature)
 
 
@@ -338,7 +342,7 @@ def softmax(
 
     Args:
       x: floating logits, any shape ``[..., K, ...]``.
-      axis: the axis or axes to normalise over (negative allowed).
+      axis: the axis or axes to normalise over (negative allowed; None: every axis).
       where: boolean mask broadcastable to ``x``; True keeps an entry.
       temperature: positive scalar, or an array broadcastable to ``x`` with
         size 1 along ``axis`` (one temperature per row). Differentiable.
@@ -382,7 +386,7 @@ def log_softmax(
 
     Args:
       x: floating logits, any shape ``[..., K, ...]``.
-      axis: the axis or axes to normalise over (negative allowed).
+      axis: the axis or axes to normalise over (negative allowed; None: every axis).
       where: boolean mask broadcastable to ``x``; True keeps an entry.
       temperature: positive scalar, or an array broadcastable to ``x`` with
         size 1 along ``axis``. Differentiable.
@@ -422,7 +426,7 @@ def logsumexp(
 
     Args:
       x: floating array.
-      axis: the axis or axes to reduce (negative allowed).
+      axis: the axis or axes to reduce (negative allowed; None: every axis).
       where: boolean mask broadcastable to ``x``; True keeps an entry.
       keepdims: keep the reduced axes with size 1.
 

@@ -656,3 +656,13 @@ def test_core_equals_the_cpu_schedules(name, x64):
         check_grads_order_two(lambda v: f(v, where=where), (finite,))
     for a, b in zip(core, cpu, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-300)
+
+
+@ALL
+def test_an_empty_class_axis_is_a_fully_masked_row(name):
+    # As jax.nn: logsumexp over no class is -inf, softmax of no class is empty.
+    x = jnp.ones((2, 0), jnp.bfloat16)
+    got = getattr(jsoftmax, name)(x)
+    want = jax.nn.logsumexp(x, axis=-1) if name == "logsumexp" else getattr(jax.nn, name)(x)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    np.testing.assert_array_equal(got, want)
