@@ -52,6 +52,8 @@ from jsoftmax._calibration import _num_bins as _checked_num_bins
 
 _MAX_ITERATIONS = 500
 _HISTORY = 10
+# calibrate's per-row values that reverse mode keeps (jax.checkpoint_name).
+_ROW = "jsoftmax_row"
 _GRADIENT_TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.float64): 1e-9}
 
 
@@ -195,16 +197,19 @@ def _num_classes(calibrator) -> int | None:
 
 @jax.jit
 @functools.partial(
-    jax.checkpoint, prevent_cse=False, policy=jax.checkpoint_policies.save_only_these_names("row")
+    jax.checkpoint,
+    prevent_cse=False,
+    policy=jax.checkpoint_policies.save_only_these_names(_ROW),
 )
 def _apply(calibrator, logits):
-    # Reverse mode keeps the logits as given and the per-row vectors named "row"
+    # Reverse mode keeps the logits as given and the per-row vectors named _ROW
     # (maxima, normalisers): the backward pass recomputes the rest elementwise.
     x, top = _certain(logits.astype(_checks.compute_dtype(logits.dtype)))
-    top = checkpoint_name(top, "row")
+    top = checkpoint_name(top, _ROW)
     # No calibrator moves a certain row, nor gives a row without a possible class one:
-    # that row is calibrated as zeros, whose gradient is not NaN, then set to -inf.
-    empty = top == -jnp.inf
+    # that row is calibrated as zeros, whose gradient is not NaN, then set to -inf. (Not
+    # from the max: on CPU it may drop a NaN, whose row must stay NaN.)
+    empty = jnp.all(x == -jnp.inf, axis=-1, keepdims=True)
     x = jnp.where(empty, 0.0, x)
     possible = x != -jnp.inf
     log_q = _calibrated(calibrator, x, possible)
@@ -260,8 +265,10 @@ def _log_mixture(weights, members, possible):
     # A member of weight 0 may lie far above: capped, its exp is finite and 0 * exp is 0.
     cap = jnp.log(jnp.finfo(top.dtype).max) - 1
     total = sum(weights[j] * jnp.exp(jnp.minimum(m - top, cap)) for j, m in enumerate(members))
-    # (Not the log of an impossible class's 0: its gradient would be NaN.)
-    return jnp.where(possible, top + jnp.log(jnp.where(possible, total, 1.0)), -jnp.inf)
+    # (Not the log of an impossible class's 0: its gradient would be NaN.) A NaN logit's
+    # row is NaN, its impossible classes too, as under the other calibrators.
+    out = jnp.where(possible, top + jnp.log(jnp.where(possible, total, 1.0)), -jnp.inf)
+    return jnp.where(jnp.isnan(total), jnp.nan, out)
 
 
 def _possible_count(possible, dtype):
@@ -277,7 +284,7 @@ def _uniform(possible, dtype):
 def _log_softmax(z, possible):
     """``log_softmax`` over the possible classes (``-inf`` elsewhere)."""
     z = jnp.where(possible, z, -jnp.inf)
-    return z - checkpoint_name(jax.scipy.special.logsumexp(z, axis=-1, keepdims=True), "row")
+    return z - checkpoint_name(jax.scipy.special.logsumexp(z, axis=-1, keepdims=True), _ROW)
 
 
 def _features(x):

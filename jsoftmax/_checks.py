@@ -119,9 +119,14 @@ def integer_labels(
                 f"range for {num_classes} classes"
                 + ("" if ignore_index is None else f" (ignore_index={ignore_index})")
             )
-    # Class indices and ignore_index in a type that holds them (an int8 label of 3
-    # against 200 classes would compare with a wrapped class count).
-    return labels.astype(jnp.int32) if labels.dtype.itemsize < 4 else labels
+    # Class indices and ignore_index in a signed type that holds them: an int8 label of 3
+    # against 200 classes would compare with a wrapped class count, and a uint32 one
+    # with ignore_index=-100 wrapped to 2**32 - 100. A label past int32 is out of range.
+    if jnp.issubdtype(labels.dtype, jnp.unsignedinteger) and labels.dtype.itemsize >= 4:
+        labels = jnp.minimum(labels, np.iinfo(np.int32).max)
+    if jnp.issubdtype(labels.dtype, jnp.unsignedinteger) or labels.dtype.itemsize < 4:
+        labels = labels.astype(jnp.int32)
+    return labels
 
 
 def temperature(

@@ -497,11 +497,16 @@ def _log_probs_setup(
     hidden, weight, bias = _head_inputs(fname, "", hidden, weight, bias)
     shards = 1 if axis_name is None else lax.axis_size(axis_name)
     where = _checks.mask(fname, where, hidden.shape[:-1])
-    if where is not None and jnp.shape(labels) == where.shape:
-        labels = jnp.where(where, jnp.asarray(labels), 0)  # a masked token's label is not read
     labels = _checks.integer_labels(
-        fname, labels, hidden.shape[:-1], weight.shape[1] * shards, f"hidden {hidden.shape}"
+        fname,
+        labels,
+        hidden.shape[:-1],
+        weight.shape[1] * shards,
+        f"hidden {hidden.shape}",
+        kept=where,
     )
+    if where is not None:
+        labels = jnp.where(where, labels, 0)  # a masked token's label is not read
     config = _Config(
         "log_probs",
         _chunk_size(fname, chunk_size, weight.shape[1], labels.size),
@@ -662,9 +667,10 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
             (jnp.sum(kept, axis=1, dtype=z.dtype), jnp.sum(jnp.where(kept, z, 0.0), axis=1)),
         )
         uniform = alpha / jnp.maximum(count, 1.0)
-        loss = loss - uniform * z_sum
+        # A traced weight of 0 drops its term, as in the unfused loss (0 * inf).
+        loss = loss - jnp.where(alpha == 0, 0.0, uniform * z_sum)
     if config.with_z_loss:
-        loss = loss + z_loss * lse**2
+        loss = loss + jnp.where(z_loss == 0, 0.0, z_loss * lse**2)
     loss = jnp.where(counts, loss, 0.0) * bad
     if cts is None:
         return (loss,), None, None

@@ -495,7 +495,8 @@ def _integer_inputs(fname, logits, labels, axis, where, class_weights, ignore_in
             )
         if not _checks.is_traced(class_weights) and not np.all(np.asarray(class_weights) >= 0):
             raise ValueError(
-                f"{fname}: class_weights must be non-negative, got {np.asarray(class_weights)}"
+                f"{fname}: class_weights must be non-negative numbers, got "
+                f"{np.asarray(class_weights)[:8]}"
             )
     return z, labels, where, class_weights
 

@@ -447,6 +447,20 @@ def test_a_label_on_an_impossible_class(fit, x64):
 
 
 @pytest.mark.parametrize("fit", ALL_FITS)
+def test_calibrate_keeps_a_nan_row_nan_beside_infinities_at_every_size(fit):
+    # At 1000 rows XLA's CPU max drops the NaN of [-inf, ..., NaN, ..., -inf]: the row
+    # is not a row without a possible class.
+    logits, labels = miscalibrated(1000, 8, seed=3)
+    fitted = fit(logits.astype(np.float32), labels)
+    x = logits.astype(np.float32)
+    x[5] = -np.inf
+    x[5, 3] = np.nan
+    got = np.asarray(jsoftmax.calibrate(fitted, x))
+    assert np.all(np.isnan(got[5]))
+    assert np.all(np.isfinite(np.delete(got, 5, 0)) | (np.delete(got, 5, 0) == -np.inf))
+
+
+@pytest.mark.parametrize("fit", ALL_FITS)
 def test_calibrate_keeps_the_edge_rows(fit):
     logits, labels = edge_data()
     fitted = fit(logits.astype(np.float32), labels)

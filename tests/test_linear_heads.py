@@ -282,6 +282,11 @@ def test_log_probs_errors():
         f(hidden, weight, labels, where=where[:5])
     with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
         f(hidden, weight, labels, chunk_size=0)
+    # Checked before anything reads them, masked or not: int32 would wrap 2**32 to 0.
+    wide = np.array(labels, np.int64)
+    wide[1] = 2**32
+    with pytest.raises(ValueError, match=r"label 4294967296 at position \(1,\)"):
+        f(hidden, weight, wide, where=np.ones(6, bool))
 
 
 def test_log_probs_padded_vocabulary_confident_rows_and_masked_padding_labels(x64):

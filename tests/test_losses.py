@@ -343,6 +343,14 @@ def test_narrow_and_wide_label_types_read_the_same_classes(dtype, tx):
     np.testing.assert_array_equal(got, want)
 
 
+def test_uint32_labels_past_int32_are_out_of_range_not_ignored():
+    logits, labels = data()
+    wide = labels.astype(np.uint32)
+    wide[3] = 2**32 - 100  # as int32, ignore_index=-100
+    loss = jax.jit(lambda y: ce_int(logits, y, ignore_index=-100))(wide)
+    assert np.isnan(loss[3]) and np.isfinite(np.delete(loss, 3)).all()
+
+
 def test_int64_labels_past_int32_are_out_of_range():
     _, labels = data()
     wide = labels.astype(np.int64)
