@@ -592,7 +592,7 @@ def fit_dirichlet_calibration(
       >>> labels = jax.random.categorical(jax.random.key(1), logits)
       >>> fitted = jsoftmax.fit_dirichlet_calibration(2.0 * logits, labels, off_diagonal=1e-2)
       >>> jnp.diag(fitted.weight).round(1)
-      Array([0.5, 0.5, 0.5], dtype=float32)
+      Array([0.5, 0.6, 0.5], dtype=float32)
 
     References:
       Kull et al., `Beyond temperature scaling: Obtaining well-calibrated

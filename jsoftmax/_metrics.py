@@ -165,7 +165,9 @@ def _debiased_reduce(statistics, weights, num_bins, mode):
     squared = jax.vmap(_debiased_squared, in_axes=(0, 0, 0, 0, None, None))(
         key, values, outcomes, order, weights, num_bins
     )
-    return jnp.sqrt(jnp.mean(jnp.maximum(squared, 0.0)))
+    mean = jnp.mean(jnp.maximum(squared, 0.0))
+    # (Not sqrt's derivative at 0, infinite: a clipped estimate is common when calibrated.)
+    return jnp.where(mean > 0, jnp.sqrt(jnp.where(mean > 0, mean, 1.0)), mean)
 
 
 _DEBIASED = _cal._Metric(_debiased_rows, _debiased_reduce, prepare=_cal._with_order)

@@ -206,6 +206,20 @@ def test_padding_rows_have_zero_gradient(name):
     np.testing.assert_allclose(grad[where], kept, rtol=1e-5, atol=1e-7)
 
 
+def test_debiased_error_clipped_to_zero_has_a_finite_gradient():
+    # Near-calibrated predictions: the debiased estimate is clipped to 0, where sqrt's
+    # derivative is infinite.
+    logits = 0.3 * jax.random.normal(jax.random.key(0), (300, 4))
+    labels = jax.random.categorical(jax.random.key(100), logits)
+
+    def error(logits):
+        return jsoftmax.debiased_calibration_error(jax.nn.softmax(logits), labels)
+
+    assert error(logits) == 0.0
+    assert np.all(np.isfinite(jax.grad(error)(logits)))
+    assert np.isfinite(jax.jvp(error, (logits,), (jnp.ones_like(logits),))[1])
+
+
 def test_int64_labels_are_range_checked_before_int32():
     probs, labels = probabilities(10, 3, seed=8)
     wide = np.array(labels, np.int64)
