@@ -116,8 +116,9 @@ def fit_temperature(
 
     Note:
       It works under ``jax.jit`` and ``jax.vmap`` (stacked problems run as one
-      batched iteration). With no unmasked row (or only certain ones) it
-      returns 1 clipped to ``bounds``. A row with every logit ``-inf`` is
+      batched iteration). With no unmasked row (or only certain ones), or
+      when the NLL does not depend on ``T`` (one class, or every kept row's
+      logits equal), it returns 1 clipped to ``bounds``. A row with every logit ``-inf`` is
       padding; a row holding ``+inf`` is certain at every ``T`` (its ``+inf``
       classes share the mass), so it changes nothing unless its label is
       elsewhere. A row whose
@@ -143,6 +144,10 @@ def _bounds(fname, bounds):
     for value in (low, high):
         if _checks.is_traced(value):
             raise TypeError(f"{fname}: bounds must be concrete numbers, got a tracer")
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{fname}: bounds must be numbers, got {bounds!r}") from None
     if not 0 < float(low) < float(high) < np.inf:
         raise ValueError(f"{fname}: bounds must satisfy 0 < low < high < inf, got {bounds!r}")
     return float(low), float(high)
@@ -176,7 +181,7 @@ def _fit(logits, labels, where, low, high):
 
     # Fit beta * c, u's inverse temperature; the bounds move with it.
     beta_lo, beta_hi = c / high, jnp.minimum(c / low, jnp.finfo(dtype).max)
-    g_lo, _ = derivatives(beta_lo)
+    g_lo, h_lo = derivatives(beta_lo)
     g_hi, _ = derivatives(beta_hi)
     tol = 8 * jnp.finfo(dtype).eps
 
@@ -203,7 +208,11 @@ def _fit(logits, labels, where, low, high):
     beta = lax.while_loop(running, step, (0, *start, width, width, False))[1]
     t = jnp.clip(c / beta, low, high)
     t = jnp.where(g_lo >= 0, high, jnp.where(g_hi <= 0, low, t))
-    t = jnp.where(jnp.any(where & ~certain), t, jnp.clip(1.0, low, high))
+    # Without a kept row that is not certain, or with a NLL flat in T (one class, or
+    # every kept row's logits equal: no slope nor curvature even at the largest T), no T
+    # is better.
+    informative = jnp.any(where & ~certain) & ((g_lo != 0) | (h_lo > 0))
+    t = jnp.where(informative, t, jnp.clip(1.0, low, high))
     return (t * nan_if_bad).astype(dtype)
 
 

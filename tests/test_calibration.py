@@ -318,6 +318,16 @@ def test_fit_temperature_where_and_impossible_classes():
     assert jsoftmax.fit_temperature(logits, labels, where=np.zeros(600, bool), bounds=(2, 3)) == 2
 
 
+def test_fit_temperature_of_a_flat_nll_is_one():
+    # One class, or equal logits in every row: every T has the same NLL (it gave the bound).
+    labels = np.zeros(3, np.int32)
+    for logits in (np.ones((3, 1), np.float32), np.zeros((3, 4), np.float32)):
+        assert jsoftmax.fit_temperature(logits, labels) == 1.0
+        assert jsoftmax.fit_temperature(logits, labels, bounds=(2.0, 5.0)) == 2.0
+    with pytest.raises(ValueError, match="fit_temperature: bounds must be numbers"):
+        jsoftmax.fit_temperature(np.ones((3, 2), np.float32), labels, bounds=("a", "b"))
+
+
 def test_fit_temperature_vmaps_over_stacked_problems():
     problems = [calibrated(300, 6, seed=s) for s in range(4)]
     factors = np.array([0.5, 1.0, 2.0, 4.0], np.float32)
