@@ -141,16 +141,15 @@ def _bounds(fname, bounds):
         low, high = bounds
     except (TypeError, ValueError):
         raise ValueError(f"{fname}: bounds must be a pair (low, high), got {bounds!r}") from None
-    for value in (low, high):
-        if _checks.is_traced(value):
-            raise TypeError(f"{fname}: bounds must be concrete numbers, got a tracer")
-        try:
-            float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{fname}: bounds must be numbers, got {bounds!r}") from None
-    if not 0 < float(low) < float(high) < np.inf:
+    if _checks.is_traced(low) or _checks.is_traced(high):
+        raise TypeError(f"{fname}: bounds must be concrete numbers, got a tracer")
+    try:
+        low, high = float(low), float(high)
+    except (TypeError, ValueError):
+        raise ValueError(f"{fname}: bounds must be numbers, got {bounds!r}") from None
+    if not 0 < low < high < np.inf:
         raise ValueError(f"{fname}: bounds must satisfy 0 < low < high < inf, got {bounds!r}")
-    return float(low), float(high)
+    return low, high
 
 
 @jax.jit

@@ -51,6 +51,7 @@ from jsoftmax._losses import (
     _is_zero,
     _label_logit,
     _per_label,
+    _smoothed,
 )
 from jsoftmax._softmax import (
     _capped_slope,
@@ -179,9 +180,7 @@ def _focal(x, where, labels, weights, alpha, gamma, options):
 def _loss(rows, alpha, options):
     loss = rows.w_y * _focal_terms(rows.q_y, rows.gamma)[0]
     if options.smooth:
-        uniform = rows.w_f / jnp.maximum(rows.count, 1.0)
-        # alpha = 1 drops the label's term, +inf where its class is masked.
-        loss = jnp.where(alpha == 1, 0.0, (1 - alpha) * loss) + alpha * uniform
+        loss = _smoothed(loss, rows.w_f / jnp.maximum(rows.count, 1.0), alpha)
     return jnp.where(rows.has_class, loss, 0.0)
 
 

@@ -129,12 +129,17 @@ def _loss(rows, alpha, z_loss, options):
     loss = rows.t0 * log_s - rows.t_d
     if options.smooth:
         uniform = (rows.w_sum * log_s - rows.w_d) / jnp.maximum(rows.count, 1.0)
-        # A traced weight of 0 drops its term as a concrete one does (0 * inf on +inf rows).
-        loss = jnp.where(alpha == 1, 0.0, (1 - alpha) * loss)
-        loss = loss + jnp.where(alpha == 0, 0.0, alpha * uniform)
+        loss = _smoothed(loss, uniform, alpha)
     if options.with_z_loss:
         loss = loss + jnp.where(z_loss == 0, 0.0, z_loss * _lse(rows) ** 2)
     return jnp.where(rows.has_class, loss, 0.0)
+
+
+def _smoothed(label_term, uniform_term, alpha):
+    """``(1 - alpha) label_term + alpha uniform_term``, where a weight of 0 drops its term
+    (traced as concrete: ``0 * inf`` is NaN on a ``+inf`` row, or at a masked label)."""
+    label_term = jnp.where(alpha == 1, 0.0, (1 - alpha) * label_term)
+    return label_term + jnp.where(alpha == 0, 0.0, alpha * uniform_term)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
@@ -526,8 +531,7 @@ def smooth_labels(
     Args:
       labels: floating probabilities ``[..., K]``.
       alpha: in [0, 1].
-      axis: the class axis or axes (a tuple flattened in the order given, as optax does;
-        None: every axis).
+      axis: the class axis or axes (None: every axis).
       where: boolean mask broadcastable to ``labels``: the uniform part is
         spread over the ``K`` kept classes only; masked ones keep
         ``(1 - alpha) * labels``.

@@ -371,6 +371,9 @@ def test_traced_zero_smoothing_and_z_loss_drop_their_terms(fn):
         return ce_dense(logits, jax.nn.one_hot(labels, 3), label_smoothing=alpha, z_loss=z)
 
     np.testing.assert_array_equal(jax.jit(loss)(0.0, 0.0), loss(0.0, 0.0))
+    if fn == "int":  # the focal loss shares the smoothing rule
+        focal = lambda a: jsoftmax.softmax_focal_loss(logits, labels, label_smoothing=a)  # noqa: E731
+        np.testing.assert_array_equal(jax.jit(focal)(0.0), focal(0.0))
 
 
 def test_traced_out_of_range_label_is_nan_in_its_row_only():
