@@ -138,7 +138,12 @@ def temperature(
     temperature per row). Concrete values must be positive and finite; traced
     ones that are not become NaN, so the affected rows come out NaN.
     """
-    t = jnp.asarray(value)
+    try:  # (a string would read as a dtype's name)
+        t = None if isinstance(value, str | bytes) else jnp.asarray(value)
+    except TypeError:
+        t = None
+    if t is None:
+        raise TypeError(f"{fname}: temperature must be a real array, got {value!r}")
     if not (jnp.issubdtype(t.dtype, jnp.floating) or jnp.issubdtype(t.dtype, jnp.integer)):
         raise TypeError(f"{fname}: temperature must be real, got dtype {t.dtype}")
     if t.ndim > len(shape):

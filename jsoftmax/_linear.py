@@ -35,7 +35,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from jsoftmax import _checks
+from jsoftmax import _checks, _cpu
 from jsoftmax._losses import _at_label, _check_reduction, _check_softcap, _hyper, _options
 from jsoftmax._softmax import _cap, _capped_slope
 
@@ -457,7 +457,7 @@ def linear_distillation_loss(
         if not _checks.is_traced(beta) and not 0 < np.asarray(beta, dtype) < 1:
             raise ValueError(f"{fname}: beta must be in (0, 1) for the jsd, got {beta}")
         beta_ = jnp.where((beta_ > 0) & (beta_ < 1), beta_, jnp.nan)
-    hyper = lax.stop_gradient(_Hyper(_temperature(fname, temperature), beta=beta_))
+    hyper = lax.stop_gradient(_Hyper(_temperature(fname, temperature, dtype), beta=beta_))
     size = _chunk_size(fname, chunk_size, weight.shape[1], int(np.prod(tokens)))
     accum = _accum_dtype(fname, accum_dtype)
     config = _Config("distillation", size, axis_name, divergence=divergence, accum_dtype=accum)
@@ -515,7 +515,8 @@ def _log_probs_setup(
         accum_dtype=_accum_dtype(fname, accum_dtype),
         token_loss=token_loss,
     )
-    hyper = _Hyper(_temperature(fname, temperature))
+    dtype = _compute_dtype(hidden, (weight, bias), None, None)
+    hyper = _Hyper(_temperature(fname, temperature, dtype))
     return config, hidden, (weight, bias), labels, where, hyper
 
 
@@ -539,9 +540,14 @@ def _token_args(fname, token_args, tokens):
     return tuple(checked)
 
 
-def _temperature(fname, temperature):
-    """A positive finite scalar temperature (NaN when traced and not)."""
-    return _checks.temperature(fname, temperature, (), ())
+def _temperature(fname, temperature, dtype):
+    """A positive finite scalar temperature in the compute ``dtype`` (NaN when traced and
+    not), as log_softmax takes its input's."""
+    if np.ndim(temperature) != 0:
+        raise ValueError(
+            f"{fname}: temperature must be a scalar, got shape {np.shape(temperature)}"
+        )
+    return _checks.temperature(fname, temperature, (), ()).astype(dtype)
 
 
 def _chunk_size(fname, chunk_size, vocab, tokens):
@@ -593,13 +599,17 @@ def _normalized(config, z, temperature=None):
     Over the global vocabulary (``m`` is the max over every shard): the row's
     logsumexp is ``m + log s`` and ``log softmax(x) = d - log s``, which keeps
     the precision of confident rows (no large ``x`` is subtracted from another).
+    As in the softmax family, ``m`` is clamped to be finite and ``z`` at ``m``:
+    ``+inf`` logits sit at ``d = 0`` and share the row's mass.
     Shifted before the division: ``z * (1 / T) - m`` may compile to one fused
     multiply-add, which leaves the max's own ``d`` off by the rounding of
     ``z / T``, and its ``exp`` underflowed for logits from about 2e9. Halved
     first (exactly), so that the shift of a row spanning ``+-finfo.max`` does
     not overflow where ``(z - m) / T`` is finite.
     """
-    m = _merged(config, lax.pmax, jnp.max(z, axis=1))
+    big = jnp.finfo(z.dtype).max
+    m = jnp.clip(_merged(config, lax.pmax, jnp.max(z, axis=1)), -big, big)
+    z = _cpu.clamped(z, m[:, None])
     if temperature is None:
         d = z - m[:, None]
     else:
@@ -637,7 +647,8 @@ def _label_terms(config, z, labels, counts):
 
 
 def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
-    r"""``lse - (1 - alpha) z_y - alpha / K sum_{k kept} z_k + lambda lse**2`` per token and
+    r"""``lse - (1 - alpha) z_y - alpha / K sum_{k kept} z_k + lambda lse**2`` per token,
+    computed shifted as ``log s - (1 - alpha) d_y - alpha / K sum_{k kept} d_k + ...``, and
     ``d/dz = (1 + 2 lambda lse) p - (1 - alpha) [k = y] - alpha / K [k kept]`` (times the
     cap's slope), the ``K`` kept classes those whose logit is not ``-inf``.
 
@@ -645,38 +656,39 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
     a ``-inf`` logit (a padded vocabulary's ``-inf`` bias) takes no smoothing
     mass and no gradient, also at the label (whose loss is ``+inf``, and 0 of
     its term at ``alpha = 1``). Smoothing's two row sums, ``K`` and ``sum_{k
-    kept} z_k``, read the chunk's logits in the pass that sums them (no matmul)
+    kept} d_k``, read the chunk's logits in the pass that sums them (no matmul)
     and merge over the shards in one ``psum``.
     """
     del t
     alpha, z_loss = hyper.alpha, hyper.z_loss
     if config.softcap is not None:
         z = _cap(z, config.softcap)  # -inf stays -inf
-    m, _, e, s = _normalized(config, z)
-    lse = m + jnp.log(s)
-    index, z_label, bad = _label_terms(config, z, labels, counts)
-    label = (1 - alpha) * z_label
+    m, d, e, s = _normalized(config, z)
+    log_s = jnp.log(s)
+    index, d_label, bad = _label_terms(config, d, labels, counts)
+    label = (1 - alpha) * d_label
     if config.smooth:  # the smoothing alone at alpha = 1, also for a -inf label
         label = jnp.where(alpha == 1, 0.0, label)
-    loss = lse - label
+    loss = log_s - label  # shifted: no logsumexp of large logits less one of them
     if config.smooth:
         kept = z != -jnp.inf
-        count, z_sum = _merged(
+        count, d_sum = _merged(
             config,
             lax.psum,
-            (jnp.sum(kept, axis=1, dtype=z.dtype), jnp.sum(jnp.where(kept, z, 0.0), axis=1)),
+            (jnp.sum(kept, axis=1, dtype=z.dtype), jnp.sum(jnp.where(kept, d, 0.0), axis=1)),
         )
         uniform = alpha / jnp.maximum(count, 1.0)
         # A traced weight of 0 drops its term, as in the unfused loss (0 * inf).
-        loss = loss - jnp.where(alpha == 0, 0.0, uniform * z_sum)
+        loss = loss - jnp.where(alpha == 0, 0.0, uniform * d_sum)
     if config.with_z_loss:
+        lse = m + log_s
         loss = loss + jnp.where(z_loss == 0, 0.0, z_loss * lse**2)
     loss = jnp.where(counts, loss, 0.0) * bad
     if cts is None:
         return (loss,), None, None
     r = jnp.where(counts, cts[0], 0.0) * bad
     p_coef = (1 + 2 * z_loss * lse) * r / s if config.with_z_loss else r / s
-    label_coef = jnp.where(z_label == -jnp.inf, 0.0, (1 - alpha) * r)
+    label_coef = jnp.where(d_label == -jnp.inf, 0.0, (1 - alpha) * r)
     dz = p_coef[:, None] * e - _at_label(index, label_coef, z)
     if config.smooth:
         dz = dz - jnp.where(kept, (uniform * r)[:, None], 0.0)
@@ -814,8 +826,11 @@ def _chunk(config, h, params, teacher, rows, hyper, cts):
         values, dz, d_temperature = _token_loss(config, head, counts, token_args, cts)
     if cts is None:
         return values, None
+    # In the product's dtype, as the logits were (a float32 ``h`` upcasts a bfloat16 head).
+    dh = jnp.dot(
+        dz.astype(jnp.promote_types(h.dtype, weight.dtype)), weight.T, preferred_element_type=dtype
+    )
     dz_in = dz.astype(weight.dtype)
-    dh = jnp.dot(dz_in, weight.T, preferred_element_type=dtype)
     sums = _sum_dtype(config, dtype)  # the matmul library rounds once into its output
     dw = jnp.dot(h.T.astype(weight.dtype), dz_in, preferred_element_type=sums)
     db = None if bias is None else jnp.sum(dz, axis=0).astype(sums)

@@ -276,7 +276,9 @@ def test_log_probs_errors():
         f(hidden, weight, np.array([0, 10, 0, 0, 0, 0]))
     with pytest.raises(ValueError, match="temperature must be positive and finite"):
         f(hidden, weight, labels, temperature=0.0)
-    with pytest.raises(ValueError, match=r"temperature has shape \(2,\)"):
+    with pytest.raises(TypeError, match="temperature must be a real array, got 'a'"):
+        f(hidden, weight, labels, temperature="a")
+    with pytest.raises(ValueError, match=r"temperature must be a scalar, got shape \(2,\)"):
         f(hidden, weight, labels, temperature=np.ones(2))
     with pytest.raises(ValueError, match=r"where has shape \(5,\)"):
         f(hidden, weight, labels, where=where[:5])
@@ -858,3 +860,65 @@ def test_a_nan_hidden_state_poisons_its_token_only_at_every_size(n, v):
         hidden, weight, labels, bias=bias, return_entropy=True
     )
     assert np.isnan(loss).all() and np.isnan(log_p).all() and np.isnan(entropy).all()
+
+
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}], ids=["plain", "smoothing"])
+def test_heads_at_plus_inf_and_far_offset_logits_equal_the_unfused_ones(options):
+    """A ``+inf`` bias shares its row's mass, as in the unfused losses (the heads gave
+    NaN: ``inf - inf``), and logits far from 0 lose no precision (the cross-entropy
+    subtracted the label's logit from the unshifted logsumexp)."""
+    hidden, weight, _, _, where = problem(6, 4, 5, seed=8)
+    labels = jnp.array([2, 0, 2, 4, 1, 3])
+    for bias in (
+        np.array([0.0, 1.0, np.inf, -1.0, np.inf], np.float32),
+        np.array([1e8, 1e8 - 1, 1e8 - 2.5, 1e8, 1e8 + 3], np.float32),
+    ):
+        ours = value_and_grads(fused, hidden, weight, bias, labels, where, **options)
+        theirs = value_and_grads(unfused, hidden, weight, bias, labels, where, **options)
+        assert_same(ours, theirs, rtol=1e-5, atol=1e-5)
+        z = hidden @ weight + bias
+        log_p = jnp.take_along_axis(jsoftmax.log_softmax(z), labels[:, None], 1)[:, 0]
+        entropy = -jnp.sum(jsoftmax.softmax(z) * jnp.maximum(jsoftmax.log_softmax(z), -1e30), 1)
+        got = fused_log_probs(hidden, weight, bias, labels, entropy=True)
+        np.testing.assert_allclose(got, (log_p, entropy), rtol=1e-5, atol=1e-5)
+
+
+def test_float32_hidden_states_with_a_bfloat16_head_get_a_float32_gradient():
+    """The hidden states' gradient is the float32 product of the logits' gradient and the
+    (upcast) weight, as unfused: rounding that gradient to bfloat16 erred by 1.5e-3."""
+    hidden, weight, bias, labels, where = problem(32, 16, 200, seed=6)
+    weight = weight.astype(jnp.bfloat16)
+    upcast = np.asarray(weight, np.float32)
+    for loss in (
+        lambda h, w: fused(h, w, None, labels, where, reduction="mean"),
+        lambda h, w: jnp.sum(fused_log_probs(h, w, None, labels, where)),
+    ):
+        dh = jax.grad(loss)(hidden, weight)
+        want = jax.grad(loss)(hidden, upcast)
+        assert dh.dtype == jnp.float32
+        np.testing.assert_allclose(dh, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_float64_temperature_with_float32_inputs_computes_in_float32(x64):
+    """The temperature takes the inputs' compute dtype, as in log_softmax (a float64 one
+    made float64 values and a scan carry of the wrong dtype in the gradient)."""
+    hidden, weight, bias, labels, where = problem(6, 4, 10, seed=2)
+    t = np.float64(0.7)
+
+    def loss(h, t):
+        return jnp.sum(fused_log_probs(h, weight, bias, labels, where, t, entropy=True)[1])
+
+    def loss_unfused(h, t):
+        return jnp.sum(unfused_log_probs(h, weight, bias, labels, where, t, entropy=True)[1])
+
+    value, grads = jax.value_and_grad(loss, (0, 1))(hidden, t)
+    assert value.dtype == jnp.float32 and grads[0].dtype == jnp.float32
+    want, want_grads = jax.value_and_grad(loss_unfused, (0, 1))(hidden, np.float32(t))
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    np.testing.assert_allclose(grads[0], want_grads[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grads[1], want_grads[1], rtol=1e-4)
+    for divergence in DIVERGENCES:
+        kl = jsoftmax.linear_distillation_loss(
+            hidden, weight, 2 * hidden, weight, temperature=t, divergence=divergence
+        )
+        assert kl.dtype == jnp.float32
