@@ -57,7 +57,8 @@ def temperature_scale(logits: ArrayLike, temperature: ArrayLike) -> jax.Array:
     logits = _checks.floating(fname, "logits", logits)
     if logits.ndim == 0:
         raise ValueError(f"{fname}: logits must have a class axis, got shape ()")
-    t = _checks.temperature(fname, temperature, logits.shape, (logits.ndim - 1,))
+    dtype = _checks.compute_dtype(logits.dtype)
+    t = _checks.temperature(fname, temperature, logits.shape, (logits.ndim - 1,), dtype)
     return _scale(logits, t).astype(logits.dtype)
 
 

@@ -97,6 +97,8 @@ def integer_labels(
     Only the labels of the rows in ``kept`` are checked (the others are
     padding); a traced ``kept`` leaves them all to that rule.
     """
+    if ignore_index is not None:
+        _ignore_index(fname, ignore_index)
     # The range is read before ``jnp.asarray``, which wraps int64 labels to int32 without x64.
     values = None if is_traced(labels) else np.asarray(labels)
     labels = jnp.asarray(labels)
@@ -129,14 +131,28 @@ def integer_labels(
     return labels
 
 
+def _ignore_index(fname: str, value) -> None:
+    """``ignore_index``: a Python or NumPy integer (it is static) that int32 holds, as the
+    labels are compared in int32 (past it, int64 would wrap onto a class)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(
+            f"{fname}: ignore_index must be a Python integer (it is static), got {value!r}"
+        )
+    info = np.iinfo(np.int32)
+    if not info.min <= value <= info.max:
+        raise ValueError(f"{fname}: ignore_index must fit int32, got {value}")
+
+
 def temperature(
-    fname: str, value: ArrayLike, shape: tuple[int, ...], reduced: tuple[int, ...]
+    fname: str, value: ArrayLike, shape: tuple[int, ...], reduced: tuple[int, ...], dtype
 ) -> jax.Array:
-    """Validates a temperature for an array of ``shape`` reduced over ``reduced``.
+    """Validates a temperature for an array of ``shape`` reduced over ``reduced``, and
+    returns it in the compute ``dtype``.
 
     It must broadcast to ``shape`` with size 1 along the reduced axes (one
-    temperature per row). Concrete values must be positive and finite; traced
-    ones that are not become NaN, so the affected rows come out NaN.
+    temperature per row). Concrete values must be positive and finite, also in
+    ``dtype`` (1e-50 is 0 in float32); traced ones that are not become NaN, so
+    the affected rows come out NaN.
     """
     try:  # (a string would read as a dtype's name)
         t = None if isinstance(value, str | bytes) else jnp.asarray(value)
@@ -157,8 +173,13 @@ def temperature(
         )
     if not is_traced(value):
         concrete = np.asarray(value, dtype=np.float64)
-        if not np.all(np.isfinite(concrete) & (concrete > 0)):
+        with np.errstate(over="ignore"):
+            cast = concrete.astype(dtype)
+        if not np.all(np.isfinite(cast) & (cast > 0)):
+            within = f" in {dtype}" if np.all(np.isfinite(concrete) & (concrete > 0)) else ""
             raise ValueError(
-                f"{fname}: temperature must be positive and finite, got {concrete.ravel()[:8]}"
+                f"{fname}: temperature must be positive and finite{within}, got "
+                f"{concrete.ravel()[:8]}"
             )
+    t = t.astype(dtype)
     return jnp.where((t > 0) & jnp.isfinite(t), t, jnp.nan)

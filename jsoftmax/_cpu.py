@@ -65,6 +65,7 @@ def _shared_cap_and_slope(z, softcap):
     return capped, _softmax._capped_slope(capped, softcap)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def clamped(z: jax.Array, m: jax.Array, bound: float | None = None) -> jax.Array:
     """``z`` clamped at its row's shift ``m``, keeping a NaN ``z``: on CPU
     ``minimum(m, z)``; elsewhere ``minimum(z, m)``, or ``minimum(z, bound)``
@@ -87,6 +88,15 @@ def clamped(z: jax.Array, m: jax.Array, bound: float | None = None) -> jax.Array
         cpu=lambda z, m: jnp.minimum(m, z),
         default=lambda z, m: jnp.minimum(z, m if bound is None else bound),
     )
+
+
+@clamped.defjvp
+def _clamped_jvp(bound, primals, tangents):
+    # The clamp moves with ``z``: ``z - m`` then has ``m``'s tangent in every entry of a
+    # row, so that the softmax family's second derivatives are exact at ``+inf`` entries
+    # and at ties with the max (a minimum's tangent is ``m``'s there, or half of each).
+    out = clamped(*primals, bound)
+    return out, jnp.broadcast_to(tangents[0], out.shape)
 
 
 def at_least_one(s: jax.Array, m: jax.Array) -> jax.Array:

@@ -478,6 +478,8 @@ def _head_inputs(fname, prefix, hidden, weight, bias):
             f"{fname}: {prefix}hidden has shape {hidden.shape} and {prefix}weight "
             f"{weight.shape}; they need [..., D] and [D, V]"
         )
+    if weight.shape[1] == 0:
+        raise ValueError(f"{fname}: {prefix}weight {weight.shape} has no class (V = 0)")
     if bias is not None:
         bias = _checks.floating(fname, f"{prefix}bias", bias)
         if bias.shape != (weight.shape[1],):
@@ -547,7 +549,7 @@ def _temperature(fname, temperature, dtype):
         raise ValueError(
             f"{fname}: temperature must be a scalar, got shape {np.shape(temperature)}"
         )
-    return _checks.temperature(fname, temperature, (), ()).astype(dtype)
+    return _checks.temperature(fname, temperature, (), (), dtype)
 
 
 def _chunk_size(fname, chunk_size, vocab, tokens):

@@ -215,14 +215,17 @@ _cross_entropy.defjvp(_cross_entropy_jvp, symbolic_zeros=True)
 
 
 def _reduce(loss, counts, weight, reduction):
-    """Applies ``reduction``; "mean" divides by ``sum(weight)`` over counting rows, or 0."""
+    """Applies ``reduction``; "mean" divides by ``sum(weight)`` over counting rows (0 when
+    that is 0)."""
     if reduction == "none":
         return loss
     total = jnp.sum(loss)
     if reduction == "sum":
         return total
     denominator = jnp.sum(jnp.where(counts, weight, 0.0))
-    return total / jnp.where(denominator == 0, 1.0, denominator)
+    # Nothing counts, or what counts weighs 0: 0 with zero gradient (a NaN row stays NaN).
+    empty = denominator == 0
+    return jnp.where(empty, 0.0 * total, total / jnp.where(empty, 1.0, denominator))
 
 
 def _check_reduction(fname, reduction):
@@ -270,6 +273,8 @@ def _class_last(fname, logits, axis, where):
     """
     logits = _checks.floating(fname, "logits", logits)
     axes = _checks.axes(fname, axis, logits.shape, sort=False)
+    if any(logits.shape[a] == 0 for a in axes):
+        raise ValueError(f"{fname}: logits {logits.shape} have no class along axis={axis}")
     where = _checks.mask(fname, where, logits.shape, full=False)
     if where is not None and any(where.shape[a] != 1 for a in axes):
         where = jnp.broadcast_to(where, logits.shape)

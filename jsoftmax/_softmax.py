@@ -274,9 +274,10 @@ def _family_tangent(kind, axes, x, where, temperature, m, s, t_x, t_temperature)
         p = jnp.exp(_log_probs(d, s))
     t = jnp.zeros((), z.dtype) if t_x is None else t_x.astype(z.dtype)
     if t_temperature is not None:
-        # d(x / T) / dT = -x / T**2; 0 at infinite x (whose limit is constant),
-        # and written so that no -inf * 0 reaches the temperature's gradient.
-        t = t - jnp.where(jnp.isfinite(x), x, 0).astype(z.dtype) * (t_temperature / temperature)
+        # d(x / T) / dT = -x / T**2; 0 where x / T is infinite (x, or a quotient that
+        # overflowed: constant in T), and written so that no -inf * 0 reaches the
+        # temperature's gradient.
+        t = t - jnp.where(jnp.isfinite(z), x, 0).astype(z.dtype) * (t_temperature / temperature)
     if temperature is not None:
         t = t / temperature
     mean = jnp.sum(p * t, axes, keepdims=True)
@@ -314,8 +315,8 @@ def _call(kind, fname, x, axis, where, temperature=None):
     axes = _checks.axes(fname, axis, x.shape)
     where = _checks.mask(fname, where, x.shape, full=False)
     if temperature is not None:
-        temperature = _checks.temperature(fname, temperature, x.shape, axes)
-        temperature = temperature.astype(_checks.compute_dtype(x.dtype))
+        dtype = _checks.compute_dtype(x.dtype)
+        temperature = _checks.temperature(fname, temperature, x.shape, axes, dtype)
     if any(x.shape[a] == 0 for a in axes):
         # No class at all: softmax's result is empty, logsumexp's a fully masked row's -inf.
         shape = tuple(1 if a in axes else n for a, n in enumerate(x.shape))

@@ -306,10 +306,13 @@ def test_isotonic_is_exact_past_two_to_the_24_rows_and_classes():
     last = jsoftmax.fit_isotonic(logits, labels).values[2]
     first = jsoftmax.fit_isotonic(logits, swapped).values[0]
     np.testing.assert_array_equal(last, first)
-    # The rows are counted exactly past 2**24 too (a float32 sum stops at 2**24).
+    # The rows are counted exactly past 2**24 too (a float32 sum stops at 2**24), in the
+    # rows every fit reads (isotonic's count among them).
     rows = 2**24 + 1
-    ones = jsoftmax.fit_isotonic(np.zeros((rows, 1), np.float32), np.zeros(rows, np.int32))
-    assert int(ones.count) == rows
+    prepared = jax.jit(_calibrators._prepared)(
+        np.zeros((rows, 1), np.float32), np.zeros(rows, np.int32), np.ones(rows, bool)
+    )
+    assert int(prepared[3]) == rows
     # Past int32 positions (without x64) it says so, before allocating anything.
     if not jax.config.jax_enable_x64:
         huge = (

@@ -268,6 +268,8 @@ def test_errors():
         loss(labels[:, None], weight, labels)
     with pytest.raises(TypeError, match="weight must be floating"):
         loss(hidden, weight.astype(int), labels)
+    with pytest.raises(ValueError, match=r"weight \(4, 0\) has no class \(V = 0\)"):
+        loss(hidden, weight[:, :0], labels, where=np.zeros(6, bool))
     with pytest.raises(TypeError, match="labels must be integers"):
         loss(hidden, weight, labels.astype(float))
     with pytest.raises(ValueError, match=r"hidden has shape \(6, 4\) and weight \(5, 10\)"):

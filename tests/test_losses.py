@@ -280,6 +280,24 @@ def test_empty_mean_is_zero_with_zero_gradient(fn):
     assert ignored == 0
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
+@pytest.mark.parametrize("loss", [ce_int, jsoftmax.softmax_focal_loss])
+def test_mean_over_rows_that_weigh_nothing_is_zero_with_zero_gradient(loss, alpha):
+    """Rows count but their labels' class weights sum to 0: "mean" is 0 as when no row
+    counts (it returned the smoothed sum; PyTorch: NaN). A traced bad label stays NaN."""
+    logits, labels = data()
+    weights = np.where(np.arange(K) == labels[0], 0.0, 1.0).astype(np.float32)
+    labels = np.full(N, labels[0])
+
+    def f(x):
+        return loss(x, labels, class_weights=weights, label_smoothing=alpha, reduction="mean")
+
+    value, grad = jax.value_and_grad(f)(logits)
+    assert value == 0 and np.all(np.asarray(grad) == 0)
+    bad = jax.jit(lambda y: loss(logits, y, class_weights=weights, reduction="mean"))
+    assert np.isnan(bad(np.r_[K, labels[1:]]))
+
+
 def test_masked_label_class_costs_inf():
     logits = jnp.array([[1.0, 5.0, 3.0], [1.0, -inf, 3.0], [1.0, 2.0, 3.0]])
     where = jnp.array([[True, False, True], [True, True, True], [True, True, True]])
@@ -559,9 +577,44 @@ def test_errors_name_the_argument():
         jax.jit(lambda c: ce_int(logits, labels, logit_softcap=c))(2.0)
     with pytest.raises(ValueError, match="reduction must be one of"):
         ce_int(logits, labels, reduction="average")
+    for ignore in (1.5, "a", jnp.array(1), True):
+        with pytest.raises(TypeError, match="ignore_index must be a Python integer"):
+            ce_int(logits, labels, ignore_index=ignore)
+    for ignore in (2**32 - 1, np.int64(2**40)):  # int64 would wrap 2**40 onto class 0
+        with pytest.raises(ValueError, match="ignore_index must fit int32"):
+            ce_int(logits, labels, ignore_index=ignore)
+    for loss, target in ((ce_int, np.zeros(N, np.int32)), (ce_dense, np.zeros((N, 0)))):
+        with pytest.raises(ValueError, match=r"logits \(6, 0\) have no class along axis=-1"):
+            loss(np.zeros((N, 0), np.float32), target)
 
 
 # ---------------------------------------------------------------- derivatives and transforms
+
+
+@pytest.mark.parametrize("x", [[1.0, 1.0, 0.0], [inf, inf, 1.0]], ids=["tie", "+inf"])
+def test_second_derivatives_at_ties_and_pos_inf(x, x64):
+    """The cross-entropy's Hessian is ``diag(p) - p p^T`` times the target's total, also where
+    logits tie with the row max (it was off by 0.11) or sit at +inf (it was 0); the focal
+    loss's equals plain JAX's at a tie."""
+    x = jnp.asarray(x)
+    p = jsoftmax.softmax(x)
+    want = jnp.diag(p) - jnp.outer(p, p)
+    # The target's total: 0.9 * 2 + 0.1 / 3 * (1 + 2 + 3) with the class weights.
+    for f, total in (
+        (lambda x: ce_int(x, 1), 1.0),
+        (lambda x: ce_int(x, 1, label_smoothing=0.1, class_weights=jnp.arange(1.0, 4.0)), 2.0),
+        (lambda x: ce_dense(x, jnp.array([0.2, 0.5, 0.3])), 1.0),
+    ):
+        close(jax.hessian(f)(x), total * want, atol=1e-14)
+    if np.isfinite(x).all():
+
+        def plain(x):
+            log_p = jax.nn.log_softmax(x)[1]
+            return -((1 - jnp.exp(log_p)) ** 2) * log_p
+
+        focal = jax.hessian(lambda x: jsoftmax.softmax_focal_loss(x, 1))(x)
+        close(focal, jax.hessian(plain)(x), atol=1e-14)
+
 
 GRAD_OPTIONS = [
     dict(alpha=0.0, weights=None, ignore_index=None, z_loss=0.0, softcap=None, where=False),

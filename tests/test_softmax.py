@@ -295,6 +295,22 @@ def test_non_floating_logits_raise_type_error(name, x):
 def test_bad_concrete_temperature_raises(name, t):
     with pytest.raises(ValueError, match="temperature must be positive and finite"):
         FUNCS[name][0](jnp.ones((2, 3)), temperature=t)
+    # Positive and finite, but 0 or inf in the float32 it divides by.
+    for t in (1e-50, 1e39):
+        with pytest.raises(ValueError, match=r"positive and finite in float32, got \[1.e"):
+            FUNCS[name][0](jnp.ones((2, 3)), temperature=t)
+
+
+@NORMALISERS
+def test_a_quotient_that_overflows_is_constant_in_the_temperature(name):
+    """x / T past float32's range is inf, and the row follows the +inf rule, which no
+    temperature changes: the temperature's derivative is 0 there (it was -1e38)."""
+    x = jnp.array([2e38, 3e38, 0.0])
+    c = jnp.array([1.0, 2.0, 3.0])
+    f = FUNCS[name][0]
+    np.testing.assert_array_equal(jsoftmax.softmax(x, temperature=0.5), [0.5, 0.5, 0.0])
+    grad = jax.grad(lambda t: jnp.sum(c * f(x, temperature=t)))(jnp.float32(0.5))
+    assert grad == 0
 
 
 @NORMALISERS
@@ -378,6 +394,26 @@ SCALED = {
         ),
     ),
 }
+
+
+@pytest.mark.parametrize("x", [[1.0, 1.0, 0.0], [0.0] * 4, [inf, inf, 1.0], [2.0, inf, 2.0]])
+def test_second_derivatives_at_ties_and_pos_inf_are_the_softmax_jacobian(x, x64):
+    """The Hessian of logsumexp (and minus log_softmax's) is ``diag(p) - p p^T``, also
+    where entries tie with the row max or sit at +inf: the clamp at the shift takes its
+    entry's tangent, not the max's (logsumexp's Hessian was off by 0.11 at [1, 1, 0],
+    and 0 at +inf)."""
+    x = jnp.asarray(x)
+    p = jsoftmax.softmax(x)
+    want = jnp.diag(p) - jnp.outer(p, p)
+    close(jax.hessian(jsoftmax.logsumexp)(x), want, atol=1e-15)
+    close(jax.jacfwd(jax.grad(jsoftmax.logsumexp))(x), want, atol=1e-15)
+    close(jax.jacobian(jsoftmax.softmax)(x), want, atol=1e-15)
+    for k in range(x.size):
+        close(jax.hessian(lambda x, k=k: jsoftmax.log_softmax(x)[k])(x), -want, atol=1e-15)
+    scaled = jsoftmax.softmax(x / 0.7)
+    want = (jnp.diag(scaled) - jnp.outer(scaled, scaled)) / 0.49
+    hessian = jax.hessian(lambda x: jsoftmax.log_softmax(x, temperature=0.7)[0])(x)
+    close(hessian, -want, atol=1e-15)
 
 
 @ALL
