@@ -151,8 +151,8 @@ def temperature(
 
     It must broadcast to ``shape`` with size 1 along the reduced axes (one
     temperature per row). Concrete values must be positive and finite, also in
-    ``dtype`` (1e-50 is 0 in float32); traced ones that are not become NaN, so
-    the affected rows come out NaN.
+    ``dtype`` (1e-50 is 0 in float32, and so is a subnormal); traced ones that
+    are not become NaN, so the affected rows come out NaN.
     """
     try:  # (a string would read as a dtype's name)
         t = None if isinstance(value, str | bytes) else jnp.asarray(value)
@@ -175,7 +175,8 @@ def temperature(
         concrete = np.asarray(value, dtype=np.float64)
         with np.errstate(over="ignore"):
             cast = concrete.astype(dtype)
-        if not np.all(np.isfinite(cast) & (cast > 0)):
+        # (A subnormal is 0 to XLA, which flushes them.)
+        if not np.all(np.isfinite(cast) & (cast >= np.finfo(dtype).tiny)):
             within = f" in {dtype}" if np.all(np.isfinite(concrete) & (concrete > 0)) else ""
             raise ValueError(
                 f"{fname}: temperature must be positive and finite{within}, got "

@@ -596,7 +596,8 @@ def _merged(config, collective, x):
 
 def _normalized(config, z, temperature=None):
     """Of ``x = z / T`` (``z`` where no temperature is given): the row max ``m``, the
-    shifted logits ``d = x - m``, ``exp(d)`` and its row sum ``s``.
+    shifted logits ``d = x - m``, ``exp(d)``, its row sum ``s`` and whether the row
+    holds ``+inf``.
 
     Over the global vocabulary (``m`` is the max over every shard): the row's
     logsumexp is ``m + log s`` and ``log softmax(x) = d - log s``, which keeps
@@ -610,14 +611,15 @@ def _normalized(config, z, temperature=None):
     not overflow where ``(z - m) / T`` is finite.
     """
     big = jnp.finfo(z.dtype).max
-    m = jnp.clip(_merged(config, lax.pmax, jnp.max(z, axis=1)), -big, big)
+    top = _merged(config, lax.pmax, jnp.max(z, axis=1))
+    m = jnp.clip(top, -big, big)
     z = _cpu.clamped(z, m[:, None])
     if temperature is None:
         d = z - m[:, None]
     else:
         m, d = m / temperature, (0.5 * z - 0.5 * m[:, None]) / (0.5 * temperature)
     e = jnp.exp(d)
-    return m, d, e, _merged(config, lax.psum, jnp.sum(e, axis=1))
+    return m, d, e, _merged(config, lax.psum, jnp.sum(e, axis=1)), top == jnp.inf
 
 
 def _weighted(w, a):
@@ -665,7 +667,7 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
     alpha, z_loss = hyper.alpha, hyper.z_loss
     if config.softcap is not None:
         z = _cap(z, config.softcap)  # -inf stays -inf
-    m, d, e, s = _normalized(config, z)
+    m, d, e, s, _ = _normalized(config, z)
     log_s = jnp.log(s)
     index, d_label, bad = _label_terms(config, d, labels, counts)
     label = (1 - alpha) * d_label
@@ -703,10 +705,12 @@ def _log_probs_head(config, z, t, labels, counts, hyper, cts):
     r"""``log p_y = d_y - log s`` and ``H = log s - sum_k p_k d_k`` of ``x = z / T``
     (``d = x - m``); ``d/dx = g_1 ([k = y] - p) - g_2 p (d - sum_k p_k d_k)``,
     ``d/dz = d/dx / T`` and ``d/dT = -sum_k x_k d/dx_k / T = -sum_k d_k d/dx_k / T``
-    (``d/dx`` sums to 0 over a row)."""
+    (``d/dx`` sums to 0 over a row), the sum over the finite ``x_k``: an infinite one is
+    constant in ``T``. In a row holding ``+inf`` the finite classes have ``p = 0`` and
+    ``d_k`` is not ``x_k - m`` (``+inf`` sits at ``d = 0``): there it takes ``x_k``."""
     del t
     temperature = hyper.temperature
-    _, d, e, s = _normalized(config, z, temperature)
+    _, d, e, s, certain = _normalized(config, z, temperature)
     log_s = jnp.log(s)
     index, d_label, bad = _label_terms(config, d, labels, counts)
     outputs = [d_label - log_s]
@@ -722,7 +726,8 @@ def _log_probs_head(config, z, t, labels, counts, hyper, cts):
     dx = _at_label(index, g[0], d) - g[0][:, None] * p
     if config.entropy:
         dx = dx - g[1][:, None] * p * (finite - mean[:, None])
-    d_temperature = -jnp.sum(dx * finite) / temperature
+    x = jnp.where(jnp.isfinite(z), z, 0.0) / temperature
+    d_temperature = -jnp.sum(dx * jnp.where(certain[:, None], x, finite)) / temperature
     return outputs, dx / temperature, d_temperature
 
 
@@ -735,8 +740,8 @@ def _distillation_head(config, z, t, labels, counts, hyper, cts):
     """
     del labels
     temperature, beta = hyper.temperature, hyper.beta
-    _, d_q, e_q, s_q = _normalized(config, z, temperature)
-    _, d_p, e_p, s_p = _normalized(config, t, temperature)
+    _, d_q, e_q, s_q, _ = _normalized(config, z, temperature)
+    _, d_p, e_p, s_p, _ = _normalized(config, t, temperature)
     q, p = e_q / s_q[:, None], e_p / s_p[:, None]
     log_q, log_p = d_q - jnp.log(s_q)[:, None], d_p - jnp.log(s_p)[:, None]
 

@@ -871,7 +871,7 @@ def test_heads_at_plus_inf_and_far_offset_logits_equal_the_unfused_ones(options)
     labels = jnp.array([2, 0, 2, 4, 1, 3])
     for bias in (
         np.array([0.0, 1.0, np.inf, -1.0, np.inf], np.float32),
-        np.array([1e8, 1e8 - 1, 1e8 - 2.5, 1e8, 1e8 + 3], np.float32),
+        np.array([1e6, 1e6 - 1, 1e6 - 2.5, 1e6, 1e6 + 3], np.float32),
     ):
         ours = value_and_grads(fused, hidden, weight, bias, labels, where, **options)
         theirs = value_and_grads(unfused, hidden, weight, bias, labels, where, **options)
@@ -881,6 +881,23 @@ def test_heads_at_plus_inf_and_far_offset_logits_equal_the_unfused_ones(options)
         entropy = -jnp.sum(jsoftmax.softmax(z) * jnp.maximum(jsoftmax.log_softmax(z), -1e30), 1)
         got = fused_log_probs(hidden, weight, bias, labels, entropy=True)
         np.testing.assert_allclose(got, (log_p, entropy), rtol=1e-5, atol=1e-5)
+        if np.isinf(bias).any():  # (far from 0, float32 log_softmax(z / T) is less exact)
+            _assert_temperature_gradient_is_the_unfused_one(hidden, weight, bias, labels)
+
+
+def _assert_temperature_gradient_is_the_unfused_one(hidden, weight, bias, labels):
+    """Of the finite ``x_k = z_k / T`` only, also in a row holding +inf (it was +-3e38)."""
+    z = hidden @ weight + bias
+
+    def fused(t):
+        return jnp.sum(fused_log_probs(hidden, weight, bias, labels, None, t))
+
+    def unfused(t):
+        log_p = jsoftmax.log_softmax(z, temperature=t)
+        return jnp.sum(jnp.take_along_axis(log_p, labels[:, None], 1))
+
+    for t in (0.5, 2.0):
+        np.testing.assert_allclose(jax.grad(fused)(t), jax.grad(unfused)(t), rtol=1e-5)
 
 
 def test_float32_hidden_states_with_a_bfloat16_head_get_a_float32_gradient():
