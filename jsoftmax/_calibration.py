@@ -99,7 +99,8 @@ def fit_temperature(
         ``-inf`` marks an impossible class.
       labels: integers ``[N]`` in ``[0, K)``.
       where: boolean ``[N]``; False rows are padding and ignored.
-      bounds: ``(T_lo, T_hi)`` with ``0 < T_lo < T_hi < inf``. When the optimum
+      bounds: ``(T_lo, T_hi)`` with ``T_lo < T_hi``, float32 normal numbers
+        (``1.175e-38 <= T_lo``, ``T_hi <= 3.403e38``). When the optimum
         lies beyond a bound, that bound is returned.
 
     Returns:
@@ -148,8 +149,12 @@ def _bounds(fname, bounds):
         low, high = float(low), float(high)
     except (TypeError, ValueError):
         raise ValueError(f"{fname}: bounds must be numbers, got {bounds!r}") from None
-    if not 0 < low < high < np.inf:
-        raise ValueError(f"{fname}: bounds must satisfy 0 < low < high < inf, got {bounds!r}")
+    # Within float32's normal numbers: temperatures outside are 0 or inf there.
+    tiny, big = (float(v) for v in (np.finfo(np.float32).tiny, np.finfo(np.float32).max))
+    if not tiny <= low < high <= big:
+        raise ValueError(
+            f"{fname}: bounds must satisfy {tiny:.4g} <= low < high <= {big:.4g}, got {bounds!r}"
+        )
     return low, high
 
 
@@ -229,9 +234,19 @@ def _rows(fname, values, labels, where, name):
     return values, labels, (jnp.ones(num_rows, bool) if where is None else where)
 
 
+# The equal-mass bins' starts ``ceil(m N / M)`` take ``m (N mod M) < M**2`` in int32.
+_MAX_BINS = math.isqrt(np.iinfo(np.int32).max)
+
+
 def _num_bins(fname, num_bins):
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int | np.integer) or num_bins < 1:
-        raise ValueError(f"{fname}: num_bins must be an integer >= 1, got {num_bins!r}")
+    if (
+        isinstance(num_bins, bool)
+        or not isinstance(num_bins, int | np.integer)
+        or not 1 <= num_bins <= _MAX_BINS
+    ):
+        raise ValueError(
+            f"{fname}: num_bins must be an integer in [1, {_MAX_BINS}], got {num_bins!r}"
+        )
     return int(num_bins)
 
 
@@ -288,8 +303,10 @@ def _bin_sums(index, weights, hit, value, num_segments):
     ).reshape(-1, 3)
     # A scatter-add accumulates sequentially (error ~ rows * eps in a bin); partial
     # sums over blocks of ~sqrt(rows) rows, added afterwards, keep it ~ sqrt(rows) * eps.
+    # Fewer blocks where the bins are many: the partial sums stay within the input's size.
     rows = value.shape[0]
-    block = max(1, math.isqrt(rows))
+    most = max(1, max(value.size, 1 << 20) // num_segments)
+    block = max(1, math.isqrt(rows), -(-rows // most))
     blocks = -(-rows // block)
     row_block = (jnp.arange(rows) // block).reshape((rows,) + (1,) * (value.ndim - 1))
     index = (index + num_segments * row_block).reshape(-1)
@@ -428,7 +445,7 @@ def expected_calibration_error(
     Args:
       probs: floating ``[N, K]`` predicted probabilities.
       labels: integers ``[N]`` in ``[0, K)``.
-      num_bins: ``M >= 1`` (static).
+      num_bins: ``1 <= M <= 46340`` (static).
       where: boolean ``[N]``; False rows are padding.
 
     Returns:
@@ -464,7 +481,7 @@ def maximum_calibration_error(
     Args:
       probs: floating ``[N, K]`` predicted probabilities.
       labels: integers ``[N]`` in ``[0, K)``.
-      num_bins: ``M >= 1`` (static).
+      num_bins: ``1 <= M <= 46340`` (static).
       where: boolean ``[N]``; False rows are padding.
 
     Returns:
@@ -499,7 +516,7 @@ def adaptive_calibration_error(
     Args:
       probs: floating ``[N, K]`` predicted probabilities.
       labels: integers ``[N]`` in ``[0, K)``.
-      num_bins: ``M >= 1`` (static).
+      num_bins: ``1 <= M <= 46340`` (static).
       where: boolean ``[N]``; False rows are padding.
 
     Returns:
@@ -538,7 +555,7 @@ def classwise_calibration_error(
     Args:
       probs: floating ``[N, K]`` predicted probabilities.
       labels: integers ``[N]`` in ``[0, K)``.
-      num_bins: ``M >= 1`` (static).
+      num_bins: ``1 <= M <= 46340`` (static).
       where: boolean ``[N]``; False rows are padding.
 
     Returns:
@@ -646,7 +663,7 @@ def reliability_diagram(
     Args:
       probs: floating ``[N, K]`` predicted probabilities.
       labels: integers ``[N]`` in ``[0, K)``.
-      num_bins: ``M >= 1`` (static).
+      num_bins: ``1 <= M <= 46340`` (static).
       where: boolean ``[N]``; False rows are padding.
 
     Returns:

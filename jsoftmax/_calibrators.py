@@ -453,6 +453,8 @@ def _fit_affine(logits, labels, where, kind, penalties):
             loss = loss + penalties[0] * off + penalties[1] * jnp.sum(b**2) / k
         return loss
 
+    # A traced bad penalty (NaN) stalls the search at the identity: the fit is NaN.
+    nan_if_bad = nan_if_bad * jnp.where(jnp.isnan(sum(penalties, 0.0)), jnp.nan, 1.0)
     return weight_and_bias(*unflatten(_minimize(objective, flat0) * nan_if_bad))
 
 
@@ -758,8 +760,10 @@ def _fit_ensemble(logits, labels, where, low, high):
     state = (a, b, grid[best], grid[neighbour], grid[other])
     state += (scores[best], scores[neighbour], scores[other])
     state += (jnp.zeros((), x.dtype), b - a, 0)
-    # (Clipped: at a bound, exp(log(bound)) may round past it.)
-    t = jnp.clip(jnp.exp(lax.while_loop(narrowing, brent, state)[2]), low, high)
+    # (Clipped: at a bound, exp(log(bound)) may round past it.) A score flat in T (no
+    # informative row) gives 1 clipped to the bounds, as fit_temperature does.
+    t = jnp.exp(lax.while_loop(narrowing, brent, state)[2])
+    t = jnp.clip(jnp.where(jnp.all(scores == scores[0]), 1.0, t), low, high)
 
     # The Brier score of q = sum_j w_j P_j is w' A w - 2 c' w + 1: a quadratic on the simplex.
     # The uniform member is 1 / m on each row's m possible classes: as every member sums
@@ -810,7 +814,7 @@ def fit_histogram_binning(
     Args:
       logits: floating ``[N, K]``; ``-inf`` marks an impossible class.
       labels: integers ``[N]`` in ``[0, K)``.
-      num_bins: ``M >= 1`` (static).
+      num_bins: ``1 <= M <= 46340`` (static).
       where: boolean ``[N]``; False rows are padding and ignored.
 
     Returns:

@@ -143,12 +143,16 @@ def _debiased_squared(key, values, outcomes, order, weights, num_bins):
     # the midpoint of the values either side of a split.
     parts = jnp.maximum(jnp.minimum(num_bins, n), 1)
     j = jnp.arange(1, num_bins, dtype=jnp.int32)
-    starts = j * (n // parts) + jnp.minimum(j, n % parts)
-    ranks = jnp.clip(jnp.stack([starts - 1, starts], axis=1).reshape(-1), 0, jnp.maximum(n - 1, 0))
-    found = _select.select(key, weights, ranks, order=order)[0]
-    below, above = _select.float_of_key(found, values.dtype).reshape(-1, 2).T
-    edges = jnp.where(j < parts, (below + above) / 2, jnp.inf)
-    index = jnp.searchsorted(edges, values, side="left", method="compare_all")
+    if num_bins == 1:  # one bin, no edge to select
+        index = jnp.zeros(values.shape, jnp.int32)
+    else:
+        starts = j * (n // parts) + jnp.minimum(j, n % parts)
+        last = jnp.maximum(n - 1, 0)
+        ranks = jnp.clip(jnp.stack([starts - 1, starts], axis=1).reshape(-1), 0, last)
+        found = _select.select(key, weights, ranks, order=order)[0]
+        below, above = _select.float_of_key(found, values.dtype).reshape(-1, 2).T
+        edges = jnp.where(j < parts, (below + above) / 2, jnp.inf)
+        index = jnp.searchsorted(edges, values, side="left", method="compare_all")
     count, gap, total = _cal._bin_sums(index, weights, outcomes, values, num_bins)
     size = jnp.maximum(count, 1)
     frequency = (gap + total) / size
@@ -202,7 +206,7 @@ def debiased_calibration_error(
     Args:
       probs: floating ``[N, K]`` predicted probabilities.
       labels: integers ``[N]`` in ``[0, K)``.
-      num_bins: ``M >= 1`` (static).
+      num_bins: ``1 <= M <= 46340`` (static).
       mode: ``"top-label"`` or ``"marginal"`` (static).
       where: boolean ``[N]``; False rows are padding.
 

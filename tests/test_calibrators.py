@@ -395,6 +395,44 @@ def test_a_row_with_every_class_impossible_is_padding(fit):
     same_fit(fit(logits, labels), fit(logits, labels, where=np.arange(300) != 5), rtol=0)
 
 
+@pytest.mark.parametrize("fit", [f for f in ALL_FITS if f is not jsoftmax.fit_histogram_binning])
+def test_a_fit_without_an_informative_row_leaves_predictions_alone(fit):
+    """No kept row, only padding or only certain rows: the identity (the ensemble returned
+    T = 0.037, near one-hot predictions), also under vmap beside a real problem."""
+    logits, labels = edge_data()
+    logits = logits.astype(np.float32)
+    certain = logits.copy()
+    certain[:, 0] = np.inf
+    nothing = np.zeros(300, bool)
+    identity = jsoftmax.log_softmax(logits)
+    cases = [(logits, labels, nothing), (np.full_like(logits, -np.inf), labels, None)]
+    if fit is not jsoftmax.fit_isotonic:  # (whose data certain rows are, as p = 0 and 1)
+        # Labelled on their +inf class: another label would be impossible.
+        cases.append((certain, np.zeros_like(labels), None))
+    for x, y, where in cases:
+        got = jsoftmax.calibrate(fit(x, y, where=where), logits)
+        np.testing.assert_allclose(got, identity, rtol=1e-5, atol=1e-5)
+    both = jax.vmap(lambda w: fit(logits, labels, where=w))(np.stack([~nothing, nothing]))
+    got = jsoftmax.calibrate(jax.tree.map(lambda a: a[1], both), logits)
+    np.testing.assert_allclose(got, identity, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("fit", "penalty"),
+    [
+        (jsoftmax.fit_matrix_scaling, "l2"),
+        (jsoftmax.fit_dirichlet_calibration, "off_diagonal"),
+        (jsoftmax.fit_dirichlet_calibration, "intercept"),
+    ],
+)
+def test_a_traced_bad_penalty_makes_the_fit_nan(fit, penalty):
+    """It stalled the search at the identity, which passed for a fit."""
+    logits, labels = edge_data()
+    for bad in (-1.0, np.nan):
+        fitted = jax.jit(lambda v: fit(logits, labels, **{penalty: v}))(bad)
+        assert np.all(np.isnan(flat(fitted)))
+
+
 @pytest.mark.parametrize("fit", [jsoftmax.fit_temperature, *ALL_FITS])
 def test_infinite_logits_make_a_row_certain(fit, x64):
     # A +inf logit: the +inf classes share the mass and the others are impossible,
@@ -609,7 +647,7 @@ def test_bad_input_messages():
         jsoftmax.fit_matrix_scaling(logits, labels, l2=-1.0)
     with pytest.raises(ValueError, match="off_diagonal must be finite and >= 0"):
         jsoftmax.fit_dirichlet_calibration(logits, labels, off_diagonal=np.inf)
-    with pytest.raises(ValueError, match="num_bins must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"num_bins must be an integer in \[1, 46340\]"):
         jsoftmax.fit_histogram_binning(logits, labels, num_bins=0)
     with pytest.raises(ValueError, match="bounds must satisfy"):
         jsoftmax.fit_ensemble_temperature(logits, labels, bounds=(2.0, 1.0))

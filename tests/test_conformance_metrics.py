@@ -51,6 +51,12 @@ def test_debiased_equals_uncertainty_calibration(n, k, scale, mode):
     theirs = calibration.get_calibration_error(probs, labels, p=2, debias=True, mode=mode)
     ours = jsoftmax.debiased_calibration_error(probs, labels, mode=mode)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+    # One bin: no edge to select (it failed inside a gather).
+    theirs = calibration.lower_bound_scaling_ce(
+        probs.astype(np.float64), labels, p=2, debias=True, num_bins=1, mode=mode
+    )
+    ours = jsoftmax.debiased_calibration_error(probs, labels, num_bins=1, mode=mode)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(("n", "k", "scale"), CASES)
