@@ -99,8 +99,8 @@ def fit_temperature(
         ``-inf`` marks an impossible class.
       labels: integers ``[N]`` in ``[0, K)``.
       where: boolean ``[N]``; False rows are padding and ignored.
-      bounds: ``(T_lo, T_hi)`` with ``T_lo < T_hi``, float32 normal numbers
-        (``1.175e-38 <= T_lo``, ``T_hi <= 3.403e38``). When the optimum
+      bounds: ``(T_lo, T_hi)`` with ``T_lo < T_hi``, normal numbers of the
+        compute dtype (float32: ``1.175e-38 <= T_lo``, ``T_hi <= 3.403e38``). When the optimum
         lies beyond a bound, that bound is returned.
 
     Returns:
@@ -134,11 +134,11 @@ def fit_temperature(
     """
     fname = "fit_temperature"
     logits, labels, where = _rows(fname, logits, labels, where, "logits")
-    low, high = _bounds(fname, bounds)
+    low, high = _bounds(fname, bounds, _checks.compute_dtype(logits.dtype))
     return _fit(logits, labels, where, low, high)
 
 
-def _bounds(fname, bounds):
+def _bounds(fname, bounds, dtype):
     try:
         low, high = bounds
     except (TypeError, ValueError):
@@ -149,8 +149,8 @@ def _bounds(fname, bounds):
         low, high = float(low), float(high)
     except (TypeError, ValueError):
         raise ValueError(f"{fname}: bounds must be numbers, got {bounds!r}") from None
-    # Within float32's normal numbers: temperatures outside are 0 or inf there.
-    tiny, big = (float(v) for v in (np.finfo(np.float32).tiny, np.finfo(np.float32).max))
+    # Within the compute dtype's normal numbers: temperatures outside are 0 or inf there.
+    tiny, big = (float(v) for v in (np.finfo(dtype).tiny, np.finfo(dtype).max))
     if not tiny <= low < high <= big:
         raise ValueError(
             f"{fname}: bounds must satisfy {tiny:.4g} <= low < high <= {big:.4g}, got {bounds!r}"

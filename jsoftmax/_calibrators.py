@@ -467,7 +467,7 @@ def _penalty(fname, name, value):
         raise ValueError(f"{fname}: {name} must be a scalar, got shape {value.shape}")
     if not _checks.is_traced(value) and not (float(value) >= 0 and float(value) < float("inf")):
         raise ValueError(f"{fname}: {name} must be finite and >= 0, got {float(value)}")
-    return jnp.where(value >= 0, value, jnp.nan)
+    return jnp.where((value >= 0) & jnp.isfinite(value), value, jnp.nan)
 
 
 def fit_vector_scaling(
@@ -661,7 +661,7 @@ def fit_ensemble_temperature(
     """
     fname = "fit_ensemble_temperature"
     logits, labels, where = _rows(fname, logits, labels, where, "logits")
-    low, high = _bounds(fname, bounds)
+    low, high = _bounds(fname, bounds, _checks.compute_dtype(logits.dtype))
     return EnsembleTemperature(*_fit_ensemble(logits, labels, where, low, high))
 
 

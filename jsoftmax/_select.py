@@ -19,7 +19,12 @@ _DIGIT_BITS = 11
 
 
 def ordered_key(x: jax.Array) -> jax.Array:
-    """An unsigned integer per float that sorts as the floats do (-inf first, NaN last)."""
+    """An unsigned integer per float that sorts as the floats do (-inf first, NaN last).
+
+    ``-0.0`` is ``+0.0`` (equal confidences tie) and every NaN the positive one (x86
+    makes negative ones, whose bits would sort first).
+    """
+    x = jnp.where(x == 0, jnp.zeros_like(x), jnp.where(jnp.isnan(x), jnp.nan, x))
     bits = lax.bitcast_convert_type(x, _unsigned(x.dtype))
     top = jnp.asarray(1, bits.dtype) << (bits.dtype.itemsize * 8 - 1)
     return jnp.where(bits & top, ~bits, bits | top)

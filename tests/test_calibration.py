@@ -300,6 +300,24 @@ def test_fit_temperature_scales_with_the_logits_and_never_overflows():
     assert jsoftmax.fit_temperature(extreme, [0, 0]) == 100.0
 
 
+def test_fit_temperature_bounds_follow_the_compute_dtype(x64):
+    """float64 logits take float64 bounds (past float32's 3.4e38)."""
+    logits, labels = calibrated(300, 4, seed=3)
+    logits = logits.astype(np.float64)
+    base = jsoftmax.fit_temperature(logits, labels)
+    t = jsoftmax.fit_temperature(1e36 * logits, labels, bounds=(1e33, 1e39))
+    np.testing.assert_allclose(t / 1e36, base, rtol=1e-6)
+
+
+def test_adaptive_ece_ties_minus_and_plus_zero():
+    """-0.0 and +0.0 are one confidence: rows split by an edge count their mean."""
+    probs = np.array([[-0.0, -0.0], [0.0, 0.0], [0.0, 0.0], [0.9, 0.1]], np.float32)
+    labels = np.array([0, 1, 1, 1])
+    want = jsoftmax.adaptive_calibration_error(np.abs(probs), labels, num_bins=2)
+    np.testing.assert_allclose(want, 0.308333, rtol=1e-5)
+    assert jsoftmax.adaptive_calibration_error(probs, labels, num_bins=2) == want
+
+
 def test_fit_temperature_where_and_impossible_classes():
     logits, labels = calibrated(600, 5, seed=11)
     where = np.random.default_rng(0).random(600) < 0.5
@@ -432,12 +450,13 @@ def test_importing_jsoftmax_does_not_import_matplotlib():
 
 
 def test_many_bins_are_exact_and_light():
-    """Up to 46340 bins: equal-mass starts in int32 without overflow (past 214,748 bins at
-    N = 9999 the adaptive ECE went wrong), and per-bin partial sums within the input's
-    size (at 1,000,000 rows they took 1.1 GiB of temp)."""
-    probs, labels = probabilities(9999, 2, seed=11)
+    """Up to 46340 bins (past it the equal-mass starts overflowed int32: at N = 9999 and
+    214,749 bins the adaptive ECE went wrong; the errors test rejects 46341): exact at the
+    largest product ``m (N mod M)`` in reach, and per-bin partial sums within the input's
+    size (at 1,000,000 rows and 46,340 bins they took 556 MB of temp)."""
+    probs, labels = probabilities(46339, 2, seed=11)
     # At M >= N every bin holds at most one row: the same value for every such M.
-    at_n = jsoftmax.adaptive_calibration_error(probs, labels, num_bins=9999)
+    at_n = jsoftmax.adaptive_calibration_error(probs, labels, num_bins=46339)
     most = jsoftmax.adaptive_calibration_error(probs, labels, num_bins=46340)
     np.testing.assert_allclose(most, at_n, rtol=1e-6)
     shapes = (

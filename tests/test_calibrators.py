@@ -428,7 +428,7 @@ def test_a_fit_without_an_informative_row_leaves_predictions_alone(fit):
 def test_a_traced_bad_penalty_makes_the_fit_nan(fit, penalty):
     """It stalled the search at the identity, which passed for a fit."""
     logits, labels = edge_data()
-    for bad in (-1.0, np.nan):
+    for bad in (-1.0, np.nan, np.inf):  # (a concrete inf raises)
         fitted = jax.jit(lambda v: fit(logits, labels, **{penalty: v}))(bad)
         assert np.all(np.isnan(flat(fitted)))
 
