@@ -65,6 +65,23 @@ class _Config(NamedTuple):
     token_loss: Callable | None = None  # of the head's per-token values and token_args
 
 
+class _ByIdentity:
+    """A callable in the static config, hashed and compared by its identity (a user's
+    dataclass may define neither, or compare by value)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __hash__(self):
+        return id(self.fn)
+
+    def __eq__(self, other):
+        return isinstance(other, _ByIdentity) and other.fn is self.fn
+
+
 class _Hyper(NamedTuple):
     """The heads' scalar hyperparameters (arrays; only ``temperature`` is ever differentiated)."""
 
@@ -515,7 +532,7 @@ def _log_probs_setup(
         axis_name,
         entropy=bool(entropy),
         accum_dtype=_accum_dtype(fname, accum_dtype),
-        token_loss=token_loss,
+        token_loss=None if token_loss is None else _ByIdentity(token_loss),
     )
     dtype = _compute_dtype(hidden, (weight, bias), None, None)
     hyper = _Hyper(_temperature(fname, temperature, dtype))
@@ -611,7 +628,8 @@ def _normalized(config, z, temperature=None):
     not overflow where ``(z - m) / T`` is finite.
     """
     big = jnp.finfo(z.dtype).max
-    top = _merged(config, lax.pmax, jnp.max(z, axis=1))
+    # (The max only shifts: no derivative, which ``pmax`` lacks, reaches it.)
+    top = _merged(config, lax.pmax, lax.stop_gradient(jnp.max(z, axis=1)))
     m = jnp.clip(top, -big, big)
     z = _cpu.clamped(z, m[:, None])
     if temperature is None:
@@ -790,7 +808,9 @@ def _token_loss(config, head, counts, token_args, cts) -> tuple:
     if cts is None:
         return (loss,), None, None
     # The head runs again under the cotangents: the same values, which XLA computes once.
-    _, dz, d_temperature = head(pullback(jnp.where(counts, cts[0], 0.0).astype(out.dtype)))
+    # (Varying as ``out`` does under shard_map: a replicated mask leaves it replicated.)
+    ct = _vary(jnp.where(counts, cts[0], 0.0).astype(out.dtype), _varying(out))
+    _, dz, d_temperature = head(pullback(ct))
     return (loss,), dz, d_temperature
 
 
@@ -834,12 +854,11 @@ def _chunk(config, h, params, teacher, rows, hyper, cts):
     if cts is None:
         return values, None
     # In the product's dtype, as the logits were (a float32 ``h`` upcasts a bfloat16 head).
-    dh = jnp.dot(
-        dz.astype(jnp.promote_types(h.dtype, weight.dtype)), weight.T, preferred_element_type=dtype
-    )
-    dz_in = dz.astype(weight.dtype)
+    mixed = jnp.promote_types(h.dtype, weight.dtype)
+    dz_in = dz.astype(mixed)
+    dh = jnp.dot(dz_in, weight.T, preferred_element_type=dtype)
     sums = _sum_dtype(config, dtype)  # the matmul library rounds once into its output
-    dw = jnp.dot(h.T.astype(weight.dtype), dz_in, preferred_element_type=sums)
+    dw = jnp.dot(h.T.astype(mixed), dz_in, preferred_element_type=sums)
     db = None if bias is None else jnp.sum(dz, axis=0).astype(sums)
     if d_temperature is None:
         d_temperature = jnp.zeros((), dtype)

@@ -24,9 +24,10 @@ def ordered_key(x: jax.Array) -> jax.Array:
     ``-0.0`` is ``+0.0`` (equal confidences tie) and every NaN the positive one (x86
     makes negative ones, whose bits would sort first).
     """
-    x = jnp.where(x == 0, jnp.zeros_like(x), jnp.where(jnp.isnan(x), jnp.nan, x))
     bits = lax.bitcast_convert_type(x, _unsigned(x.dtype))
     top = jnp.asarray(1, bits.dtype) << (bits.dtype.itemsize * 8 - 1)
+    # On the bits: XLA compares a subnormal as 0, which must keep its own key.
+    bits = jnp.where(jnp.isnan(x), bits & ~top, jnp.where(bits == top, 0, bits))
     return jnp.where(bits & top, ~bits, bits | top)
 
 

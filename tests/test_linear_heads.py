@@ -1,5 +1,7 @@
 """linear_log_probs and linear_distillation_loss against their unfused computations."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -410,6 +412,23 @@ def test_log_probs_loss_scalar_arguments_other_dtypes_float64_and_one_compile(x6
     assert _call._cache_size() == before
 
 
+def test_log_probs_loss_takes_a_token_loss_by_identity():
+    """A callable dataclass (unhashable, or equal by value) is static by identity."""
+
+    @dataclasses.dataclass
+    class Policy:
+        weight: float = 1.0
+
+        def __call__(self, log_p, advantage):
+            return -self.weight * advantage * log_p
+
+    hidden, weight, bias, labels, where = problem(6, 4, 10)
+    advantage = np.linspace(-1, 1, 6).astype(np.float32)
+    got = jsoftmax.linear_log_probs_loss(hidden, weight, labels, Policy(), (advantage,))
+    want = jnp.mean(-advantage * fused_log_probs(hidden, weight, None, labels))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_log_probs_loss_errors():
     hidden, weight, _, labels, _ = problem(6, 4, 10)
     args = policy_args(labels)
@@ -785,6 +804,18 @@ for reduction in ("none", "sum"):
                                                     reduction),
           (hidden, weight, bias, np.float32(0.8)), (data, rows, model, P()))
 
+# Without a mask: the token loss's cotangent varies over "data" as its values do (it failed).
+def local_unmasked(h, w, b, t, y, old, advantage):
+    loss = jsoftmax.linear_log_probs_loss(
+        h, w, y, grpo, (old, advantage), bias=b, temperature=t, with_entropy=True,
+        reduction="sum", chunk_size=4, axis_name="model")
+    return jax.lax.psum(loss, "data")
+sharded = jax.shard_map(local_unmasked, mesh=mesh,
+                        in_specs=(data, rows, model, P(), data, data, data), out_specs=P())
+check(lambda h, w, b, t: sharded(h, w, b, t, y, *token_args),
+      lambda h, w, b, t: unfused_log_probs_loss(h, w, b, labels, args, None, t, True, "sum"),
+      (hidden, weight, bias, np.float32(0.8)), (data, rows, model, P()))
+
 # Distillation: every divergence, per token and as a global mean.
 for divergence in DIVERGENCES:
     for reduction in ("none", "sum"):
@@ -822,6 +853,18 @@ for options in ({"label_smoothing": 0.1}, {"label_smoothing": 0.2, "z_loss": 1e-
               lambda h, w, b: unfused(h, w, b, labels_kept, where, reduction=reduction,
                                       **options),
               (hidden, weight, padded), (data, rows, model))
+
+# Second order (jax.jacrev of jax.grad): no derivative reaches the row max's pmax (it failed).
+def local_sum(h, w, b, y, m):
+    loss = jsoftmax.linear_softmax_cross_entropy(h, w, y, bias=b, where=m, reduction="sum",
+                                                 chunk_size=4, axis_name="model")
+    return jax.lax.psum(loss, "data")
+sharded = jax.shard_map(local_sum, mesh=mesh, in_specs=(data, rows, model, data, data),
+                        out_specs=P())
+w_b = placed(weight, rows), placed(bias, model)
+got = jax.jit(jax.jacrev(jax.grad(lambda h: sharded(h, *w_b, y, m))))(placed(hidden, data))
+want = jax.jacrev(jax.grad(lambda h: unfused(h, weight, bias, labels, where, reduction="sum")))
+np.testing.assert_allclose(got, want(hidden), rtol=1e-4, atol=1e-5)
 print("sharded ok")
 """
 
@@ -914,6 +957,14 @@ def test_float32_hidden_states_with_a_bfloat16_head_get_a_float32_gradient():
         want = jax.grad(loss)(hidden, upcast)
         assert dh.dtype == jnp.float32
         np.testing.assert_allclose(dh, want, rtol=1e-5, atol=1e-6)
+    # The weight's gradient is rounded to bfloat16 once, as unfused (the hidden states and
+    # the logits' gradient were rounded first: here a row of it came out 0).
+    h = np.array([[1 + 2**-9, 1.0], [-1.0, 1.0]], np.float32)
+    w = np.array([[0.0] * 4, [0.5, -0.25, 0.125, 1.0]], np.float32).astype(jnp.bfloat16)
+    y = np.array([1, 1])
+    dw = jax.grad(lambda w: fused(h, w, None, y, None, reduction="sum", chunk_size=2))(w)
+    want = jax.grad(lambda w: unfused(h, w, None, y, None, reduction="sum"))(w)
+    np.testing.assert_array_equal(dw, want)
 
 
 def test_a_float64_temperature_with_float32_inputs_computes_in_float32(x64):
