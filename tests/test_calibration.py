@@ -449,16 +449,9 @@ def test_importing_jsoftmax_does_not_import_matplotlib():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_many_bins_are_exact_and_light():
-    """Up to 46340 bins (past it the equal-mass starts overflowed int32: at N = 9999 and
-    214,749 bins the adaptive ECE went wrong; the errors test rejects 46341): exact at the
-    largest product ``m (N mod M)`` in reach, and per-bin partial sums within the input's
-    size (at 1,000,000 rows and 46,340 bins they took 556 MB of temp)."""
-    probs, labels = probabilities(46339, 2, seed=11)
-    # At M >= N every bin holds at most one row: the same value for every such M.
-    at_n = jsoftmax.adaptive_calibration_error(probs, labels, num_bins=46339)
-    most = jsoftmax.adaptive_calibration_error(probs, labels, num_bins=46340)
-    np.testing.assert_allclose(most, at_n, rtol=1e-6)
+def test_many_bins_keep_their_partial_sums_within_the_input():
+    """At 1,000,000 rows and 46,340 bins (the most: past it the equal-mass starts overflow
+    int32, which the errors test rejects) the per-bin partial sums took 556 MB of temp."""
     shapes = (
         jax.ShapeDtypeStruct((1_000_000, 10), jnp.float32),
         jax.ShapeDtypeStruct((1_000_000,), jnp.int32),
