@@ -36,7 +36,14 @@ from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from jsoftmax import _checks, _cpu
-from jsoftmax._losses import _at_label, _check_reduction, _check_softcap, _hyper, _options
+from jsoftmax._losses import (
+    _at_label,
+    _check_reduction,
+    _check_softcap,
+    _hyper,
+    _options,
+    _smoothed,
+)
 from jsoftmax._softmax import _cap, _capped_slope
 
 # Default chunks, by backend: at most _CHUNK[backend][0] tokens, fewer while a
@@ -688,10 +695,7 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
     m, d, e, s, _ = _normalized(config, z)
     log_s = jnp.log(s)
     index, d_label, bad = _label_terms(config, d, labels, counts)
-    label = (1 - alpha) * d_label
-    if config.smooth:  # the smoothing alone at alpha = 1, also for a -inf label
-        label = jnp.where(alpha == 1, 0.0, label)
-    loss = log_s - label  # shifted: no logsumexp of large logits less one of them
+    loss = log_s - d_label  # shifted: no logsumexp of large logits less one of them
     if config.smooth:
         kept = z != -jnp.inf
         count, d_sum = _merged(
@@ -699,9 +703,10 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
             lax.psum,
             (jnp.sum(kept, axis=1, dtype=z.dtype), jnp.sum(jnp.where(kept, d, 0.0), axis=1)),
         )
-        uniform = alpha / jnp.maximum(count, 1.0)
-        # A traced weight of 0 drops its term, as in the unfused loss (0 * inf).
-        loss = loss - jnp.where(alpha == 0, 0.0, uniform * d_sum)
+        count = jnp.maximum(count, 1.0)
+        uniform = alpha / count
+        # As the unfused loss weighs them (a weight of 0 drops its term, also a -inf label's).
+        loss = _smoothed(loss, log_s - d_sum / count, alpha)
     if config.with_z_loss:
         lse = m + log_s
         loss = loss + jnp.where(z_loss == 0, 0.0, z_loss * lse**2)

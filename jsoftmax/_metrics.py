@@ -141,11 +141,11 @@ def _debiased_squared(key, values, outcomes, order, weights, num_bins):
     n = jnp.sum(weights)
     # np.array_split of the n sorted values into B = min(M, n) parts; an edge is
     # the midpoint of the values either side of a split.
-    parts = jnp.maximum(jnp.minimum(num_bins, n), 1)
-    j = jnp.arange(1, num_bins, dtype=jnp.int32)
     if num_bins == 1:  # one bin, no edge to select
         index = jnp.zeros(values.shape, jnp.int32)
     else:
+        parts = jnp.maximum(jnp.minimum(num_bins, n), 1)
+        j = jnp.arange(1, num_bins, dtype=jnp.int32)
         starts = j * (n // parts) + jnp.minimum(j, n % parts)
         last = jnp.maximum(n - 1, 0)
         ranks = jnp.clip(jnp.stack([starts - 1, starts], axis=1).reshape(-1), 0, last)
