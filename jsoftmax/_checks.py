@@ -7,6 +7,8 @@ each function documents what it returns instead.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,30 @@ def floating(fname: str, name: str, x: ArrayLike) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{fname}: {name} must be floating, got dtype {x.dtype}")
     return x
+
+
+def probabilities(fname: str, name: str, x: ArrayLike, dtype=None) -> jax.Array:
+    """Returns ``x`` as a floating array: integer or boolean (one-hot) labels become
+    ``dtype`` (JAX's default float if None), as optax's arithmetic promotes them."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+        return x.astype(dtype or jnp.result_type(float))
+    return floating(fname, name, x)
+
+
+def random_key(fname: str, key: Any) -> Any:
+    """Returns ``key`` if it is one ``jax.random`` key, typed or raw key data (also traced);
+    else raises ``TypeError`` naming it (JAX's own error names neither)."""
+    try:
+        data = jax.random.key_data(key)
+    except TypeError:
+        data = None
+    shape = getattr(key, "shape", None)
+    raw = data is not None and data.shape == shape
+    if data is None or (data.ndim != 1 if raw else jnp.ndim(key) != 0):
+        got = f"shape {shape}, dtype {key.dtype}" if shape is not None else type(key).__name__
+        raise TypeError(f"{fname}: key must be one jax.random key, got {got}")
+    return key
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -54,6 +80,14 @@ def axes(fname: str, axis: Axis, shape: tuple[int, ...], *, sort: bool = True) -
     return tuple(sorted(out)) if sort else tuple(out)
 
 
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether an array of ``shape`` broadcasts to ``target`` (NumPy's rules)."""
+    try:
+        return np.broadcast_shapes(shape, target) == tuple(target)
+    except ValueError:
+        return False
+
+
 def mask(
     fname: str, where: ArrayLike | None, shape: tuple[int, ...], *, full: bool = True
 ) -> jax.Array | None:
@@ -68,11 +102,7 @@ def mask(
     where = jnp.asarray(where)
     if where.dtype != jnp.bool_:
         raise TypeError(f"{fname}: where must be a boolean mask, got dtype {where.dtype}")
-    try:
-        broadcast = np.broadcast_shapes(where.shape, shape)
-    except ValueError:
-        broadcast = None
-    if broadcast != tuple(shape):
+    if not broadcasts_to(where.shape, shape):
         raise ValueError(
             f"{fname}: where has shape {where.shape}, which does not broadcast to {tuple(shape)}"
         )

@@ -265,7 +265,8 @@ def softmax_focal_loss(
       labels: integers, ``logits``' shape without ``axis``.
       axis: the class axis or axes (a tuple flattened in the order given, as optax does;
         None: every axis).
-      where: boolean mask broadcastable to ``logits``; ``[..., 1]`` masks rows.
+      where: boolean mask broadcastable to ``logits``, or with fewer axes a row
+        mask broadcastable to the loss's shape (optax's ``[batch]``).
       gamma: the focusing parameter ``gamma >= 0``: a number or a scalar array
         (which may be traced, e.g. a schedule; it is not differentiated), or
         ``"flsd-53"`` for Mukhoti et al.'s sample-dependent choice, per row

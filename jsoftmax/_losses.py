@@ -249,15 +249,23 @@ def _check_softcap(fname, logit_softcap):
     return value
 
 
-def _hyper(fname, name, value, low, high=np.inf):
-    """A scalar hyperparameter: range-checked when concrete, NaN when traced and out of range."""
+def _hyper(fname, name, value, low, high=np.inf, within=None):
+    """A scalar hyperparameter (or one broadcastable to the shape of the array named in
+    ``within``, a ``(name, shape)``): range-checked when concrete, NaN where traced and out of
+    range."""
     value = jnp.asarray(value)
-    if value.ndim:
+    if within is None and value.ndim:
         raise ValueError(f"{fname}: {name} must be a scalar, got shape {value.shape}")
+    if within is not None and not _checks.broadcasts_to(value.shape, within[1]):
+        raise ValueError(
+            f"{fname}: {name} has shape {value.shape}, which does not broadcast to "
+            f"{within[0]} {within[1]}"
+        )
     inside = (value >= low) & (value <= high)
-    if not _checks.is_traced(value) and not bool(inside):
+    if not _checks.is_traced(value) and not bool(jnp.all(inside)):
         bounds = f"[{low}, {high}{']' if high < np.inf else ')'}"
-        raise ValueError(f"{fname}: {name} must be in {bounds}, got {float(value)}")
+        bad = float(value[~inside][0]) if value.ndim else float(value)
+        raise ValueError(f"{fname}: {name} must be in {bounds}, got {bad}")
     return jnp.where(inside, value, jnp.nan)
 
 
@@ -269,16 +277,27 @@ def _is_zero(value) -> bool:
 def _class_last(fname, logits, axis, where):
     """Moves the class axes to the end and flattens them (one class axis), as optax does.
 
-    A mask of size 1 along the class axes stays a row mask ``[..., 1]``.
+    A mask with fewer axes than the logits masks rows: as in optax, the class axes are
+    inserted into it. A mask of size 1 along the class axes stays a row mask ``[..., 1]``.
     """
     logits = _checks.floating(fname, "logits", logits)
     axes = _checks.axes(fname, axis, logits.shape, sort=False)
     if any(logits.shape[a] == 0 for a in axes):
         raise ValueError(f"{fname}: logits {logits.shape} have no class along axis={axis}")
+    batch = tuple(a for a in range(logits.ndim) if a not in axes)
+    if where is not None and np.ndim(where) < logits.ndim:
+        rows = tuple(logits.shape[a] for a in batch)
+        try:
+            where = _checks.mask(fname, where, rows, full=False)
+        except ValueError:
+            raise ValueError(
+                f"{fname}: where has shape {np.shape(where)}: with fewer axes than logits "
+                f"{logits.shape} it masks rows, and must broadcast to the rows {rows}"
+            ) from None
+        where = jnp.expand_dims(jnp.asarray(where), sorted(axes))
     where = _checks.mask(fname, where, logits.shape, full=False)
     if where is not None and any(where.shape[a] != 1 for a in axes):
         where = jnp.broadcast_to(where, logits.shape)
-    batch = tuple(a for a in range(logits.ndim) if a not in axes)
 
     def flat(x):
         if axes == (x.ndim - 1,):
@@ -319,10 +338,12 @@ def softmax_cross_entropy(
 
     Args:
       logits: floating ``[..., K]`` (the class axes are ``axis``).
-      labels: floating, ``logits``' shape: probabilities (rows summing to 1).
+      labels: ``logits``' shape: probabilities (rows summing to 1); integer or
+        boolean (one-hot) labels are cast to ``logits``' dtype.
       axis: the class axis or axes (a tuple flattened in the order given, as optax does;
         None: every axis).
-      where: boolean mask broadcastable to ``logits``; ``[..., 1]`` masks rows.
+      where: boolean mask broadcastable to ``logits``, or with fewer axes a row
+        mask broadcastable to the loss's shape (optax's ``[batch]``).
       label_smoothing: ``alpha`` in [0, 1].
       z_loss: ``lambda >= 0``, the weight of PaLM's auxiliary ``logsumexp**2``.
       reduction: "none" (per row), "sum", or "mean" over the rows that count
@@ -355,7 +376,7 @@ def softmax_cross_entropy(
     """
     fname = "softmax_cross_entropy"
     logits_arr = _checks.floating(fname, "logits", logits)
-    labels = _checks.floating(fname, "labels", labels)
+    labels = _checks.probabilities(fname, "labels", labels, logits_arr.dtype)
     if labels.shape != logits_arr.shape:
         raise ValueError(
             f"{fname}: labels has shape {labels.shape} but logits {logits_arr.shape}; "
@@ -409,7 +430,8 @@ def softmax_cross_entropy_with_integer_labels(
       labels: integers, ``logits``' shape without ``axis``.
       axis: the class axis or axes (a tuple flattened in the order given, as optax does;
         None: every axis).
-      where: boolean mask broadcastable to ``logits``; ``[..., 1]`` masks rows.
+      where: boolean mask broadcastable to ``logits``, or with fewer axes a row
+        mask broadcastable to the loss's shape (optax's ``[batch]``).
       label_smoothing: ``alpha`` in [0, 1].
       class_weights: ``[K]`` non-negative weights ``w`` (not differentiated).
       ignore_index: a label value whose rows cost 0 and do not count.
@@ -534,8 +556,8 @@ def smooth_labels(
     r"""Label smoothing: ``(1 - alpha) * labels + alpha / K`` over the kept classes.
 
     Args:
-      labels: floating probabilities ``[..., K]``.
-      alpha: in [0, 1].
+      labels: probabilities ``[..., K]`` (integer or boolean ones become floats).
+      alpha: in [0, 1], a scalar or broadcastable to ``labels`` (per row).
       axis: the class axis or axes (None: every axis).
       where: boolean mask broadcastable to ``labels``: the uniform part is
         spread over the ``K`` kept classes only; masked ones keep
@@ -552,10 +574,10 @@ def smooth_labels(
       Array([0.05, 0.85, 0.05, 0.05], dtype=float32)
     """
     fname = "smooth_labels"
-    labels = _checks.floating(fname, "labels", labels)
+    labels = _checks.probabilities(fname, "labels", labels)
     axes = _checks.axes(fname, axis, labels.shape)
     where = _checks.mask(fname, where, labels.shape)
-    alpha = _hyper(fname, "alpha", alpha, 0.0, 1.0).astype(labels.dtype)
+    alpha = _hyper(fname, "alpha", alpha, 0.0, 1.0, ("labels", labels.shape)).astype(labels.dtype)
     if where is None:
         return (1 - alpha) * labels + alpha / np.prod([labels.shape[a] for a in axes])
     count = jnp.sum(where, axes, keepdims=True)

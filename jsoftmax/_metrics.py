@@ -48,6 +48,8 @@ def _nll_rows(probs, labels, where, log_input):
     # A padding row's value is never read, nor is its gradient NaN (log 0, a NaN).
     p_label = jnp.where(where, p_label, 0.0 if log_input else 1.0)
     log_p = p_label if log_input else jnp.log(p_label)
+    # A NaN anywhere in a kept row poisons it, as in the other metrics (not only at the label).
+    log_p = jnp.where(where & jnp.any(jnp.isnan(p), axis=1), jnp.nan, log_p)
     return -log_p, _cal._count(p, labels, where)[1]
 
 
@@ -247,17 +249,6 @@ def _sizes(sigma):
     return grid, jnp.maximum(jnp.round(10 / sigma), 200).astype(jnp.int32)
 
 
-def _smooth(f, columns, sigma, points):
-    """relplot's reflected Gaussian smoothing of each column of ``columns`` [N, C] at ``points``.
-
-    The rows' weights are spread linearly onto a grid of G points, the grid
-    reflected at 0 and 1 and convolved with the Gaussian sampled at G points
-    of [-1/2, 1/2] (unnormalised by the grid step, cut beyond 1/2), then
-    interpolated linearly at ``points``.
-    """
-    return _on_grid(f, columns, sigma, lambda spread, _: _convolved(spread, sigma, points))
-
-
 def _on_grid(f, columns, sigma, use, base=None):
     """``use(spread, coarse)`` with the rows' spread on the grid of ``sigma``.
 
@@ -290,29 +281,68 @@ def _spread(f, columns, grid, capacity):
 
 
 def _convolved(values, sigma, points):
-    """:func:`_smooth` from the rows' spread ``values`` on the grid of ``sigma``."""
+    """relplot's reflected Gaussian smoothing of each column of the rows' spread ``values``
+    (on the grid of ``sigma``) at ``points``.
+
+    The grid of G points is reflected at 0 and 1 and convolved with the Gaussian
+    sampled at G points of [-1/2, 1/2] (unnormalised by the grid step, cut beyond
+    1/2), then interpolated linearly at ``points``; by FFT.
+    """
     dtype = values.dtype
     capacity = values.shape[0]
     grid, _ = _sizes(sigma)
     # The reflected signal has 3 G - 2 points; a circular convolution that long is exact
     # there. Most bandwidths have the base grid, whose FFT is 8x shorter than the finest's.
     fft = 1 << math.ceil(math.log2(3 * capacity - 2))
-    last = (grid - 1).astype(dtype)
     # Reflected without repeating the end points, as [flip(v)[:-1], v, flip(v)[1:]].
     e = jnp.arange(fft) - (grid - 1)
     g = jnp.abs(e)
     g = jnp.where(g > grid - 1, 2 * (grid - 1) - g, g)
     extended = jnp.where((e < 2 * grid - 1)[:, None], values[jnp.clip(g, 0, capacity - 1)], 0.0)
-    m = jnp.arange(fft)
-    kernel = jnp.exp(-((m / last - 0.5) ** 2) / (2 * sigma**2)) / (np.sqrt(2 * np.pi) * sigma)
-    kernel = jnp.where(m < grid, kernel, 0.0).astype(dtype)
+    kernel = _kernel(jnp.arange(fft), grid, sigma).astype(dtype)
     spectrum = jnp.fft.rfft(extended, axis=0) * jnp.fft.rfft(kernel)[:, None]
     full = jnp.fft.irfft(spectrum, n=fft, axis=0).astype(dtype)
     # np.convolve(extended, kernel, "valid")[G // 2 : G // 2 + G]
-    offset = grid // 2 + grid - 1
+    return _interpolated(lambda i: full[grid // 2 + grid - 1 + i], grid, points)
+
+
+def _convolved_directly(values, sigma, points):
+    """:func:`_convolved` by direct sums: exact to each value's own precision.
+
+    The FFT's rounding is relative to the largest smoothed value; a curve that divides
+    by the density plus 1e-4 magnifies it where no row is near (accuracies of -2847 came
+    out in float32). Smoothed grid point ``i`` is ``sum_m kernel[m] v[r(G // 2 + i - m)]``
+    (``r`` the reflection at both ends): grid point ``j`` receives from ``m`` with
+    ``G // 2 + i - m`` one of ``j``, ``-j`` and ``2 (G - 1) - j``. One ``[P, G]`` matrix.
+    """
+    grid, _ = _sizes(sigma)
+    j = jnp.arange(values.shape[0])
+
+    def weights(i):
+        def tap(source, used):
+            m = grid // 2 + i[:, None] - source
+            return jnp.where(used & (m >= 0) & (m < grid), _kernel(m, grid, sigma), 0.0)
+
+        inside = j < grid
+        matrix = tap(j, inside) + tap(-j, inside & (j > 0)) + tap(2 * (grid - 1) - j, j < grid - 1)
+        return jnp.matmul(matrix.astype(values.dtype), values, precision=lax.Precision.HIGHEST)
+
+    return _interpolated(weights, grid, points)
+
+
+def _kernel(m, grid, sigma):
+    """relplot's Gaussian taps: the density at ``m / (G - 1) - 1/2``, ``m < G`` (else 0)."""
+    last = (grid - 1).astype(sigma.dtype)
+    taps = jnp.exp(-((m / last - 0.5) ** 2) / (2 * sigma**2)) / (np.sqrt(2 * np.pi) * sigma)
+    return jnp.where(m < grid, taps, 0.0)
+
+
+def _interpolated(smoothed, grid, points):
+    """``smoothed(i)`` (the smoothed grid's points ``i``) interpolated linearly at ``points``."""
+    last = (grid - 1).astype(points.dtype)
     inds = jnp.clip(jnp.trunc(points * last), 0, last - 1).astype(jnp.int32)
     residual = (points - inds / last) * last
-    lo, hi = full[offset + inds], full[offset + inds + 1]
+    lo, hi = jnp.split(smoothed(jnp.concatenate([inds, inds + 1])), 2)
     return lo * (1 - residual)[:, None] + hi * residual[:, None]
 
 
@@ -470,7 +500,10 @@ def _curve(confidence, hit, weights, sigma, num_points):
     grid = jnp.linspace(0, 1, num_points, dtype=dtype)
     w = weights.astype(dtype)
     columns = jnp.stack([_cal._weighted(w, hit), w / jnp.maximum(jnp.sum(w), 1)], axis=1)
-    smoothed = _smooth(confidence, jnp.concatenate([columns, w[:, None]], axis=1), sigma, grid)
+    columns = jnp.concatenate([columns, w[:, None]], axis=1)
+    smoothed = _on_grid(
+        confidence, columns, sigma, lambda spread, _: _convolved_directly(spread, sigma, grid)
+    )
     accuracy = smoothed[:, 0] / (smoothed[:, 2] + _EPS)
     return grid, accuracy, smoothed[:, 1]
 
@@ -650,9 +683,10 @@ def _resamples(fname, num_resamples, level):
         or num_resamples < 1
     ):
         raise ValueError(f"{fname}: num_resamples must be an integer >= 1, got {num_resamples!r}")
-    if _checks.is_traced(level) or not isinstance(level, float | int | np.floating):
-        raise ValueError(f"{fname}: level must be a number in (0, 1), got {level!r}")
-    if not 0 < float(level) < 1:
+    if _checks.is_traced(level):
+        raise ValueError(f"{fname}: level must be a concrete number in (0, 1) (it is static)")
+    number = np.ndim(level) == 0 and np.asarray(level).dtype.kind in "fiu"
+    if isinstance(level, bool | np.bool_) or not number or not 0 < float(level) < 1:
         raise ValueError(f"{fname}: level must be a number in (0, 1), got {level!r}")
     return int(num_resamples), float(level)
 
@@ -727,6 +761,7 @@ def bootstrap(
     spec, options = _plan(metric)
     num_resamples, level = _resamples(fname, num_resamples, level)
     probs, labels, where = _cal._rows(fname, probs, labels, where, "probs")
+    key = _checks.random_key(fname, key)
     return _bootstrap(spec, options, num_resamples, level, probs, labels, where, key)
 
 

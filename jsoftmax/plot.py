@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from jax.typing import ArrayLike
 
-from jsoftmax import _calibration, _metrics
+from jsoftmax import _calibration, _checks, _metrics
 from jsoftmax._calibration import reliability_diagram as _statistics
 
 
@@ -119,9 +119,12 @@ def smooth_reliability_diagram(
     import matplotlib.pyplot as plt
 
     fname = "smooth_reliability_diagram"
+    # Every argument is checked before a figure opens.
+    _calibration._num_bins(fname, num_bins)
     num_points = _metrics._num_points(fname, num_points)
     num_resamples, level = _metrics._resamples(fname, num_resamples, level)
     p, y, w = _calibration._rows(fname, probs, labels, where, "probs")
+    key = _checks.random_key(fname, key)
     diagram, low, high = _metrics._smooth_band(num_resamples, level, num_points, p, y, w, key)
     grid, accuracy, density, low, high = (
         np.asarray(a, dtype=np.float64)

@@ -158,6 +158,6 @@ def test_smooth_diagram_curve_equals_relplot():
     diagram = jsoftmax.smooth_reliability_diagram(probs, labels)
     kernel = relplot.kernels.ReflectedGaussianKernel(float(diagram.bandwidth))
     mu, _ = kernel.smooth(f, y, np.linspace(0, 1, 200))
-    np.testing.assert_allclose(diagram.accuracy, mu, atol=1e-4)  # float32 FFT where density ~ 0
+    np.testing.assert_allclose(diagram.accuracy, mu, atol=1e-5)
     np.testing.assert_allclose(diagram.density, kernel.kde(f, np.linspace(0, 1, 200)), rtol=1e-4)
     assert jax.numpy.all(diagram.grid == jax.numpy.linspace(0, 1, 200))

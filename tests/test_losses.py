@@ -135,6 +135,68 @@ def test_equals_optax_where_optax_is_right(axis):
         close(jsoftmax.smooth_labels(q, 0.3, axis), optax.smooth_labels(q, 0.3, axis=axis))
 
 
+@pytest.mark.parametrize("axis", [-1, 0, (0, 2)])
+@pytest.mark.parametrize("square", [False, True])
+def test_row_mask_of_the_loss_shape_masks_rows_as_in_optax(axis, square):
+    # optax documents where of shape [batch] (it inserts the class axes); a batch as wide as
+    # the classes must not be read as a class mask.
+    rng = np.random.default_rng(6)
+    shape = (5, 5, 3) if square else (4, 5, 3)
+    logits = rng.standard_normal(shape).astype(np.float32)
+    axes = (axis,) if isinstance(axis, int) else axis
+    batch = tuple(s for i, s in enumerate(shape) if i not in np.array(axes) % 3)
+    k = int(np.prod([shape[a] for a in axes]))
+    labels = rng.integers(0, k, batch)
+    rows = rng.random(batch) < 0.6
+    full = np.expand_dims(rows, tuple(np.array(axes) % 3))
+    for loss in (ce_int, jsoftmax.softmax_focal_loss):
+        got = loss(logits, labels, axis, rows)
+        close(got, loss(logits, labels, axis, full))
+        assert np.all(np.asarray(got)[~rows] == 0) and np.all(np.asarray(got)[rows] > 0)
+    close(
+        ce_int(logits, labels, axis, rows),
+        optax.softmax_cross_entropy_with_integer_labels(logits, labels, axis, rows),
+    )
+    if isinstance(axis, int):
+        q = np.moveaxis(jax.nn.one_hot(labels, k), -1, axis)
+        close(ce_dense(logits, q, axis, rows), optax.softmax_cross_entropy(logits, q, axis, rows))
+    # Fewer axes still broadcast over the rows; a mask that fits neither rule names both.
+    wide = np.broadcast_to(rows[-1], batch)
+    close(ce_int(logits, labels, axis, rows[-1]), ce_int(logits, labels, axis, wide))
+    with pytest.raises(
+        ValueError, match=r"where has shape \(2,\): with fewer axes than logits .* masks rows"
+    ):
+        ce_int(logits, labels, axis, np.ones(2, bool))
+
+
+def test_integer_and_boolean_dense_labels_are_probabilities_as_in_optax():
+    logits, labels = data()
+    for dtype in (np.int32, np.int8, bool):
+        one_hot = np.asarray(jax.nn.one_hot(labels, K)).astype(dtype)
+        close(ce_dense(logits, one_hot), optax.softmax_cross_entropy(logits, one_hot))
+        close(
+            ce_dense(logits, one_hot, label_smoothing=0.1),
+            ce_int(logits, labels, label_smoothing=0.1),
+        )
+        # (optax's smooth_labels takes floating labels only.)
+        close(jsoftmax.smooth_labels(one_hot, 0.2), optax.smooth_labels(one_hot * 1.0, 0.2))
+    g = jax.grad(lambda x: ce_dense(x, one_hot.astype(np.int32), reduction="sum"))(logits)
+    close(g, jax.grad(lambda x: ce_int(x, labels, reduction="sum"))(logits))
+
+
+def test_smooth_labels_takes_alpha_per_row_as_in_optax():
+    labels = jax.nn.one_hot(jnp.array([0, 2]), 3)
+    alpha = jnp.array([[0.1], [0.2]])
+    close(jsoftmax.smooth_labels(labels, alpha), optax.smooth_labels(labels, alpha))
+    where = jnp.array([[True, True, False]])
+    close(jsoftmax.smooth_labels(labels, alpha, where=where), [[0.95, 0.05, 0], [0.1, 0.1, 0.8]])
+    close(jax.jit(jsoftmax.smooth_labels)(labels, jnp.array([[0.1], [1.5]]))[1], [nan] * 3)
+    with pytest.raises(ValueError, match=r"alpha has shape \(3, 1\).*labels \(2, 3\)"):
+        jsoftmax.smooth_labels(labels, jnp.ones((3, 1)) * 0.1)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0.0, 1.0\], got 1.5"):
+        jsoftmax.smooth_labels(labels, jnp.array([[0.1], [1.5]]))
+
+
 def test_axis_none_is_every_axis_as_in_optax_and_jax_nn():
     rng = np.random.default_rng(5)
     logits = rng.standard_normal((3, 4)).astype(np.float32)
@@ -454,13 +516,15 @@ def test_nan_logit_poisons_its_row_only_at_every_size(case, shape):
     x[4] = -np.inf  # a row that keeps only a NaN keeps a class
     x[4, 7] = np.nan
 
-    def loss_and_grad(x):
-        def loss(x):
-            return NAN_CASES[case](x, y, q, w, m)
+    def loss(x):
+        return NAN_CASES[case](x, y, q, w, m)
 
-        # The value alone and beside its gradient: XLA fuses each differently.
-        value_and_grad = jax.jit(lambda x: (loss(x), jax.grad(lambda x: loss(x).sum())(x)))
-        return (np.asarray(a) for a in (jax.jit(loss)(x), *value_and_grad(x)))
+    # The value alone and beside its gradient: XLA fuses each differently.
+    value = jax.jit(loss)
+    value_and_grad = jax.jit(lambda x: (loss(x), jax.grad(lambda x: loss(x).sum())(x)))
+
+    def loss_and_grad(x):
+        return (np.asarray(a) for a in (value(x), *value_and_grad(x)))
 
     loss, loss_beside_grad, grad = loss_and_grad(x)
     assert np.isnan(loss[2:5]).all() and np.isnan(loss_beside_grad[2:5]).all()
