@@ -763,10 +763,8 @@ def _distillation_head(config, z, t, labels, counts, hyper, cts):
     """
     del labels
     temperature, beta = hyper.temperature, hyper.beta
-    _, d_q, e_q, s_q, _ = _normalized(config, z, temperature)
-    _, d_p, e_p, s_p, _ = _normalized(config, t, temperature)
-    q, p = e_q / s_q[:, None], e_p / s_p[:, None]
-    log_q, log_p = d_q - jnp.log(s_q)[:, None], d_p - jnp.log(s_p)[:, None]
+    q, log_q, _ = _distribution(config, z, temperature)
+    p, log_p, no_teacher = _distribution(config, t, temperature)
 
     def total(terms):
         return _merged(config, lax.psum, jnp.sum(terms, axis=1))
@@ -784,12 +782,23 @@ def _distillation_head(config, z, t, labels, counts, hyper, cts):
         return (loss,), None, None
     r = jnp.where(counts, cts[0], 0.0) * temperature  # T**2 from the loss, 1 / T from x
     if config.divergence == "forward_kl":
-        dx = q - p
+        # Q - P assumes sum_k P_k = 1 (0 without a teacher class); a -inf logit is constant.
+        dx = jnp.where(no_teacher | (log_q == -jnp.inf), 0.0, q - p)
     elif config.divergence == "reverse_kl":
         dx = _weighted(q, log_q - log_p - kl[:, None])
     else:
         dx = (1 - beta) * _weighted(q, log_q - log_m - kl_qm[:, None])
     return (loss,), r[:, None] * dx, None
+
+
+def _distribution(config, z, temperature):
+    """``softmax(z / T)``, its log and whether the row has no class (every logit ``-inf``):
+    such a row is 0 and ``-inf``, as :func:`jsoftmax.softmax` and
+    :func:`jsoftmax.log_softmax` give it."""
+    _, d, e, s, _ = _normalized(config, z, temperature)
+    empty = (s == 0)[:, None]
+    p = jnp.where(empty, 0.0, e / s[:, None])
+    return p, jnp.where(empty, -jnp.inf, d - jnp.log(s)[:, None]), empty
 
 
 _HEADS = {

@@ -564,8 +564,8 @@ def smooth_labels(
         ``(1 - alpha) * labels``.
 
     Returns:
-      An array of ``labels``' shape and dtype. Without ``where``, optax's
-      ``smooth_labels``.
+      An array of ``labels``' shape and dtype (JAX's default float for
+      integer or boolean labels). Without ``where``, optax's ``smooth_labels``.
 
     Examples:
       >>> import jax.numpy as jnp

@@ -35,6 +35,8 @@ _GRID = max(2000, round(20 * 2**_STEPS)) // 2 + 1
 _MESH = max(round(10 * 2**_STEPS), 200)
 _BASE_GRID = 2000 // 2 + 1
 _BASE_MESH = 1024
+# The direct smoothing builds this many rows of its matrix at a time.
+_POINTS_CHUNK = 256
 # Resamples are reduced in batches of about this many row weights.
 _BATCH_ELEMENTS = 1 << 22
 
@@ -313,28 +315,37 @@ def _convolved_directly(values, sigma, points):
     by the density plus 1e-4 magnifies it where no row is near (accuracies of -2847 came
     out in float32). Smoothed grid point ``i`` is ``sum_m kernel[m] v[r(G // 2 + i - m)]``
     (``r`` the reflection at both ends): grid point ``j`` receives from ``m`` with
-    ``G // 2 + i - m`` one of ``j``, ``-j`` and ``2 (G - 1) - j``. One ``[P, G]`` matrix.
+    ``G // 2 + i - m`` one of ``j``, ``-j`` and ``2 (G - 1) - j``. Rows of that matrix
+    are built and multiplied ``_POINTS_CHUNK`` at a time, for the two grid points around
+    each of ``points`` or, when fewer, for every grid point (memory and time bounded by
+    the grid's, whatever the number of points).
     """
     grid, _ = _sizes(sigma)
-    j = jnp.arange(values.shape[0])
+    capacity = values.shape[0]
+    j = jnp.arange(capacity)
 
-    def weights(i):
-        def tap(source, used):
-            m = grid // 2 + i[:, None] - source
-            return jnp.where(used & (m >= 0) & (m < grid), _kernel(m, grid, sigma), 0.0)
+    def row(i):
+        taps = _kernel(grid // 2 + i - j, grid, sigma)
+        taps = taps + jnp.where(j > 0, _kernel(grid // 2 + i + j, grid, sigma), 0.0)
+        mirrored = _kernel(grid // 2 + i - 2 * (grid - 1) + j, grid, sigma)
+        return taps + jnp.where(j < grid - 1, mirrored, 0.0)
 
-        inside = j < grid
-        matrix = tap(j, inside) + tap(-j, inside & (j > 0)) + tap(2 * (grid - 1) - j, j < grid - 1)
-        return jnp.matmul(matrix.astype(values.dtype), values, precision=lax.Precision.HIGHEST)
+    def at(i):
+        return jnp.matmul(row(i).astype(values.dtype), values, precision=lax.Precision.HIGHEST)
 
-    return _interpolated(weights, grid, points)
+    def smoothed(i):
+        out = lax.map(at, i if i.shape[0] < capacity else j, batch_size=_POINTS_CHUNK)
+        return out if i.shape[0] < capacity else out[i]
+
+    return _interpolated(smoothed, grid, points)
 
 
 def _kernel(m, grid, sigma):
-    """relplot's Gaussian taps: the density at ``m / (G - 1) - 1/2``, ``m < G`` (else 0)."""
+    """relplot's Gaussian taps: the density at ``m / (G - 1) - 1/2`` for ``0 <= m < G``,
+    else 0."""
     last = (grid - 1).astype(sigma.dtype)
     taps = jnp.exp(-((m / last - 0.5) ** 2) / (2 * sigma**2)) / (np.sqrt(2 * np.pi) * sigma)
-    return jnp.where(m < grid, taps, 0.0)
+    return jnp.where((m >= 0) & (m < grid), taps, 0.0)
 
 
 def _interpolated(smoothed, grid, points):
@@ -677,16 +688,17 @@ def _bootstrap(metric, options, num_resamples, level, probs, labels, where, key)
 
 
 def _resamples(fname, num_resamples, level):
-    if (
-        isinstance(num_resamples, bool)
-        or not isinstance(num_resamples, int | np.integer)
-        or num_resamples < 1
-    ):
+    """The static ``num_resamples`` and ``level`` as Python numbers (concrete NumPy or JAX
+    scalars too)."""
+
+    def scalar(value, kind):
+        if _checks.is_traced(value) or isinstance(value, bool | np.bool_) or np.ndim(value):
+            return False
+        return any(jnp.issubdtype(np.asarray(value).dtype, k) for k in kind)
+
+    if not scalar(num_resamples, [jnp.integer]) or int(num_resamples) < 1:
         raise ValueError(f"{fname}: num_resamples must be an integer >= 1, got {num_resamples!r}")
-    if _checks.is_traced(level):
-        raise ValueError(f"{fname}: level must be a concrete number in (0, 1) (it is static)")
-    number = np.ndim(level) == 0 and np.asarray(level).dtype.kind in "fiu"
-    if isinstance(level, bool | np.bool_) or not number or not 0 < float(level) < 1:
+    if not scalar(level, [jnp.integer, jnp.floating]) or not 0 < float(level) < 1:
         raise ValueError(f"{fname}: level must be a number in (0, 1), got {level!r}")
     return int(num_resamples), float(level)
 

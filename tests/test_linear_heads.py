@@ -577,6 +577,45 @@ def test_distillation_padded_vocabulary_and_confident_teacher():
         assert_same(ours, theirs, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("empty", ["student", "teacher", "both"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_distillation_of_a_distribution_without_class_is_the_unfused_limit(divergence, empty):
+    """Every logit -inf (a -inf bias everywhere): probabilities 0 and log-probabilities -inf
+    as jsoftmax's softmax gives them, terms weighted by 0 dropped; the forward KL gave 0 with a
+    NaN gradient when both were empty."""
+    s_h, s_w, s_b, _, _ = problem(6, 8, 12, seed=9)
+    t_h, t_w, t_b = teacher(6, 8, 12, seed=9)
+    if empty in ("student", "both"):
+        s_b = np.full_like(s_b, -np.inf)
+    if empty in ("teacher", "both"):
+        t_b = np.full_like(t_b, -np.inf)
+
+    def unfused(h, w):
+        log_q = jsoftmax.log_softmax((h @ w + s_b) / 1.5)
+        log_p = jsoftmax.log_softmax((t_h @ t_w + t_b) / 1.5)
+        q, p = jnp.exp(log_q), jnp.exp(log_p)
+
+        def kl(a, log_a, log_b):
+            return jnp.sum(jnp.where(a > 0, a * (log_a - log_b), 0.0), -1)
+
+        if divergence == "forward_kl":
+            return 1.5**2 * kl(p, log_p, log_q)
+        if divergence == "reverse_kl":
+            return 1.5**2 * kl(q, log_q, log_p)
+        log_m = jnp.logaddexp(jnp.log(0.3) + log_p, jnp.log(0.7) + log_q)
+        return 1.5**2 * (0.3 * kl(p, log_p, log_m) + 0.7 * kl(q, log_q, log_m))
+
+    def fused(h, w):
+        return fused_distillation(
+            h, w, s_b, t_h, t_w, t_b, divergence=divergence, temperature=1.5, beta=0.3
+        )
+
+    ours, theirs = vjp_all(fused, (s_h, s_w)), vjp_all(unfused, (s_h, s_w))
+    assert_same(ours, theirs, rtol=1e-5, atol=1e-6)
+    if empty == "both":
+        assert not np.any(ours[0]) and not any(np.any(g) for g in ours[1])
+
+
 def test_distillation_errors():
     s_h, s_w, _, _, where = problem(6, 4, 10)
     t_h, t_w, _ = teacher(6, 5, 10, seed=0)

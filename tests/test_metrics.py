@@ -120,15 +120,18 @@ def test_smooth_diagram_matches_the_error_and_the_reference_curve():
     np.testing.assert_allclose(np.trapezoid(diagram.density, diagram.grid), 1.0, atol=0.02)
 
 
-@pytest.mark.parametrize(("n", "k", "seed"), [(4000, 2, 0), (1000, 2, 2), (40000, 5, 4)])
-def test_smooth_curve_keeps_its_precision_where_there_are_no_rows(n, k, seed):
+@pytest.mark.parametrize(
+    ("n", "k", "seed", "num_points"), [(4000, 2, 0, 200), (1000, 2, 2, 3000), (40000, 5, 4, 200)]
+)
+def test_smooth_curve_keeps_its_precision_where_there_are_no_rows(n, k, seed, num_points):
     # The curve divides by the density plus 1e-4: where no confidence is near, both sums are
     # tiny and must be computed to their own precision (an FFT's float32 rounding, relative
     # to the largest sum, gave accuracies from -2847 to 11 at 4000 x 2). 40000 x 5 is
-    # calibrated finely enough for the small bandwidths' grid.
+    # calibrated finely enough for the small bandwidths' grid; 3000 points are more than the
+    # 1001 of the base grid.
     logits, labels = calibrated(n, k, seed=seed)
     probs = jax.nn.softmax(logits)
-    diagram = jsoftmax.smooth_reliability_diagram(probs, labels)
+    diagram = jsoftmax.smooth_reliability_diagram(probs, labels, num_points=num_points)
     assert (float(diagram.bandwidth) < 0.01) == (n == 40000)
     expected = reference.smooth_accuracy(probs, labels, float(diagram.bandwidth), diagram.grid)
     assert np.all((diagram.accuracy >= 0) & (diagram.accuracy <= 1))
@@ -405,7 +408,7 @@ def test_bootstrap_errors():
     for level in (0, 1, 1.5, -0.1, True, "0.9", np.array([0.9])):
         with pytest.raises(ValueError, match="level must be a number in"):
             jsoftmax.bootstrap(jsoftmax.brier_score, probs, labels, key=key, level=level)
-    for level in (np.float32(0.9), jnp.float32(0.9), jnp.array(0.9)):  # concrete scalars
+    for level in (np.float32(0.9), jnp.float32(0.9), jnp.array(0.9), jnp.bfloat16(0.9)):
         interval = jsoftmax.bootstrap(jsoftmax.brier_score, probs, labels, key=key, level=level)
         assert interval == jsoftmax.bootstrap(
             jsoftmax.brier_score, probs, labels, key=key, level=float(level)
@@ -418,7 +421,11 @@ def test_bootstrap_errors():
     assert same == jsoftmax.bootstrap(
         jsoftmax.brier_score, probs, labels, key=jax.random.wrap_key_data(raw), num_resamples=5
     )
-    for num in (0, 2.5, True):
+    five = jsoftmax.bootstrap(jsoftmax.brier_score, probs, labels, key=key, num_resamples=5)
+    assert five == jsoftmax.bootstrap(
+        jsoftmax.brier_score, probs, labels, key=key, num_resamples=jnp.int32(5)
+    )
+    for num in (0, 2.5, True, np.array([5]), "5"):
         with pytest.raises(ValueError, match="num_resamples must be an integer >= 1"):
             jsoftmax.bootstrap(jsoftmax.brier_score, probs, labels, key=key, num_resamples=num)
     with pytest.raises(ValueError, match=r"labels has shape \(9,\) but probs \(10, 3\)"):
