@@ -50,8 +50,6 @@ def _nll_rows(probs, labels, where, log_input):
     # A padding row's value is never read, nor is its gradient NaN (log 0, a NaN).
     p_label = jnp.where(where, p_label, 0.0 if log_input else 1.0)
     log_p = p_label if log_input else jnp.log(p_label)
-    # A NaN anywhere in a kept row poisons it, as in the other metrics (not only at the label).
-    log_p = jnp.where(where & jnp.any(jnp.isnan(p), axis=1), jnp.nan, log_p)
     return -log_p, _cal._count(p, labels, where)[1]
 
 
@@ -96,6 +94,8 @@ def negative_log_likelihood(
       Array(120., dtype=float32)
 
     Note:
+      Only the label's probability is read (one gather): a NaN elsewhere in a
+      kept row leaves the NLL finite, unlike the other metrics.
       From logits, :func:`jsoftmax.softmax_cross_entropy_with_integer_labels`
       is as accurate; from calibrated log-probabilities, ``log_input=True``
       (with :func:`jsoftmax.bootstrap`, through ``functools.partial``).
