@@ -337,7 +337,7 @@ def softmax_focal_loss(
                 where,
                 class_weights,
                 alpha,
-                jnp.zeros(()),
+                jnp.asarray(0.0),  # weakly typed as the losses' z_loss: their compiled program
                 smooth,
                 False,
                 ignore_index,

@@ -428,8 +428,9 @@ def test_a_fit_without_an_informative_row_leaves_predictions_alone(fit):
 def test_a_traced_bad_penalty_makes_the_fit_nan(fit, penalty):
     """It stalled the search at the identity, which passed for a fit."""
     logits, labels = edge_data()
+    fitted_with = jax.jit(lambda v: fit(logits, labels, **{penalty: v}))  # compiled once
     for bad in (-1.0, np.nan, np.inf):  # (a concrete inf raises)
-        fitted = jax.jit(lambda v: fit(logits, labels, **{penalty: v}))(bad)
+        fitted = fitted_with(bad)
         assert np.all(np.isnan(flat(fitted)))
 
 
