@@ -757,14 +757,19 @@ def _log_probs_head(config, z, t, labels, counts, hyper, cts):
 def _distillation_head(config, z, t, labels, counts, hyper, cts):
     r"""``T**2`` times the divergence between ``P = softmax(t / T)`` and ``Q = softmax(z / T)``.
 
-    With ``x = z / T``: forward KL's ``d/dx = Q - P``; reverse KL's
-    ``Q (log Q - log P - KL)``; the JSD's ``(1 - beta) Q (log Q - log M - KL(Q || M))``.
-    Terms weighted by a zero probability are 0, also against a ``-inf`` logit.
+    With ``x = z / T``: forward KL's ``d/dx = Q S - P`` on the student's finite logits, ``S``
+    the teacher's mass on them (1 unless the student has ``-inf`` where the teacher has mass;
+    0 without a teacher class); reverse KL's ``Q (log Q - log P - KL)``; the JSD's
+    ``(1 - beta) Q (log Q - log M - KL(Q || M))``. Terms weighted by a zero probability are
+    0, also against a ``-inf`` logit; a ``-inf`` logit takes no gradient, as in
+    :func:`jsoftmax.log_softmax`. A NaN logit makes its token's loss and gradient NaN.
     """
     del labels
     temperature, beta = hyper.temperature, hyper.beta
-    q, log_q, _ = _distribution(config, z, temperature)
-    p, log_p, no_teacher = _distribution(config, t, temperature)
+    q, log_q, s_q = _distribution(config, z, temperature)
+    p, log_p, s_p = _distribution(config, t, temperature)
+    # The zero-weighted terms would drop a NaN probability: the row sums keep it.
+    poison = jnp.where(jnp.isnan(s_q + s_p), jnp.nan, 1.0)
 
     def total(terms):
         return _merged(config, lax.psum, jnp.sum(terms, axis=1))
@@ -777,13 +782,14 @@ def _distillation_head(config, z, t, labels, counts, hyper, cts):
         log_m = jnp.logaddexp(jnp.log(beta) + log_p, jnp.log1p(-beta) + log_q)
         kl_qm = total(_weighted(q, log_q - log_m))
         kl = beta * total(_weighted(p, log_p - log_m)) + (1 - beta) * kl_qm
-    loss = jnp.where(counts, temperature**2 * kl, 0.0)
+    loss = jnp.where(counts, temperature**2 * kl * poison, 0.0)
     if cts is None:
         return (loss,), None, None
-    r = jnp.where(counts, cts[0], 0.0) * temperature  # T**2 from the loss, 1 / T from x
+    r = jnp.where(counts, cts[0], 0.0) * temperature * poison  # T**2 from the loss, 1 / T from x
     if config.divergence == "forward_kl":
-        # Q - P assumes sum_k P_k = 1 (0 without a teacher class); a -inf logit is constant.
-        dx = jnp.where(no_teacher | (log_q == -jnp.inf), 0.0, q - p)
+        finite = z != -jnp.inf
+        mass = total(jnp.where(finite, p, 0.0))
+        dx = jnp.where(finite, q * mass[:, None] - p, 0.0)
     elif config.divergence == "reverse_kl":
         dx = _weighted(q, log_q - log_p - kl[:, None])
     else:
@@ -792,13 +798,13 @@ def _distillation_head(config, z, t, labels, counts, hyper, cts):
 
 
 def _distribution(config, z, temperature):
-    """``softmax(z / T)``, its log and whether the row has no class (every logit ``-inf``):
-    such a row is 0 and ``-inf``, as :func:`jsoftmax.softmax` and
+    """``softmax(z / T)``, its log and the row sum of :func:`_normalized`: a row without a
+    class (every logit ``-inf``, sum 0) is 0 and ``-inf``, as :func:`jsoftmax.softmax` and
     :func:`jsoftmax.log_softmax` give it."""
     _, d, e, s, _ = _normalized(config, z, temperature)
     empty = (s == 0)[:, None]
     p = jnp.where(empty, 0.0, e / s[:, None])
-    return p, jnp.where(empty, -jnp.inf, d - jnp.log(s)[:, None]), empty
+    return p, jnp.where(empty, -jnp.inf, d - jnp.log(s)[:, None]), s
 
 
 _HEADS = {

@@ -315,10 +315,10 @@ def _convolved_directly(values, sigma, points):
     by the density plus 1e-4 magnifies it where no row is near (accuracies of -2847 came
     out in float32). Smoothed grid point ``i`` is ``sum_m kernel[m] v[r(G // 2 + i - m)]``
     (``r`` the reflection at both ends): grid point ``j`` receives from ``m`` with
-    ``G // 2 + i - m`` one of ``j``, ``-j`` and ``2 (G - 1) - j``. Rows of that matrix
-    are built and multiplied ``_POINTS_CHUNK`` at a time, for the two grid points around
-    each of ``points`` or, when fewer, for every grid point (memory and time bounded by
-    the grid's, whatever the number of points).
+    ``G // 2 + i - m`` one of ``j``, ``-j`` and ``2 (G - 1) - j`` (``values`` is 0 beyond
+    the G points). Rows of that matrix are built and multiplied ``_POINTS_CHUNK`` at a time,
+    for the two grid points around each of ``points`` or, when fewer, for every point of
+    ``values`` (memory and time bounded by its length, whatever the number of points).
     """
     grid, _ = _sizes(sigma)
     capacity = values.shape[0]
@@ -334,8 +334,9 @@ def _convolved_directly(values, sigma, points):
         return jnp.matmul(row(i).astype(values.dtype), values, precision=lax.Precision.HIGHEST)
 
     def smoothed(i):
-        out = lax.map(at, i if i.shape[0] < capacity else j, batch_size=_POINTS_CHUNK)
-        return out if i.shape[0] < capacity else out[i]
+        if i.shape[0] < capacity:
+            return lax.map(at, i, batch_size=_POINTS_CHUNK)
+        return lax.map(at, j, batch_size=_POINTS_CHUNK)[i]
 
     return _interpolated(smoothed, grid, points)
 
@@ -692,10 +693,13 @@ def _resamples(fname, num_resamples, level):
     scalars too)."""
 
     def scalar(value, kind):
-        if _checks.is_traced(value) or isinstance(value, bool | np.bool_) or np.ndim(value):
+        if isinstance(value, bool | np.bool_) or np.ndim(value):
             return False
         return any(jnp.issubdtype(np.asarray(value).dtype, k) for k in kind)
 
+    for name, value in (("num_resamples", num_resamples), ("level", level)):
+        if _checks.is_traced(value):
+            raise ValueError(f"{fname}: {name} must be concrete (it is static), got a traced value")
     if not scalar(num_resamples, [jnp.integer]) or int(num_resamples) < 1:
         raise ValueError(f"{fname}: num_resamples must be an integer >= 1, got {num_resamples!r}")
     if not scalar(level, [jnp.integer, jnp.floating]) or not 0 < float(level) < 1:

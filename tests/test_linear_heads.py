@@ -577,43 +577,71 @@ def test_distillation_padded_vocabulary_and_confident_teacher():
         assert_same(ours, theirs, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("empty", ["student", "teacher", "both"])
+@pytest.mark.parametrize(
+    "case", ["empty student", "empty teacher", "both empty", "-inf student class", "+inf student"]
+)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_distillation_of_a_distribution_without_class_is_the_unfused_limit(divergence, empty):
+def test_distillation_at_infinite_logits_is_the_unfused_limit(divergence, case):
     """Every logit -inf (a -inf bias everywhere): probabilities 0 and log-probabilities -inf
-    as jsoftmax's softmax gives them, terms weighted by 0 dropped; the forward KL gave 0 with a
-    NaN gradient when both were empty."""
+    as jsoftmax's softmax gives them, terms weighted by 0 dropped (the forward KL gave 0 with
+    a NaN gradient when both were empty, the JSD NaN). A -inf student class where the teacher
+    has mass takes no gradient, as through jsoftmax.log_softmax; a +inf one at T < 1 leaves
+    the finite classes' gradient (the shifted logits of the finite classes overflow to -inf
+    there, yet they are not -inf logits)."""
     s_h, s_w, s_b, _, _ = problem(6, 8, 12, seed=9)
     t_h, t_w, t_b = teacher(6, 8, 12, seed=9)
-    if empty in ("student", "both"):
+    temperature = 0.5 if case == "+inf student" else 1.5
+    if case in ("empty student", "both empty"):
         s_b = np.full_like(s_b, -np.inf)
-    if empty in ("teacher", "both"):
+    if case in ("empty teacher", "both empty"):
         t_b = np.full_like(t_b, -np.inf)
+    if case == "-inf student class":
+        s_b[2] = -np.inf
+    if case == "+inf student":
+        s_b[2] = np.inf
 
     def unfused(h, w):
-        log_q = jsoftmax.log_softmax((h @ w + s_b) / 1.5)
-        log_p = jsoftmax.log_softmax((t_h @ t_w + t_b) / 1.5)
+        log_q = jsoftmax.log_softmax((h @ w + s_b) / temperature)
+        log_p = jsoftmax.log_softmax((t_h @ t_w + t_b) / temperature)
         q, p = jnp.exp(log_q), jnp.exp(log_p)
 
         def kl(a, log_a, log_b):
             return jnp.sum(jnp.where(a > 0, a * (log_a - log_b), 0.0), -1)
 
         if divergence == "forward_kl":
-            return 1.5**2 * kl(p, log_p, log_q)
+            return temperature**2 * kl(p, log_p, log_q)
         if divergence == "reverse_kl":
-            return 1.5**2 * kl(q, log_q, log_p)
+            return temperature**2 * kl(q, log_q, log_p)
         log_m = jnp.logaddexp(jnp.log(0.3) + log_p, jnp.log(0.7) + log_q)
-        return 1.5**2 * (0.3 * kl(p, log_p, log_m) + 0.7 * kl(q, log_q, log_m))
+        return temperature**2 * (0.3 * kl(p, log_p, log_m) + 0.7 * kl(q, log_q, log_m))
 
     def fused(h, w):
         return fused_distillation(
-            h, w, s_b, t_h, t_w, t_b, divergence=divergence, temperature=1.5, beta=0.3
+            h, w, s_b, t_h, t_w, t_b, divergence=divergence, temperature=temperature, beta=0.3
         )
 
     ours, theirs = vjp_all(fused, (s_h, s_w)), vjp_all(unfused, (s_h, s_w))
+    if case == "+inf student":  # values differ by design: -finfo.max / T stands for -inf
+        ours, theirs = ours[1], theirs[1]
     assert_same(ours, theirs, rtol=1e-5, atol=1e-6)
-    if empty == "both":
+    if case == "both empty":
         assert not np.any(ours[0]) and not any(np.any(g) for g in ours[1])
+
+
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_distillation_nan_logit_poisons_its_token(divergence, side):
+    # The reverse KL weighs by the student's probabilities, which dropped a NaN (loss 0).
+    s_h, s_w, s_b, _, _ = problem(6, 8, 12, seed=9)
+    t_h, t_w, t_b = teacher(6, 8, 12, seed=9)
+    (s_h if side == "student" else t_h)[1, 0] = np.nan
+
+    def loss(h):
+        return fused_distillation(h, s_w, s_b, t_h, t_w, t_b, divergence=divergence)
+
+    value, grad = loss(s_h), jax.grad(lambda h: jnp.sum(loss(h)))(s_h)
+    assert np.isnan(value[1]) and np.isfinite(np.delete(value, 1)).all()
+    assert np.isnan(grad[1]).all() and np.isfinite(np.delete(grad, 1, axis=0)).all()
 
 
 def test_distillation_errors():
