@@ -757,9 +757,10 @@ def _log_probs_head(config, z, t, labels, counts, hyper, cts):
 def _distillation_head(config, z, t, labels, counts, hyper, cts):
     r"""``T**2`` times the divergence between ``P = softmax(t / T)`` and ``Q = softmax(z / T)``.
 
-    With ``x = z / T``: forward KL's ``d/dx = Q S - P`` on the student's finite logits, ``S``
-    the teacher's mass on them (1 unless the student has ``-inf`` where the teacher has mass;
-    0 without a teacher class); reverse KL's ``Q (log Q - log P - KL)``; the JSD's
+    With ``x = z / T``: forward KL's ``d/dx = Q - P`` on the student's finite logits (0
+    without a teacher class; where the student has ``-inf`` and the teacher mass, the loss
+    is ``+inf`` and the unfused gradient ``Q S - P``, ``S`` the teacher's mass on the finite
+    logits, which would cost a row sum); reverse KL's ``Q (log Q - log P - KL)``; the JSD's
     ``(1 - beta) Q (log Q - log M - KL(Q || M))``. Terms weighted by a zero probability are
     0, also against a ``-inf`` logit; a ``-inf`` logit takes no gradient, as in
     :func:`jsoftmax.log_softmax`. A NaN logit makes its token's loss and gradient NaN.
@@ -787,9 +788,8 @@ def _distillation_head(config, z, t, labels, counts, hyper, cts):
         return (loss,), None, None
     r = jnp.where(counts, cts[0], 0.0) * temperature * poison  # T**2 from the loss, 1 / T from x
     if config.divergence == "forward_kl":
-        finite = z != -jnp.inf
-        mass = total(jnp.where(finite, p, 0.0))
-        dx = jnp.where(finite, q * mass[:, None] - p, 0.0)
+        # Q - P: 0 without a teacher class, and at a -inf logit (a constant).
+        dx = jnp.where((z != -jnp.inf) & (s_p > 0)[:, None], q - p, 0.0)
     elif config.divergence == "reverse_kl":
         dx = _weighted(q, log_q - log_p - kl[:, None])
     else:

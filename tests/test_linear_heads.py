@@ -584,10 +584,10 @@ def test_distillation_padded_vocabulary_and_confident_teacher():
 def test_distillation_at_infinite_logits_is_the_unfused_limit(divergence, case):
     """Every logit -inf (a -inf bias everywhere): probabilities 0 and log-probabilities -inf
     as jsoftmax's softmax gives them, terms weighted by 0 dropped (the forward KL gave 0 with
-    a NaN gradient when both were empty, the JSD NaN). A -inf student class where the teacher
-    has mass takes no gradient, as through jsoftmax.log_softmax; a +inf one at T < 1 leaves
-    the finite classes' gradient (the shifted logits of the finite classes overflow to -inf
-    there, yet they are not -inf logits)."""
+    a NaN gradient when both were empty, the JSD NaN). A -inf student class takes no
+    gradient, as through jsoftmax.log_softmax; a +inf one at T < 1 leaves the finite
+    classes' gradient (their shifted logits overflow to -inf there, yet they are not -inf
+    logits)."""
     s_h, s_w, s_b, _, _ = problem(6, 8, 12, seed=9)
     t_h, t_w, t_b = teacher(6, 8, 12, seed=9)
     temperature = 0.5 if case == "+inf student" else 1.5
@@ -621,8 +621,14 @@ def test_distillation_at_infinite_logits_is_the_unfused_limit(divergence, case):
         )
 
     ours, theirs = vjp_all(fused, (s_h, s_w)), vjp_all(unfused, (s_h, s_w))
+    if case == "-inf student class":
+        assert not np.any(ours[1][1][:, 2])  # no gradient reaches the -inf class
     if case == "+inf student":  # values differ by design: -finfo.max / T stands for -inf
         ours, theirs = ours[1], theirs[1]
+    if case == "-inf student class" and divergence == "forward_kl":
+        # The loss is +inf; the finite classes get Q - P (unfused: Q S - P, S < 1).
+        assert np.all(np.asarray(ours[0]) == np.inf)
+        ours, theirs = ours[0], theirs[0]
     assert_same(ours, theirs, rtol=1e-5, atol=1e-6)
     if case == "both empty":
         assert not np.any(ours[0]) and not any(np.any(g) for g in ours[1])
