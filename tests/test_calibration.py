@@ -132,18 +132,32 @@ def test_bin_edges_are_right_closed_and_zero_is_in_the_first_bin():
 
 
 def test_every_bin_rule_matches_the_reference_on_dense_edges():
-    # Many confidences on and next to edges, for several bin counts.
-    values = np.concatenate([reference.bin_edges(m) for m in (3, 7, 10, 15, 20)])
+    # Many confidences on and next to edges, for several bin counts (XLA's product with a
+    # reciprocal missed the correctly rounded edge m / M at 25, 29, 31, 49, 100 and more).
+    counts = (3, 7, 10, 15, 20, 25, 29, 31, 49, 100)
+    values = np.concatenate([reference.bin_edges(m) for m in counts])
     values = np.concatenate([values, np.nextafter(values, 2), np.nextafter(values, -1)])
     conf = np.clip(values, 0, 1).astype(np.float32)
     probs = np.stack([conf, np.zeros_like(conf)], axis=1)
     labels = (np.arange(len(conf)) % 2).astype(np.int32)
-    for num_bins in (3, 7, 10, 15, 20):
+    for num_bins in counts:
         np.testing.assert_allclose(
             jsoftmax.expected_calibration_error(probs, labels, num_bins=num_bins),
             reference.expected_calibration_error(probs, labels, num_bins),
             rtol=1e-5,
         )
+        edges = jsoftmax.reliability_diagram(probs, labels, num_bins=num_bins).edges
+        np.testing.assert_array_equal(edges, reference.bin_edges(num_bins).astype(np.float32))
+
+
+def test_mce_keeps_a_nan_at_many_bins_and_bin_accuracy_is_exact():
+    # A NaN row at thousands of bins, where XLA's CPU max may drop it.
+    nan_row = np.array([[np.nan, 0.5], [0.9, 0.1]], np.float32)
+    assert np.isnan(jsoftmax.maximum_calibration_error(nan_row, [0, 0], num_bins=5000))
+    # A bin's accuracy is its hits over its rows: exactly 1 for hits only.
+    c = np.array([0.85, 0.79, 0.87], np.float32)
+    diagram = jsoftmax.reliability_diagram(np.stack([c, 1 - c], 1), np.zeros(3, int), num_bins=1)
+    np.testing.assert_array_equal(diagram.accuracy, [1.0])
 
 
 def test_adaptive_bins_split_tied_confidences_by_their_mean_whatever_the_row_order():
