@@ -460,9 +460,7 @@ def _fit_affine(logits, labels, where, kind, penalties):
 
 def _penalty(fname, name, value):
     """A non-negative regularisation strength: checked when concrete, NaN when traced and bad."""
-    value = jnp.asarray(value)
-    if not (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)):
-        raise TypeError(f"{fname}: {name} must be a real number, got dtype {value.dtype}")
+    value = _checks.real(fname, name, value)
     if value.ndim != 0:
         raise ValueError(f"{fname}: {name} must be a scalar, got shape {value.shape}")
     if not _checks.is_traced(value) and not (float(value) >= 0 and float(value) < float("inf")):

@@ -31,6 +31,23 @@ def floating(fname: str, name: str, x: ArrayLike) -> jax.Array:
     return x
 
 
+def real(fname: str, name: str, value: Any) -> jax.Array:
+    """Returns ``value`` as an integer or floating array, raising ``TypeError`` naming it
+    otherwise (a string, None, a boolean, a complex number)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # a Python int past int32 is still a number
+    try:  # (a string would read as a dtype's name)
+        x = None if isinstance(value, str | bytes) else jnp.asarray(value)
+    except (TypeError, ValueError):
+        x = None
+    if x is None or not (
+        jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
+    ):
+        got = f"dtype {x.dtype}" if x is not None else repr(value)
+        raise TypeError(f"{fname}: {name} must be a real number or array, got {got}")
+    return x
+
+
 def probabilities(fname: str, name: str, x: ArrayLike, dtype=None) -> jax.Array:
     """Returns ``x`` as a floating array: integer or boolean (one-hot) labels become
     ``dtype`` (JAX's default float if None), as optax's arithmetic promotes them."""
@@ -184,14 +201,7 @@ def temperature(
     ``dtype`` (1e-50 is 0 in float32, and so is a subnormal); traced ones that
     are not become NaN, so the affected rows come out NaN.
     """
-    try:  # (a string would read as a dtype's name)
-        t = None if isinstance(value, str | bytes) else jnp.asarray(value)
-    except TypeError:
-        t = None
-    if t is None:
-        raise TypeError(f"{fname}: temperature must be a real array, got {value!r}")
-    if not (jnp.issubdtype(t.dtype, jnp.floating) or jnp.issubdtype(t.dtype, jnp.integer)):
-        raise TypeError(f"{fname}: temperature must be real, got dtype {t.dtype}")
+    t = real(fname, "temperature", value)
     if t.ndim > len(shape):
         raise ValueError(f"{fname}: temperature has shape {t.shape}, more axes than x {shape}")
     padded = (1,) * (len(shape) - t.ndim) + t.shape
@@ -213,4 +223,4 @@ def temperature(
                 f"{concrete.ravel()[:8]}"
             )
     t = t.astype(dtype)
-    return jnp.where((t > 0) & jnp.isfinite(t), t, jnp.nan)
+    return jnp.where((t >= jnp.finfo(dtype).tiny) & jnp.isfinite(t), t, jnp.nan)

@@ -253,7 +253,7 @@ def _hyper(fname, name, value, low, high=np.inf, within=None):
     """A scalar hyperparameter (or one broadcastable to the shape of the array named in
     ``within``, a ``(name, shape)``): range-checked when concrete, NaN where traced and out of
     range."""
-    value = jnp.asarray(value)
+    value = _checks.real(fname, name, value)
     if within is None and value.ndim:
         raise ValueError(f"{fname}: {name} must be a scalar, got shape {value.shape}")
     if within is not None and not _checks.broadcasts_to(value.shape, within[1]):
@@ -509,6 +509,9 @@ def _integer_inputs(fname, logits, labels, axis, where, class_weights, ignore_in
     """Validates an integer-label loss's data: returns the logits with one class axis last,
     the labels, the mask and the class weights (see :func:`_class_last`)."""
     z, where, axes, _ = _class_last(fname, logits, axis, where)
+    # A masked row is padding: its label is not checked (reduced on the device, a full
+    # mask is not copied out).
+    rows = None if where is None else jnp.broadcast_to(jnp.any(where, -1), z.shape[:-1])
     labels = _checks.integer_labels(
         fname,
         labels,
@@ -516,6 +519,7 @@ def _integer_inputs(fname, logits, labels, axis, where, class_weights, ignore_in
         z.shape[-1],
         f"logits {z.shape[:-1]} + classes with axis={axes}",
         ignore_index,
+        kept=rows,
     )
     num_classes = z.shape[-1]
     if class_weights is not None:
@@ -537,13 +541,15 @@ def _per_label(loss_of, labels, num_classes, weights, ignore, reduction):
     """An integer-label loss's rules around its kernel ``loss_of(safe_labels) -> (loss, kept)``.
 
     Ignored rows cost 0 and do not count, out-of-range (traced) labels make
-    their row NaN, and "mean" divides by the counting rows' ``w_y``.
+    their row NaN unless the row keeps no class (padding), and "mean" divides
+    by the counting rows' ``w_y``.
     """
     ignored = (labels == ignore) if ignore is not None else jnp.zeros(labels.shape, bool)
     bad = ((labels < 0) | (labels >= num_classes)) & ~ignored
     safe_labels = jnp.where(ignored | bad, 0, labels)
     loss, kept = loss_of(safe_labels)
     counts = kept & ~ignored
+    bad = bad & kept
     loss = jnp.where(counts, loss, 0.0)
     loss = loss * jnp.where(bad, jnp.nan, 1.0)  # NaN with a NaN gradient, this row only
     weight = 1.0 if weights is None else weights[safe_labels]

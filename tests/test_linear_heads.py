@@ -278,7 +278,7 @@ def test_log_probs_errors():
         f(hidden, weight, np.array([0, 10, 0, 0, 0, 0]))
     with pytest.raises(ValueError, match="temperature must be positive and finite"):
         f(hidden, weight, labels, temperature=0.0)
-    with pytest.raises(TypeError, match="temperature must be a real array, got 'a'"):
+    with pytest.raises(TypeError, match="temperature must be a real number or array, got 'a'"):
         f(hidden, weight, labels, temperature="a")
     with pytest.raises(ValueError, match=r"temperature must be a scalar, got shape \(2,\)"):
         f(hidden, weight, labels, temperature=np.ones(2))

@@ -473,6 +473,28 @@ def test_traced_out_of_range_label_is_nan_in_its_row_only():
     assert np.isnan(mean)
 
 
+@pytest.mark.parametrize("loss", ["ce", "focal"])
+@pytest.mark.parametrize("mask", ["rows", "classes"])
+def test_a_masked_row_may_hold_any_label(loss, mask):
+    # Padding rows often hold -1 or -100: masked, their label is never read (optax's rule).
+    fn = ce_int if loss == "ce" else jsoftmax.softmax_focal_loss
+    logits, labels = data()
+    padded = labels.copy()
+    padded[[2, 5]] = [-1, K + 3]
+    where = np.ones(N, bool)
+    where[[2, 5]] = False
+    if mask == "classes":
+        where = np.broadcast_to(where[:, None], (N, K))
+
+    def mean(x, y, w):
+        return fn(x, y, where=w, reduction="mean")
+
+    want = mean(logits, labels, where)
+    for tx in (lambda f: f, jax.jit):  # a concrete mask, then a traced one
+        close(tx(mean)(logits, padded, where), want)
+        close(tx(jax.grad(mean))(logits, padded, where), jax.grad(mean)(logits, labels, where))
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
 @pytest.mark.parametrize("fn", ["int", "dense"])
 def test_nan_logit_poisons_its_row_only(fn, alpha):
@@ -867,3 +889,24 @@ def test_core_check_grads_with_every_option(x64):
         check_grads_order_two(f, (jnp.asarray(logits, jnp.float64),))
         g = jax.jit(lambda x: ce_dense(x, q, label_smoothing=0.1, z_loss=1e-2))
         check_grads_order_two(g, (jnp.asarray(logits, jnp.float64),))
+
+
+@pytest.mark.parametrize("value", [None, "0.1", True, 1j])
+@pytest.mark.parametrize(
+    "fn, name",
+    [(ce_int, "label_smoothing"), (ce_int, "z_loss"), (jsoftmax.softmax_focal_loss, "gamma")],
+)
+def test_a_hyperparameter_that_is_not_a_number_raises_type_error_naming_it(fn, name, value):
+    logits, labels = data()
+    # gamma may be a string, "flsd-53": any other is a ValueError.
+    error = ValueError if name == "gamma" and isinstance(value, str) else TypeError
+    with pytest.raises(error, match=rf"{name} must be a (real )?number"):
+        fn(logits, labels, **{name: value})
+
+
+def test_a_python_int_past_int32_is_a_number():
+    logits, labels = data()
+    big = jsoftmax.softmax_focal_loss(logits, labels, gamma=2**40)
+    np.testing.assert_array_equal(big, jsoftmax.softmax_focal_loss(logits, labels, gamma=2.0**40))
+    hot = jsoftmax.softmax(logits, temperature=2**40)
+    np.testing.assert_array_equal(hot, jsoftmax.softmax(logits, temperature=2.0**40))

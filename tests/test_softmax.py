@@ -323,8 +323,8 @@ def test_temperature_shape_must_keep_reduced_axes_size_one(name):
 @NORMALISERS
 def test_traced_bad_temperature_gives_nan_rows(name):
     f = jax.jit(lambda x, t: FUNCS[name][0](x, temperature=t))
-    out = np.asarray(f(jnp.ones((3, 2)), jnp.array([[1.0], [0.0], [-2.0]])))
-    assert np.isfinite(out[0]).all() and np.isnan(out[1:]).all()
+    out = np.asarray(f(jnp.ones((4, 2)), jnp.array([[1.0], [0.0], [-2.0], [1e-40]])))
+    assert np.isfinite(out[0]).all() and np.isnan(out[1:]).all()  # 1e-40: a subnormal
 
 
 @ALL
