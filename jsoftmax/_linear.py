@@ -26,6 +26,7 @@ gradient with respect to ``hidden`` is summed over the shards.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -721,7 +722,7 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
         dz = dz - jnp.where(kept, (uniform * r)[:, None], 0.0)
     if config.softcap is not None:
         dz = dz * _capped_slope(z, config.softcap)
-    return (loss,), dz, None
+    return (loss,), _counted(counts, dz), None
 
 
 def _log_probs_head(config, z, t, labels, counts, hyper, cts):
@@ -749,6 +750,7 @@ def _log_probs_head(config, z, t, labels, counts, hyper, cts):
     dx = _at_label(index, g[0], d) - g[0][:, None] * p
     if config.entropy:
         dx = dx - g[1][:, None] * p * (finite - mean[:, None])
+    dx = _counted(counts, dx)
     x = jnp.where(jnp.isfinite(z), z, 0.0) / temperature
     d_temperature = -jnp.sum(dx * jnp.where(certain[:, None], x, finite)) / temperature
     return outputs, dx / temperature, d_temperature
@@ -794,7 +796,13 @@ def _distillation_head(config, z, t, labels, counts, hyper, cts):
         dx = _weighted(q, log_q - log_p - kl[:, None])
     else:
         dx = (1 - beta) * _weighted(q, log_q - log_m - kl_qm[:, None])
-    return (loss,), r[:, None] * dx, None
+    return (loss,), _counted(counts, r[:, None] * dx), None
+
+
+def _counted(counts, dz):
+    """``dz`` with the rows of the tokens that do not count 0: their cotangent is 0, but
+    their probabilities may be NaN (every logit ``-inf``, a NaN teacher on padding)."""
+    return jnp.where(counts[:, None], dz, 0.0)
 
 
 def _distribution(config, z, temperature):
@@ -910,7 +918,7 @@ def _scan(config, h, params, teacher, rows, hyper, cts):
         return jax.tree.map(jnp.add, carry, tuple(sums)), (values, dh)
 
     def unchunked(x):
-        return x.reshape(-1, *x.shape[2:])[:n]
+        return x.reshape(steps * size, *x.shape[2:])[:n]
 
     if cts is None:
         return jax.tree.map(unchunked, lax.scan(body, (), xs)[1]), None
@@ -935,11 +943,12 @@ def _scan(config, h, params, teacher, rows, hyper, cts):
 def _call(config, hidden, params, teacher, labels, where, ignore, hyper, reduction, token_args=()):
     """Flattens the tokens; the per-token values (a tuple) for "none", else their reduction."""
     shape = hidden.shape[:-1]
-    h = hidden.reshape(-1, hidden.shape[-1])
+    tokens = math.prod(shape)  # (not -1, which a hidden size of 0 leaves undetermined)
+    h = hidden.reshape(tokens, hidden.shape[-1])
     t_hidden = None
     if teacher is not None:
         t_hidden, *teacher = teacher
-        t_hidden, teacher = t_hidden.reshape(-1, t_hidden.shape[-1]), tuple(teacher)
+        t_hidden, teacher = t_hidden.reshape(tokens, t_hidden.shape[-1]), tuple(teacher)
     counts = jnp.ones(h.shape[:1], bool) if where is None else where.reshape(-1)
     if labels is not None:
         labels = labels.reshape(-1)

@@ -251,6 +251,14 @@ def test_empty_mean_is_zero_with_zero_gradients():
     assert all(not np.any(g) for g in grads)
 
 
+def test_a_hidden_size_of_zero_leaves_the_bias():
+    _, _, bias, labels, where = problem(8, 0, 10)
+    hidden, weight = np.zeros((2, 4, 0), np.float32), np.zeros((0, 10), np.float32)
+    labels, where = labels.reshape(2, 4), where.reshape(2, 4)
+    args = (hidden, weight, bias, labels, where)
+    assert_same(value_and_grads(fused, *args), value_and_grads(unfused, *args))
+
+
 def test_traced_out_of_range_label_makes_its_row_nan():
     hidden, weight, bias, labels, _ = problem(6, 4, 10)
     labels[2] = 10

@@ -650,6 +650,44 @@ def test_distillation_nan_logit_poisons_its_token(divergence, side):
     assert np.isnan(grad[1]).all() and np.isfinite(np.delete(grad, 1, axis=0)).all()
 
 
+@pytest.mark.parametrize(
+    "head", ["cross_entropy", "ignored", "log_probs", "log_probs_loss", *DIVERGENCES]
+)
+def test_a_token_that_does_not_count_gives_no_gradient_whatever_it_holds(head):
+    # Token 2 does not count; its logits are all -inf (its hidden state overflows the
+    # product) or, in distillation, its teacher's are NaN: a padding position's. Its
+    # zero cotangent times those rows' NaN probabilities reached dW.
+    h, w, b, y, _ = problem(6, 3, 10, seed=5)
+    w[0] = -2.0 - np.abs(w[0])
+    h[2] = [3e38, 0.0, 0.0]
+    t_h, t_w, t_b = teacher(6, 4, 10, seed=5)
+    t_h[2] = np.nan
+    where = np.arange(6) != 2
+
+    def total(h, w, b, rows):  # the tokens ``rows`` only
+        y_, keep, t_h_ = y[rows], where[rows], t_h[rows]
+        if head in ("cross_entropy", "ignored"):
+            if head == "ignored":
+                y_, keep = np.where(keep, y_, -100), None
+            out = fused(h, w, b, y_, keep, ignore_index=-100, reduction="sum")
+        elif head == "log_probs":
+            out = fused_log_probs(h, w, b, y_, keep, entropy=True)[1]
+        elif head == "log_probs_loss":
+            args = tuple(a[rows] for a in policy_args(y))
+            out = jsoftmax.linear_log_probs_loss(
+                h, w, y_, grpo, args, bias=b, where=keep, with_entropy=True, reduction="sum"
+            )
+        else:
+            out = fused_distillation(h, w, b, t_h_, t_w, t_b, keep, divergence=head)
+        return jnp.sum(out)
+
+    grads = jax.grad(total, argnums=(0, 1, 2))(h, w, b, np.arange(6))
+    kept = jax.grad(total, argnums=(0, 1, 2))(h[where], w, b, np.flatnonzero(where))
+    np.testing.assert_array_equal(grads[0][2], 0.0)
+    assert_same(np.delete(grads[0], 2, axis=0), kept[0])
+    assert_same(grads[1:], kept[1:])
+
+
 def test_distillation_errors():
     s_h, s_w, _, _, where = problem(6, 4, 10)
     t_h, t_w, _ = teacher(6, 5, 10, seed=0)
