@@ -158,17 +158,22 @@ def _bounds(fname, bounds, dtype):
     return low, high
 
 
+def _power_of_two_above(x: jax.Array) -> jax.Array:
+    """A power of two ``c`` about ``max |x|`` over the finite entries (1 if all are 0):
+    ``x / c`` is exact and within [-2, 2], and sums of it do not overflow."""
+    amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), initial=0.0)
+    exponent = jnp.minimum(jnp.ceil(jnp.log2(amax)), jnp.finfo(x.dtype).maxexp - 1)
+    return jnp.where(amax > 0, jnp.exp2(exponent), 1.0).astype(x.dtype)
+
+
 @jax.jit
 def _fit(logits, labels, where, low, high):
     dtype = _checks.compute_dtype(logits.dtype)
     # A certain row's likelihood is the same at every temperature: it adds nothing.
     x, where, n, nan_if_bad, certain = _fit_rows(logits.astype(dtype), labels, where, True)
     n = n.astype(dtype)
-    # A power of two c ~ max |x| (of the kept rows) makes u = x / c exact and |u| <= 2,
-    # so beta * u cannot overflow where beta * x would.
-    amax = jnp.max(jnp.where(jnp.isfinite(x) & where[:, None], jnp.abs(x), 0.0), initial=0.0)
-    exponent = jnp.minimum(jnp.ceil(jnp.log2(amax)), jnp.finfo(dtype).maxexp - 1)
-    c = jnp.where(amax > 0, jnp.exp2(exponent), 1.0).astype(dtype)
+    # beta * u cannot overflow where beta * x would.
+    c = _power_of_two_above(jnp.where(where[:, None], x, 0.0))
     u = x / c
     d = u - jnp.max(u, axis=1, keepdims=True)  # <= 0; -inf for impossible classes
     d_label = jnp.take_along_axis(d, labels[:, None], axis=1, mode="clip")

@@ -45,6 +45,7 @@ from jsoftmax._calibration import (
     _certain,
     _fit_rows,
     _mean,
+    _power_of_two_above,
     _rows,
     _scale,
 )
@@ -52,6 +53,7 @@ from jsoftmax._calibration import _num_bins as _checked_num_bins
 
 _MAX_ITERATIONS = 500
 _HISTORY = 10
+_START_SPREAD = 16.0
 # calibrate's per-row values that reverse mode keeps (jax.checkpoint_name).
 _ROW = "jsoftmax_row"
 _GRADIENT_TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.float64): 1e-9}
@@ -176,23 +178,36 @@ def calibrate(calibrator: Calibrator, logits: ArrayLike) -> jax.Array:
     logits = _checks.floating(fname, "logits", logits)
     if logits.ndim == 0:
         raise ValueError(f"{fname}: logits must have a class axis, got shape ()")
-    num_classes = _num_classes(calibrator)
-    if num_classes not in (None, logits.shape[-1]):
-        raise ValueError(
-            f"{fname}: logits has {logits.shape[-1]} classes (shape {logits.shape}) but the "
-            f"calibrator was fitted on {num_classes}"
-        )
+    _check_shapes(fname, calibrator, logits.shape)
     flat = logits.reshape(-1, logits.shape[-1])
     return _apply(calibrator, flat).reshape(logits.shape)
 
 
-def _num_classes(calibrator) -> int | None:
-    """The number of classes a calibrator was fitted on (None: it applies to any)."""
-    if isinstance(calibrator, EnsembleTemperature):
-        return None
-    if isinstance(calibrator, HistogramBinning | IsotonicCalibration):
-        return jnp.shape(calibrator[0])[0]
-    return jnp.shape(calibrator.bias)[-1]
+def _check_shapes(fname, calibrator, shape):
+    """Raises ``ValueError`` unless the calibrator's arrays have the shapes that logits of
+    ``shape`` need (one calibrator: a stacked one applies under ``jax.vmap``)."""
+    k = shape[-1]
+    n = None  # any length, the same in every array that has it
+    if isinstance(calibrator, VectorScaling):
+        needs = ((k,), (k,))
+    elif isinstance(calibrator, MatrixScaling | DirichletCalibration):
+        needs = ((k, k), (k,))
+    elif isinstance(calibrator, EnsembleTemperature):
+        needs = ((), (3,))
+    elif isinstance(calibrator, HistogramBinning):
+        needs = ((k, n),)
+    else:
+        needs = ((k, n), (k, n), ())
+    free = set()
+    for field, need in zip(calibrator._fields, needs, strict=True):
+        got = jnp.shape(getattr(calibrator, field))
+        pairs = list(zip(got, need, strict=True)) if len(got) == len(need) else None
+        free |= {g for g, w in pairs or () if w is None}
+        if pairs is None or any(w not in (g, None) for g, w in pairs) or len(free) > 1:
+            raise ValueError(
+                f"{fname}: {type(calibrator).__name__}.{field} has shape {got} but logits "
+                f"{shape} need {str(need).replace('None', 'n')}"
+            )
 
 
 @jax.jit
@@ -282,8 +297,9 @@ def _uniform(possible, dtype):
 
 
 def _log_softmax(z, possible):
-    """``log_softmax`` over the possible classes (``-inf`` elsewhere)."""
-    z = jnp.where(possible, z, -jnp.inf)
+    """``log_softmax`` over the possible classes (``-inf`` elsewhere); a calibrated logit
+    past the float range (``+inf``) makes its row certain, as in :func:`jsoftmax.softmax`."""
+    z = _certain(jnp.where(possible, z, -jnp.inf))[0]
     return z - checkpoint_name(jax.scipy.special.logsumexp(z, axis=-1, keepdims=True), _ROW)
 
 
@@ -410,7 +426,7 @@ def _prepared(logits, labels, where, likelihood=False):
 
 @functools.partial(jax.jit, static_argnames=("kind",))
 def _fit_affine(logits, labels, where, kind, penalties):
-    """Vector, matrix or Dirichlet scaling: the penalised mean NLL minimised from the identity."""
+    """Vector, matrix or Dirichlet scaling: the penalised mean NLL minimised by L-BFGS."""
     x, possible, where, n, nan_if_bad, certain = _prepared(logits, labels, where, True)
     k = x.shape[1]
     if kind == "dirichlet":
@@ -429,14 +445,23 @@ def _fit_affine(logits, labels, where, kind, penalties):
     # in N, and nothing else of it enters.
     scored = where & ~certain
     m = jnp.sum(scored, dtype=n.dtype)
-    mean = _mean(jnp.sum(jnp.where(scored[:, None], features, 0.0), axis=0), m)
-    deviation = jnp.where(scored[:, None], (features - mean) ** 2, 0.0)
+    # The moments in units of a power of two bounding the features: no sum overflows (1e19).
+    unit = _power_of_two_above(jnp.where(scored[:, None], features, 0.0))
+    scaled = features / unit
+    mean = _mean(jnp.sum(jnp.where(scored[:, None], scaled, 0.0), axis=0), m)
+    deviation = jnp.where(scored[:, None], (scaled - mean) ** 2, 0.0)
     variance = _mean(jnp.sum(deviation, axis=0), m)
-    spread = jnp.where(variance > 0, jnp.sqrt(variance), 1.0)  # a constant feature keeps its scale
-    standard = (features - mean) / spread
+    # A constant feature keeps its scale (spread 1).
+    spread = jnp.where(variance > 0, jnp.sqrt(variance) * unit, 1.0)
+    standard = (scaled - mean) * (unit / spread)
+    mean = mean * unit
     by_row = spread if kind == "vector" else spread[:, None]
-    identity = jnp.ones(k, x.dtype) if kind == "vector" else eye
-    flat0, unflatten = ravel_pytree((identity * by_row, linear(identity, mean)))
+    # From the identity, scaled down where a feature spreads past _START_SPREAD: far
+    # wider logits make every row's float32 NLL linear there, L-BFGS found no curvature
+    # and stopped by the identity (mean NLL 74 for 0.45 at logits of about 1000).
+    start = jnp.minimum(1.0, _START_SPREAD / spread)
+    start = start if kind == "vector" else eye * start[:, None]
+    flat0, unflatten = ravel_pytree((start * by_row, linear(start, mean)))
 
     def weight_and_bias(v, c):
         w = v / by_row

@@ -93,6 +93,24 @@ def test_affine_fits_in_float32_are_near_the_float64_optimum(kind):
     assert f(flat(ours)) - best < 1e-5
 
 
+@pytest.mark.parametrize("scale", [1e3, 1e4, 1e19])
+@pytest.mark.parametrize("kind", ["vector", "matrix"])
+def test_affine_fits_do_not_depend_on_the_logits_scale(kind, scale):
+    # (a / s, b) fits s x as (a, b) fits x. At 1e3 every row's NLL was linear in float32
+    # (no curvature), and the search stopped by the identity: NLL 74 for 0.45; at 1e19 the
+    # features' variance overflowed (NaN).
+    logits, labels = miscalibrated(60, 3, seed=4)
+    fit = FITS[kind][0]
+    f = functools.partial(objective, kind, logits, labels)
+    with jax.enable_x64(True):
+        best = f(flat(fit(logits, labels)))
+    ours = flat(fit((scale * logits).astype(np.float32), labels))
+    k = logits.shape[1]
+    weights = k if kind == "vector" else k * k
+    ours[:weights] *= scale
+    assert f(ours) - best < 1e-4
+
+
 @pytest.mark.parametrize("tx", TRANSFORMS)
 @pytest.mark.parametrize("kind", FITS)
 def test_calibrate_applies_the_affine_map(tx, kind):
@@ -502,6 +520,20 @@ def test_calibrate_keeps_a_nan_row_nan_beside_infinities_at_every_size(fit):
     assert np.all(np.isfinite(np.delete(got, 5, 0)) | (np.delete(got, 5, 0) == -np.inf))
 
 
+def test_calibrate_past_the_float_range_follows_the_softmax():
+    # scale * x, x @ W or x / T past float32's range is +inf: those classes share the
+    # mass, as in jsoftmax.softmax (it was inf - inf = NaN).
+    x = jnp.array([[3e38, 0.0, 0.0], [2e38, 1e38, 0.0], [3e38, 3e38, 1.0]])
+    want = jsoftmax.softmax(x, temperature=0.5)
+    np.testing.assert_array_equal(want, [[1, 0, 0], [1, 0, 0], [0.5, 0.5, 0]])
+    for calibrator in [
+        jsoftmax.VectorScaling(jnp.full(3, 2.0), jnp.zeros(3)),
+        jsoftmax.MatrixScaling(2 * jnp.eye(3), jnp.zeros(3)),
+        jsoftmax.EnsembleTemperature(jnp.float32(0.5), jnp.array([1.0, 0.0, 0.0])),
+    ]:
+        np.testing.assert_array_equal(jnp.exp(jsoftmax.calibrate(calibrator, x)), want)
+
+
 @pytest.mark.parametrize("fit", ALL_FITS)
 def test_calibrate_keeps_the_edge_rows(fit):
     logits, labels = edge_data()
@@ -653,8 +685,17 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match="bounds must satisfy"):
         jsoftmax.fit_ensemble_temperature(logits, labels, bounds=(2.0, 1.0))
     fitted = jsoftmax.fit_vector_scaling(logits, labels)
-    with pytest.raises(ValueError, match=r"logits has 4 classes \(shape \(2, 4\)\) but the"):
+    with pytest.raises(
+        ValueError, match=r"VectorScaling.scale has shape \(3,\) but logits \(2, 4\) need \(4,\)"
+    ):
         jsoftmax.calibrate(fitted, np.zeros((2, 4)))
+    # A stacked calibrator (of jax.vmap over fits) applies under jax.vmap only: it broadcast.
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a]), fitted)
+    with pytest.raises(ValueError, match=r"scale has shape \(2, 3\) but logits \(2, 3\) need"):
+        jsoftmax.calibrate(stacked, logits[:2])
+    isotonic = jax.tree.map(lambda a: jnp.stack([a, a]), jsoftmax.fit_isotonic(logits, labels))
+    with pytest.raises(ValueError, match=r"IsotonicCalibration.thresholds has shape \(2, 3, 50\)"):
+        jsoftmax.calibrate(isotonic, logits)
     with pytest.raises(TypeError, match="calibrator must be one of the fit_"):
         jsoftmax.calibrate((1.0, 2.0), logits)
     # Leading axes are kept; the ensemble applies to any number of classes.
