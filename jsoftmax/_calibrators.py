@@ -37,7 +37,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _cpu
+from jsoftmax import _checks, _cpu, _losses
 from jsoftmax._calibration import (
     _bin_index,
     _bin_sums,
@@ -298,9 +298,13 @@ def _uniform(possible, dtype):
 
 def _log_softmax(z, possible):
     """``log_softmax`` over the possible classes (``-inf`` elsewhere); a calibrated logit
-    past the float range (``+inf``) makes its row certain, as in :func:`jsoftmax.softmax`."""
-    z = _certain(jnp.where(possible, z, -jnp.inf))[0]
-    return z - checkpoint_name(jax.scipy.special.logsumexp(z, axis=-1, keepdims=True), _ROW)
+    past the float range (``+inf``) makes its row certain, as in :func:`jsoftmax.softmax`.
+    Shifted by the row's max before the sum (``z - logsumexp(z)`` rounds: 1e8 and 1e8
+    gave 0 and 0)."""
+    z, top = _certain(jnp.where(possible, z, -jnp.inf))
+    m = checkpoint_name(lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0)), _ROW)
+    shifted = z - m
+    return shifted - checkpoint_name(jnp.log(jnp.sum(jnp.exp(shifted), -1, keepdims=True)), _ROW)
 
 
 def _features(x):
@@ -405,11 +409,13 @@ def _minimize(fun, x0):
 
 
 def _mean_nll(z, possible, labels, where, n):
-    """The mean over kept rows of ``-log_softmax(z)[label]``, impossible classes excluded."""
-    z = jnp.where(possible, z, -jnp.inf)
-    z_label = jnp.take_along_axis(z, labels[:, None], axis=1, mode="clip")[:, 0]
-    nll = jax.scipy.special.logsumexp(z, axis=1) - z_label
-    return jnp.sum(jnp.where(where, nll, 0.0)) / jnp.maximum(n, 1)
+    """The mean over kept rows of ``-log_softmax(z)[label]``, impossible classes excluded:
+    the cross-entropy's kernel (its gradient one fused pass; 15% faster than autodiff's)."""
+    labels = jnp.where(where, labels, 0)  # (a padding row's label may be out of range)
+    nll = _losses.softmax_cross_entropy_with_integer_labels(
+        z, labels, where=possible & where[:, None], reduction="sum"
+    )
+    return nll / jnp.maximum(n, 1)
 
 
 def _prepared(logits, labels, where, likelihood=False):
@@ -456,12 +462,13 @@ def _fit_affine(logits, labels, where, kind, penalties):
     standard = (scaled - mean) * (unit / spread)
     mean = mean * unit
     by_row = spread if kind == "vector" else spread[:, None]
-    # From the identity, scaled down where a feature spreads past _START_SPREAD: far
-    # wider logits make every row's float32 NLL linear there, L-BFGS found no curvature
-    # and stopped by the identity (mean NLL 74 for 0.45 at logits of about 1000).
+    # From the identity on the centred features, scaled down where a feature spreads
+    # past _START_SPREAD: at the identity itself, logits of about 1000, or one class's
+    # 1000 above the others, make every row's float32 NLL linear, and L-BFGS found no
+    # curvature there (mean NLL 74 for 0.45).
     start = jnp.minimum(1.0, _START_SPREAD / spread)
     start = start if kind == "vector" else eye * start[:, None]
-    flat0, unflatten = ravel_pytree((start * by_row, linear(start, mean)))
+    flat0, unflatten = ravel_pytree((start * by_row, jnp.zeros(k, x.dtype)))
 
     def weight_and_bias(v, c):
         w = v / by_row
@@ -472,15 +479,23 @@ def _fit_affine(logits, labels, where, kind, penalties):
         w, b = weight_and_bias(v, c)
         loss = _mean_nll(linear(v, standard) + c, possible, labels, scored, n)
         if kind == "matrix":
-            loss = loss + penalties[0] * (jnp.sum((w - eye) ** 2) + jnp.sum(b**2))
+            loss = loss + _penalised(penalties[0], jnp.sum((w - eye) ** 2) + jnp.sum(b**2))
         elif kind == "dirichlet":
             off = jnp.sum((w * (1 - eye)) ** 2) / max(k * (k - 1), 1)
-            loss = loss + penalties[0] * off + penalties[1] * jnp.sum(b**2) / k
+            loss = (
+                loss + _penalised(penalties[0], off) + _penalised(penalties[1], jnp.sum(b**2) / k)
+            )
         return loss
 
     # A traced bad penalty (NaN) stalls the search at the identity: the fit is NaN.
     nan_if_bad = nan_if_bad * jnp.where(jnp.isnan(sum(penalties, 0.0)), jnp.nan, 1.0)
     return weight_and_bias(*unflatten(_minimize(objective, flat0) * nan_if_bad))
+
+
+def _penalised(strength, term):
+    """``strength * term``, 0 at strength 0 even where the term overflows (``0 * inf``:
+    matrix scaling's weights reach 1e30 for logits of 1e-30)."""
+    return jnp.where(strength > 0, strength * term, 0.0)
 
 
 def _penalty(fname, name, value):

@@ -34,8 +34,11 @@ def floating(fname: str, name: str, x: ArrayLike) -> jax.Array:
 def real(fname: str, name: str, value: Any) -> jax.Array:
     """Returns ``value`` as an integer or floating array, raising ``TypeError`` naming it
     otherwise (a string, None, a boolean, a complex number)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)  # a Python int past int32 is still a number
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        try:  # an integer past int32 is still a number (JAX would wrap or refuse it)
+            value = float(value)
+        except OverflowError:
+            raise ValueError(f"{fname}: {name} is past the float range, got {value}") from None
     try:  # (a string would read as a dtype's name)
         x = None if isinstance(value, str | bytes) else jnp.asarray(value)
     except (TypeError, ValueError):

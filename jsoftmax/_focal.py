@@ -371,4 +371,4 @@ def _focal_loss(x, labels, where, weights, alpha, gamma, smooth, flsd, ignore, s
     def loss_of(safe_labels):
         return _focal(x, where, safe_labels, weights, alpha, gamma, options)
 
-    return _per_label(loss_of, labels, x.shape[-1], weights, ignore, reduction)
+    return _per_label(loss_of, labels, where, x.shape[-1], weights, ignore, reduction)

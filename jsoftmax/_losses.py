@@ -502,7 +502,7 @@ def _integer_loss(
     def loss_of(safe_labels):
         return _cross_entropy(x, where, safe_labels, weights, alpha, z_loss, options)
 
-    return _per_label(loss_of, labels, x.shape[-1], weights, ignore, reduction)
+    return _per_label(loss_of, labels, where, x.shape[-1], weights, ignore, reduction)
 
 
 def _integer_inputs(fname, logits, labels, axis, where, class_weights, ignore_index):
@@ -537,19 +537,20 @@ def _integer_inputs(fname, logits, labels, axis, where, class_weights, ignore_in
     return z, labels, where, class_weights
 
 
-def _per_label(loss_of, labels, num_classes, weights, ignore, reduction):
+def _per_label(loss_of, labels, where, num_classes, weights, ignore, reduction):
     """An integer-label loss's rules around its kernel ``loss_of(safe_labels) -> (loss, kept)``.
 
     Ignored rows cost 0 and do not count, out-of-range (traced) labels make
-    their row NaN unless the row keeps no class (padding), and "mean" divides
-    by the counting rows' ``w_y``.
+    their row NaN unless ``where`` masks the whole row (padding), and "mean"
+    divides by the counting rows' ``w_y``.
     """
     ignored = (labels == ignore) if ignore is not None else jnp.zeros(labels.shape, bool)
     bad = ((labels < 0) | (labels >= num_classes)) & ~ignored
     safe_labels = jnp.where(ignored | bad, 0, labels)
+    if where is not None:
+        bad = bad & jnp.any(where, -1)
     loss, kept = loss_of(safe_labels)
     counts = kept & ~ignored
-    bad = bad & kept
     loss = jnp.where(counts, loss, 0.0)
     loss = loss * jnp.where(bad, jnp.nan, 1.0)  # NaN with a NaN gradient, this row only
     weight = 1.0 if weights is None else weights[safe_labels]

@@ -93,22 +93,22 @@ def test_affine_fits_in_float32_are_near_the_float64_optimum(kind):
     assert f(flat(ours)) - best < 1e-5
 
 
-@pytest.mark.parametrize("scale", [1e3, 1e4, 1e19])
+@pytest.mark.parametrize("scale, offset", [(1e4, 0), (1e19, 0), (1e-30, 0), (1, 1e3)])
 @pytest.mark.parametrize("kind", ["vector", "matrix"])
-def test_affine_fits_do_not_depend_on_the_logits_scale(kind, scale):
-    # (a / s, b) fits s x as (a, b) fits x. At 1e3 every row's NLL was linear in float32
-    # (no curvature), and the search stopped by the identity: NLL 74 for 0.45; at 1e19 the
-    # features' variance overflowed (NaN).
+def test_affine_fits_do_not_depend_on_the_logits_scale_or_offsets(kind, scale, offset):
+    # (a / s, b - a o) fits s x + o as (a, b) fits x. At 1e4, or with one class's logits
+    # 1000 above the others, every row's float32 NLL was linear at the start and the search
+    # stopped there (no curvature); at 1e19 the features' variance overflowed (NaN); at
+    # 1e-30 matrix scaling's penalty term, 0 * inf, stalled it.
     logits, labels = miscalibrated(60, 3, seed=4)
     fit = FITS[kind][0]
     f = functools.partial(objective, kind, logits, labels)
     with jax.enable_x64(True):
         best = f(flat(fit(logits, labels)))
-    ours = flat(fit((scale * logits).astype(np.float32), labels))
-    k = logits.shape[1]
-    weights = k if kind == "vector" else k * k
-    ours[:weights] *= scale
-    assert f(ours) - best < 1e-4
+    shifted = logits.copy()
+    shifted[:, 0] += offset
+    ours = fit((scale * shifted).astype(np.float32), labels)
+    assert objective(kind, scale * shifted, labels, flat(ours)) - best < 1e-4
 
 
 @pytest.mark.parametrize("tx", TRANSFORMS)
@@ -522,16 +522,20 @@ def test_calibrate_keeps_a_nan_row_nan_beside_infinities_at_every_size(fit):
 
 def test_calibrate_past_the_float_range_follows_the_softmax():
     # scale * x, x @ W or x / T past float32's range is +inf: those classes share the
-    # mass, as in jsoftmax.softmax (it was inf - inf = NaN).
-    x = jnp.array([[3e38, 0.0, 0.0], [2e38, 1e38, 0.0], [3e38, 3e38, 1.0]])
+    # mass, as in jsoftmax.softmax (it was inf - inf = NaN). Large finite logits are
+    # normalised shifted (1e8 and 1e8 gave 1 and 1).
+    x = jnp.array([[3e38, 0.0, 0.0], [2e38, 1e38, 0.0], [3e38, 3e38, 1.0], [5e7, 5e7, 0.0]])
     want = jsoftmax.softmax(x, temperature=0.5)
-    np.testing.assert_array_equal(want, [[1, 0, 0], [1, 0, 0], [0.5, 0.5, 0]])
+    np.testing.assert_array_equal(want, [[1, 0, 0], [1, 0, 0], [0.5, 0.5, 0], [0.5, 0.5, 0]])
     for calibrator in [
         jsoftmax.VectorScaling(jnp.full(3, 2.0), jnp.zeros(3)),
         jsoftmax.MatrixScaling(2 * jnp.eye(3), jnp.zeros(3)),
         jsoftmax.EnsembleTemperature(jnp.float32(0.5), jnp.array([1.0, 0.0, 0.0])),
     ]:
         np.testing.assert_array_equal(jnp.exp(jsoftmax.calibrate(calibrator, x)), want)
+    mixture = jsoftmax.EnsembleTemperature(jnp.float32(0.5), jnp.array([0.6, 0.3, 0.1]))
+    got = jnp.exp(jsoftmax.calibrate(mixture, x))
+    np.testing.assert_allclose(got, 0.9 * want + 0.1 / 3, rtol=1e-6)
 
 
 @pytest.mark.parametrize("fit", ALL_FITS)

@@ -493,6 +493,9 @@ def test_a_masked_row_may_hold_any_label(loss, mask):
     for tx in (lambda f: f, jax.jit):  # a concrete mask, then a traced one
         close(tx(mean)(logits, padded, where), want)
         close(tx(jax.grad(mean))(logits, padded, where), jax.grad(mean)(logits, labels, where))
+    # Unmasked, a row is no padding, even without a possible class: its bad label is NaN.
+    logits[2] = -np.inf
+    assert np.isnan(jax.jit(fn)(logits, padded)[2])
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
@@ -904,9 +907,12 @@ def test_a_hyperparameter_that_is_not_a_number_raises_type_error_naming_it(fn, n
         fn(logits, labels, **{name: value})
 
 
-def test_a_python_int_past_int32_is_a_number():
+def test_an_integer_past_int32_is_a_number():
     logits, labels = data()
     big = jsoftmax.softmax_focal_loss(logits, labels, gamma=2**40)
     np.testing.assert_array_equal(big, jsoftmax.softmax_focal_loss(logits, labels, gamma=2.0**40))
-    hot = jsoftmax.softmax(logits, temperature=2**40)
-    np.testing.assert_array_equal(hot, jsoftmax.softmax(logits, temperature=2.0**40))
+    for t in (2**40, np.int64(2**40)):  # (NumPy's wrapped to 0 without x64: NaN rows)
+        hot = jsoftmax.softmax(logits, temperature=t)
+        np.testing.assert_array_equal(hot, jsoftmax.softmax(logits, temperature=2.0**40))
+    with pytest.raises(ValueError, match="temperature is past the float range"):
+        jsoftmax.softmax(logits, temperature=10**400)
