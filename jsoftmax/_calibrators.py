@@ -451,24 +451,30 @@ def _fit_affine(logits, labels, where, kind, penalties):
     # in N, and nothing else of it enters.
     scored = where & ~certain
     m = jnp.sum(scored, dtype=n.dtype)
-    # The moments in units of a power of two bounding the features: no sum overflows (1e19).
+    # The moments in units of a power of two bounding the features (no sum overflows at
+    # 1e19), about a scored row's (a constant feature's variance is exactly 0, not the
+    # rounding of its mean: 1e4 in float64 read as spread 1e-13 and stalled the fit).
     unit = _power_of_two_above(jnp.where(scored[:, None], features, 0.0))
-    scaled = features / unit
+    ref = features[jnp.argmax(scored)] / unit
+    scaled = features / unit - ref
     mean = _mean(jnp.sum(jnp.where(scored[:, None], scaled, 0.0), axis=0), m)
     deviation = jnp.where(scored[:, None], (scaled - mean) ** 2, 0.0)
     variance = _mean(jnp.sum(deviation, axis=0), m)
     # A constant feature keeps its scale (spread 1).
     spread = jnp.where(variance > 0, jnp.sqrt(variance) * unit, 1.0)
     standard = (scaled - mean) * (unit / spread)
-    mean = mean * unit
+    mean = (mean + ref) * unit
     by_row = spread if kind == "vector" else spread[:, None]
-    # From the identity on the centred features, scaled down where a feature spreads
-    # past _START_SPREAD: at the identity itself, logits of about 1000, or one class's
-    # 1000 above the others, make every row's float32 NLL linear, and L-BFGS found no
-    # curvature there (mean NLL 74 for 0.45).
+    # From the identity, with each feature's spread and each class's offset from their
+    # mean cut to _START_SPREAD: at the identity itself, logits of about 1000, or one
+    # class's 1000 above the others, make every row's float32 NLL linear, and L-BFGS
+    # found no curvature there (mean NLL 74 for 0.45).
     start = jnp.minimum(1.0, _START_SPREAD / spread)
     start = start if kind == "vector" else eye * start[:, None]
-    flat0, unflatten = ravel_pytree((start * by_row, jnp.zeros(k, x.dtype)))
+    offset = linear(start, mean)
+    centre = jnp.mean(offset)
+    offset = centre + jnp.clip(offset - centre, -_START_SPREAD, _START_SPREAD)
+    flat0, unflatten = ravel_pytree((start * by_row, offset))
 
     def weight_and_bias(v, c):
         w = v / by_row

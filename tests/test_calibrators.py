@@ -93,22 +93,31 @@ def test_affine_fits_in_float32_are_near_the_float64_optimum(kind):
     assert f(flat(ours)) - best < 1e-5
 
 
-@pytest.mark.parametrize("scale, offset", [(1e4, 0), (1e19, 0), (1e-30, 0), (1, 1e3)])
+@pytest.mark.parametrize(
+    "scale, offset, constant",
+    [(1e4, 0, None), (1e19, 0, None), (1e-30, 0, None), (1, 1e3, None)] + [(1, 0, 1e4)],
+)
 @pytest.mark.parametrize("kind", ["vector", "matrix"])
-def test_affine_fits_do_not_depend_on_the_logits_scale_or_offsets(kind, scale, offset):
+def test_affine_fits_do_not_depend_on_the_logits_scale_or_offsets(kind, scale, offset, constant):
     # (a / s, b - a o) fits s x + o as (a, b) fits x. At 1e4, or with one class's logits
     # 1000 above the others, every row's float32 NLL was linear at the start and the search
     # stopped there (no curvature); at 1e19 the features' variance overflowed (NaN); at
-    # 1e-30 matrix scaling's penalty term, 0 * inf, stalled it.
+    # 1e-30 matrix scaling's penalty term, 0 * inf, stalled it. A class whose logit is the
+    # same in every row has a bias only (its spread, from the mean's rounding, was 1e-13).
     logits, labels = miscalibrated(60, 3, seed=4)
+    if constant is not None:
+        logits[:, 2] = constant
     fit = FITS[kind][0]
     f = functools.partial(objective, kind, logits, labels)
-    with jax.enable_x64(True):
-        best = f(flat(fit(logits, labels)))
+    best = scipy.optimize.minimize(
+        f, _identity(kind, 3), method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12}
+    ).fun
     shifted = logits.copy()
     shifted[:, 0] += offset
-    ours = fit((scale * shifted).astype(np.float32), labels)
-    assert objective(kind, scale * shifted, labels, flat(ours)) - best < 1e-4
+    for dtype in (np.float32, np.float64):
+        with jax.enable_x64(dtype == np.float64):
+            ours = fit((scale * shifted).astype(dtype), labels)
+        assert objective(kind, scale * shifted, labels, flat(ours)) - best < 1e-4
 
 
 @pytest.mark.parametrize("tx", TRANSFORMS)
