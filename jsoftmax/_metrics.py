@@ -75,8 +75,8 @@ def negative_log_likelihood(
       where: boolean ``[N]``; False rows are padding.
       log_input: ``probs`` holds log-probabilities, as :func:`jsoftmax.calibrate`
         and :func:`jsoftmax.log_softmax` return them: the NLL is then exact where
-        ``exp`` would round a tiny probability to 0 (float32 below ``1e-45``,
-        an infinite NLL).
+        ``exp`` would round a tiny probability to 0 (float32 below ``1.2e-38``,
+        the smallest normal number: XLA flushes subnormals; an infinite NLL).
 
     Returns:
       A scalar (float32, float64 for float64 ``probs``); 0 when no row is

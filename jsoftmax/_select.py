@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 _DIGIT_BITS = 11
+_LARGEST_HISTOGRAMS = 1 << 22  # entries
 
 
 def ordered_key(x: jax.Array) -> jax.Array:
@@ -69,10 +70,13 @@ def select(key, weights, ranks, values=None, order=None):
     """
     if values is not None:
         values = jnp.where(weights > 0, weights.astype(values.dtype) * values, 0.0)
+    num_targets = ranks.shape[0]
+    if order is None and num_targets << _DIGIT_BITS > max(key.shape[0], _LARGEST_HISTOGRAMS):
+        # A histogram per target outgrows the rows (46,340 bins: GBs): sort them instead.
+        order = jnp.argsort(key)
     if order is not None:
         values = None if values is None else values[order]
         return _in_sorted(key[order], weights[order], ranks, values)
-    num_targets = ranks.shape[0]
     # Rows whose digits so far equal those of target t's entry are in group t's
     # histogram, t the first target with those digits (targets are in key order).
     group = jnp.zeros(num_targets, jnp.int32)

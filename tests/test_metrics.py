@@ -496,3 +496,15 @@ def test_plot_smooth_diagram_checks_every_argument_before_drawing():
                 probs, labels, **{"key": jax.random.key(0), **kwargs}
             )
     assert not matplotlib.pyplot.get_fignums()
+
+
+@pytest.mark.parametrize(
+    "metric", [jsoftmax.adaptive_calibration_error, jsoftmax.debiased_calibration_error]
+)
+def test_equal_mass_bins_up_to_the_largest_count_on_few_rows(metric, x64):
+    # Past one bin per row each row is its own bin. A histogram per bin edge took GBs
+    # at 46,340 bins (float64 ran out of memory): so many edges are found by a sort.
+    probs, labels = probabilities(40, 3, seed=2)
+    np.testing.assert_allclose(
+        metric(probs, labels, num_bins=46_340), metric(probs, labels, num_bins=40), rtol=1e-12
+    )
