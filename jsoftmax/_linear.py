@@ -714,7 +714,7 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
     loss = jnp.where(counts, loss, 0.0) * bad
     if cts is None:
         return (loss,), None, None
-    r = jnp.where(counts, cts[0], 0.0) * bad
+    r = cts[0] * bad
     p_coef = (1 + 2 * z_loss * lse) * r / s if config.with_z_loss else r / s
     label_coef = jnp.where(d_label == -jnp.inf, 0.0, (1 - alpha) * r)
     dz = p_coef[:, None] * e - _at_label(index, label_coef, z)
@@ -746,7 +746,7 @@ def _log_probs_head(config, z, t, labels, counts, hyper, cts):
     outputs = tuple(jnp.where(counts, o, 0.0) * bad for o in outputs)
     if cts is None:
         return outputs, None, None
-    g = [jnp.where(counts, c, 0.0) * bad for c in cts]
+    g = [c * bad for c in cts]
     dx = _at_label(index, g[0], d) - g[0][:, None] * p
     if config.entropy:
         dx = dx - g[1][:, None] * p * (finite - mean[:, None])
@@ -788,7 +788,7 @@ def _distillation_head(config, z, t, labels, counts, hyper, cts):
     loss = jnp.where(counts, temperature**2 * kl * poison, 0.0)
     if cts is None:
         return (loss,), None, None
-    r = jnp.where(counts, cts[0], 0.0) * temperature * poison  # T**2 from the loss, 1 / T from x
+    r = cts[0] * temperature * poison  # T**2 from the loss, 1 / T from x
     if config.divergence == "forward_kl":
         # Q - P: 0 without a teacher class, and at a -inf logit (a constant).
         dx = jnp.where((z != -jnp.inf) & (s_p > 0)[:, None], q - p, 0.0)
@@ -800,8 +800,8 @@ def _distillation_head(config, z, t, labels, counts, hyper, cts):
 
 
 def _counted(counts, dz):
-    """``dz`` with the rows of the tokens that do not count 0: their cotangent is 0, but
-    their probabilities may be NaN (every logit ``-inf``, a NaN teacher on padding)."""
+    """``dz`` with the rows of the tokens that do not count 0, whatever their cotangent and
+    probabilities (NaN where every logit is ``-inf``, or a NaN teacher on padding)."""
     return jnp.where(counts[:, None], dz, 0.0)
 
 
