@@ -110,7 +110,8 @@ def _rows(x, where, target, weights, options) -> _Rows:
         t0, t_d = unshifted.pop(0), shifted.pop(0)
     else:
         t0 = jnp.ones(z.shape[:-1], z.dtype) if weights is None else weights[target]
-        t_d = t0 * _shifted(_label_logit(x, where, target, options.softcap), m)[..., 0]
+        d_y = _shifted(_label_logit(x, where, target, options.softcap), m)[..., 0]
+        t_d = jnp.where(t0 == 0, 0.0, t0 * d_y)  # a label weighing 0 on a masked class: 0
     count = w_sum = w_d = None
     if options.smooth:
         count, w_d = unshifted.pop(0), shifted.pop(0)
@@ -261,7 +262,7 @@ def _hyper(fname, name, value, low, high=np.inf, within=None):
             f"{fname}: {name} has shape {value.shape}, which does not broadcast to "
             f"{within[0]} {within[1]}"
         )
-    inside = (value >= low) & (value <= high)
+    inside = (value >= low) & (value <= high) & jnp.isfinite(value)
     if not _checks.is_traced(value) and not bool(jnp.all(inside)):
         bounds = f"[{low}, {high}{']' if high < np.inf else ')'}"
         bad = float(value[~inside][0]) if value.ndim else float(value)

@@ -380,7 +380,7 @@ def test_errors_name_the_argument():
         focal(logits, labels, class_weights=np.ones(4, np.float32))
     with pytest.raises(ValueError, match=r"where has shape \(6, 4\)"):
         focal(logits, labels, where=np.ones((6, 4), bool))
-    for gamma in (-0.5, nan):
+    for gamma in (-0.5, nan, np.inf):
         with pytest.raises(ValueError, match=r"softmax_focal_loss: gamma must be in \[0.0, inf\)"):
             focal(logits, labels, gamma=gamma)
     with pytest.raises(ValueError, match="gamma must be a scalar"):

@@ -380,6 +380,30 @@ def test_masked_label_class_costs_inf():
     assert np.isfinite(only_uniform).all()
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
+@pytest.mark.parametrize("loss", [ce_int, jsoftmax.softmax_focal_loss])
+def test_a_label_that_weighs_nothing_on_a_masked_class_costs_zero(loss, alpha):
+    """Class weight 0 on a label whose class is masked or -inf (a pad token left out of
+    the vocabulary): 0 * inf counts 0, as the dense loss counts zero mass there (it was
+    NaN, and "mean" NaN for the batch)."""
+    logits = jnp.array([[0.0, 1.0, 2.0], [0.5, 0.2, 0.1], [0.0, 1.0, -inf]])
+    where = jnp.array([[True, True, False], [True, True, True], [True, True, True]])
+    labels, weights = jnp.array([2, 0, 2]), jnp.array([1.0, 1.0, 0.0])
+    kwargs = dict(where=where, class_weights=weights, label_smoothing=alpha)
+    per_row = np.asarray(loss(logits, labels, **kwargs))
+    full = np.asarray(loss(logits, labels, **(kwargs | {"class_weights": None})))
+    assert np.isinf(full[[0, 2]]).all()  # unweighted, the masked label costs inf
+    assert np.isfinite(per_row).all()
+    if alpha == 0:
+        assert per_row[0] == 0 and per_row[2] == 0 and per_row[1] == full[1]
+    value, grad = jax.value_and_grad(lambda x: loss(x, labels, reduction="mean", **kwargs))(logits)
+    assert np.isfinite(value) and np.isfinite(np.asarray(grad)[:, :2]).all()
+    if loss is ce_int:
+        dense = ce_dense(logits, weights[labels][:, None] * jax.nn.one_hot(labels, 3), where=where)
+        uniform = ce_int(logits, labels, where=where, label_smoothing=1.0, class_weights=weights)
+        close(per_row, (1 - alpha) * dense + alpha * uniform)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 1.0])
 @pytest.mark.parametrize("weights", [None, WEIGHTS])
 def test_neg_inf_logits_act_as_masked_in_value_and_gradient(alpha, weights):
@@ -654,8 +678,9 @@ def test_errors_name_the_argument():
             ce_int(logits, labels, label_smoothing=alpha)
         with pytest.raises(ValueError, match=r"alpha must be in \[0.0, 1.0\]"):
             jsoftmax.smooth_labels(logits, alpha)
-    with pytest.raises(ValueError, match="z_loss must be in"):
-        ce_dense(logits, logits, z_loss=-1.0)
+    for z_loss in (-1.0, np.inf):  # (inf gave NaN where the logsumexp is 0)
+        with pytest.raises(ValueError, match=r"z_loss must be in \[0.0, inf\)"):
+            ce_dense(logits, logits, z_loss=z_loss)
     for cap in (0.0, -2.0, np.inf):
         with pytest.raises(ValueError, match=r"logit_softcap must be in \(0.0, inf\)"):
             ce_int(logits, labels, logit_softcap=cap)
