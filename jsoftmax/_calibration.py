@@ -59,7 +59,7 @@ def temperature_scale(logits: ArrayLike, temperature: ArrayLike) -> jax.Array:
         raise ValueError(f"{fname}: logits must have a class axis, got shape ()")
     dtype = _checks.compute_dtype(logits.dtype)
     t = _checks.temperature(fname, temperature, logits.shape, (logits.ndim - 1,), dtype)
-    return _scale(logits, t).astype(logits.dtype)
+    return _scale(logits.astype(dtype), t).astype(logits.dtype)
 
 
 def _scale(x: jax.Array, temperature: jax.Array) -> jax.Array:
@@ -70,7 +70,8 @@ def _scale(x: jax.Array, temperature: jax.Array) -> jax.Array:
     gradient exact while the value keeps its infinity (or NaN).
     """
     finite = jnp.isfinite(x)
-    return jnp.where(finite, jnp.where(finite, x, 0.0) / temperature, x)
+    scaled = jnp.where(finite, jnp.where(finite, x, 0.0) / temperature, x)
+    return jnp.where(jnp.isnan(temperature), jnp.nan, scaled)  # a traced bad one: NaN rows
 
 
 def fit_temperature(
@@ -284,7 +285,8 @@ def _evaluate(metric, options, probs, labels, where):
 
 def _weighted(weights, values):
     """``weights * values`` that is 0 where a weight is 0, even for infinite or NaN values."""
-    return jnp.where(weights > 0, weights.astype(values.dtype) * values, 0.0)
+    weights = weights.astype(values.dtype)
+    return jnp.where(weights > 0, weights * values, 0.0)
 
 
 def _edges(num_bins, dtype):
@@ -300,7 +302,8 @@ def _bin_index(c, num_bins):
     guess = jnp.clip(jnp.ceil(c * m), 1, num_bins).astype(jnp.int32) - 1
     # c * M may round across an edge: compare with the edges themselves.
     edges = _edges(num_bins, c.dtype)
-    index = guess + (c > edges[guess + 1]) - ((c <= edges[guess]) & (guess > 0))
+    up, down = c > edges[guess + 1], (c <= edges[guess]) & (guess > 0)
+    index = guess + up.astype(guess.dtype) - down.astype(guess.dtype)
     return jnp.clip(index, 0, num_bins - 1)
 
 
@@ -381,7 +384,7 @@ def _fit_rows(x, labels, where, likelihood):
 
 def _mean(total, n):
     """``total / n``, 0 when ``n`` is 0."""
-    return jnp.where(n > 0, total / jnp.maximum(n, 1), 0.0)
+    return jnp.where(n > 0, total / jnp.maximum(n, 1).astype(total.dtype), 0.0)
 
 
 def _binned_rows(probs, labels, where, num_bins, kind):
@@ -435,7 +438,7 @@ def _adaptive_reduce(statistics, weights, num_bins):
     ranks = jnp.clip(starts, 0, jnp.maximum(n - 1, 0))
     gap = hit - confidence
     _, ties, copies, below, equal = _select.select(key, weights, ranks, gap, order)
-    partial = below + ties.astype(hit.dtype) * equal / jnp.maximum(copies, 1)
+    partial = below + ties.astype(hit.dtype) * equal / jnp.maximum(copies, 1).astype(hit.dtype)
     partial = jnp.where(starts >= n, jnp.sum(_weighted(weights, gap)), partial)
     return _mean(jnp.sum(jnp.abs(jnp.diff(partial))), n.astype(hit.dtype))
 

@@ -400,7 +400,7 @@ def _minimize(fun, x0):
         x, f, g = (
             jnp.where(decreased, new, old) for new, old in ((x + sk, x), (f_new, f), (g_new, g))
         )
-        return i + 1, k + keep, x, f, g, s, y, rho, ~decreased
+        return i + 1, k + keep.astype(k.dtype), x, f, g, s, y, rho, ~decreased
 
     f0, g0 = value_and_grad(x0)
     history = jnp.zeros((_HISTORY, x0.size), dtype)
@@ -415,7 +415,7 @@ def _mean_nll(z, possible, labels, where, n):
     nll = _losses.softmax_cross_entropy_with_integer_labels(
         z, labels, where=possible & where[:, None], reduction="sum"
     )
-    return nll / jnp.maximum(n, 1)
+    return nll / jnp.maximum(n, 1).astype(nll.dtype)
 
 
 def _prepared(logits, labels, where, likelihood=False):
@@ -724,7 +724,7 @@ _FACES = ((1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 
 def _fit_ensemble(logits, labels, where, low, high):
     x, possible, where, n, nan_if_bad, _ = _prepared(logits, labels, where)
     k = x.shape[1]
-    rows = where.astype(x.dtype)[:, None] / jnp.maximum(n, 1)
+    rows = where.astype(x.dtype)[:, None] / jnp.maximum(n, 1).astype(x.dtype)
     label = jnp.arange(k) == labels[:, None]
 
     def probs(t):
@@ -822,14 +822,14 @@ def _fit_ensemble(logits, labels, where, low, high):
     c = jnp.array([*c, jnp.sum(jnp.where(label & possible, row_over_m, 0.0))])
 
     def solve(face):
-        face = jnp.asarray(face, bool)
+        on = face.astype(x.dtype)  # the members the face keeps
         kkt = jnp.block(
             [
-                [2 * gram * (face[:, None] & face) + jnp.diag(~face), face[:, None]],
-                [face[None, :], jnp.zeros((1, 1))],
+                [2 * gram * (on[:, None] * on) + jnp.diag(1 - on), on[:, None]],
+                [on[None, :], jnp.zeros((1, 1), x.dtype)],
             ]
-        ).astype(x.dtype)
-        w = jnp.linalg.solve(kkt, jnp.concatenate([2 * c * face, jnp.ones(1, x.dtype)]))[:3]
+        )
+        w = jnp.linalg.solve(kkt, jnp.concatenate([2 * c * on, jnp.ones(1, x.dtype)]))[:3]
         feasible = jnp.all(jnp.isfinite(w)) & jnp.all(w >= 0)
         return jnp.where(feasible, w @ gram @ w - 2 * c @ w, jnp.inf), jnp.clip(w, 0, 1)
 
@@ -969,7 +969,9 @@ def _isotonic(p, hit, where, n):
     # in [0, 1] has a non-negative bit pattern below 2**(bits - 2), ordered as
     # the value, so twice it plus the label fits. Padding sorts last.
     bits = lax.bitcast_convert_type(p, jnp.dtype(f"int{8 * p.dtype.itemsize}"))
-    key = jnp.where(where & ~jnp.isnan(p), 2 * bits + hit, jnp.iinfo(bits.dtype).max)
+    key = jnp.where(
+        where & ~jnp.isnan(p), 2 * bits + hit.astype(bits.dtype), jnp.iinfo(bits.dtype).max
+    )
     key = _cpu.sort_rows(key)
     kept = jnp.arange(size) < n
     xs = jnp.where(kept, lax.bitcast_convert_type(key >> 1, p.dtype), jnp.inf)
@@ -977,7 +979,9 @@ def _isotonic(p, hit, where, n):
     # The labels are 0/1 and every kept row weighs 1: block sums are
     # differences of exact integer prefix sums, the kept rows before flat
     # position ``f`` are ``(f // size) * n + min(f % size, n)``.
-    hits = jnp.concatenate([jnp.zeros(1, key.dtype), jnp.cumsum((key & 1 & kept).ravel())])
+    hits = jnp.concatenate(
+        [jnp.zeros(1, key.dtype), jnp.cumsum(jnp.where(kept, key & 1, 0).ravel())]
+    )
 
     def means(bounds):
         """The mean of each block starting at ``bounds``; +inf for padding alone or past the end."""
@@ -985,7 +989,7 @@ def _isotonic(p, hit, where, n):
         before = (ends // size) * n + jnp.minimum(ends % size, n)
         weight = before[1:] - before[:-1]
         sums = (hits[ends[1:]] - hits[ends[:-1]]).astype(p.dtype)
-        return jnp.where(weight > 0, sums / jnp.maximum(weight, 1), jnp.inf)
+        return jnp.where(weight > 0, sums / jnp.maximum(weight, 1).astype(p.dtype), jnp.inf)
 
     def violations(bounds, count):
         """The blocks whose mean does not exceed the one before (in a class): each pools into it."""

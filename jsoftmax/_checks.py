@@ -39,6 +39,8 @@ def real(fname: str, name: str, value: Any) -> jax.Array:
             value = float(value)
         except OverflowError:
             raise ValueError(f"{fname}: {name} is past the float range, got {value}") from None
+    elif isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.integer):
+        value = value.astype(np.float64)  # (the same for an array)
     try:  # (a string would read as a dtype's name)
         x = None if isinstance(value, str | bytes) else jnp.asarray(value)
     except (TypeError, ValueError):
@@ -76,8 +78,15 @@ def random_key(fname: str, key: Any) -> Any:
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    """The dtype jsoftmax computes in: at least float32 (float16/bfloat16 upcast)."""
-    return jnp.promote_types(dtype, jnp.float32)
+    """The dtype jsoftmax computes in: at least float32 (float16/bfloat16 upcast).
+
+    Chosen, not promoted: under ``jax.numpy_dtype_promotion("strict")`` bfloat16
+    and float32 do not promote.
+    """
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize >= 4:
+        return jax.dtypes.canonicalize_dtype(dtype)
+    return jnp.dtype(jnp.float32)
 
 
 def axes(fname: str, axis: Axis, shape: tuple[int, ...], *, sort: bool = True) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ schedule XLA fuses on every backend.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -587,7 +588,7 @@ def smooth_labels(
     where = _checks.mask(fname, where, labels.shape)
     alpha = _hyper(fname, "alpha", alpha, 0.0, 1.0, ("labels", labels.shape)).astype(labels.dtype)
     if where is None:
-        return (1 - alpha) * labels + alpha / np.prod([labels.shape[a] for a in axes])
+        return (1 - alpha) * labels + alpha / math.prod(labels.shape[a] for a in axes)
     count = jnp.sum(where, axes, keepdims=True)
-    uniform = jnp.where(where, alpha / jnp.maximum(count, 1), 0.0)
+    uniform = jnp.where(where, alpha / jnp.maximum(count, 1).astype(alpha.dtype), 0.0)
     return ((1 - alpha) * labels + uniform).astype(labels.dtype)

@@ -345,7 +345,9 @@ def _kernel(m, grid, sigma):
     """relplot's Gaussian taps: the density at ``m / (G - 1) - 1/2`` for ``0 <= m < G``,
     else 0."""
     last = (grid - 1).astype(sigma.dtype)
-    taps = jnp.exp(-((m / last - 0.5) ** 2) / (2 * sigma**2)) / (np.sqrt(2 * np.pi) * sigma)
+    taps = jnp.exp(-((m.astype(last.dtype) / last - 0.5) ** 2) / (2 * sigma**2)) / (
+        np.sqrt(2 * np.pi) * sigma
+    )
     return jnp.where((m >= 0) & (m < grid), taps, 0.0)
 
 
@@ -353,7 +355,7 @@ def _interpolated(smoothed, grid, points):
     """``smoothed(i)`` (the smoothed grid's points ``i``) interpolated linearly at ``points``."""
     last = (grid - 1).astype(points.dtype)
     inds = jnp.clip(jnp.trunc(points * last), 0, last - 1).astype(jnp.int32)
-    residual = (points - inds / last) * last
+    residual = (points - inds.astype(last.dtype) / last) * last
     lo, hi = jnp.split(smoothed(jnp.concatenate([inds, inds + 1])), 2)
     return lo * (1 - residual)[:, None] + hi * residual[:, None]
 
@@ -658,16 +660,26 @@ def _counts(key, where):
     return jnp.zeros(num_rows, jnp.int32).at[kept[draws]].add(drawn)
 
 
-def _over_resamples(fn, key, where, num_resamples, batched=True):
-    """``fn(counts)`` for each resample, batched to bound memory, or one at a time."""
+def _over_resamples(fn, key, where, num_resamples, width=1, batched=True):
+    """``fn(counts)`` for each resample, batched to bound memory (``width``: the statistics'
+    entries per row, ``K`` for the per-class metrics), or one at a time."""
     keys = jax.random.split(key, num_resamples)
-    batch = max(1, min(num_resamples, _BATCH_ELEMENTS // max(where.shape[0], 1)))
+    batch = max(1, min(num_resamples, _BATCH_ELEMENTS // max(where.shape[0] * width, 1)))
     batch = batch if batched else None
     return lax.map(lambda k: fn(_counts(k, where)), keys, batch_size=batch)
 
 
 def _interval(values, level):
-    quantiles = jnp.quantile(values, jnp.array([(1 - level) / 2, (1 + level) / 2]), axis=0)
+    """The percentiles of ``values`` (over the first axis) at the level's two ends, linearly
+    interpolated as ``jnp.quantile``'s, but ``a`` where the position is whole or both
+    neighbours are ``a`` (its ``a + f (b - a)`` was ``inf - inf``, NaN, between infinite
+    resamples); NaN if any resample is."""
+    ordered = jnp.sort(values, axis=0)
+    position = np.array([(1 - level) / 2, (1 + level) / 2]) * (values.shape[0] - 1)
+    below = np.floor(position).astype(int)
+    fraction = (position - below).reshape((2,) + (1,) * (values.ndim - 1))
+    a, b = ordered[below], ordered[np.minimum(below + 1, values.shape[0] - 1)]
+    quantiles = jnp.where((fraction == 0) | (a == b), a, a + fraction * (b - a))
     return jnp.where(jnp.any(jnp.isnan(values), axis=0), jnp.nan, quantiles)
 
 
@@ -682,6 +694,7 @@ def _bootstrap(metric, options, num_resamples, level, probs, labels, where, key)
         key,
         where,
         num_resamples,
+        max(x.size // max(where.shape[0], 1) for x in jax.tree.leaves(statistics)),
         metric.batched,
     )
     low, high = _interval(values, level)
@@ -765,7 +778,8 @@ def bootstrap(
 
     Note:
       It works under ``jax.jit`` with a traced key. The resamples are reduced
-      in batches of ``max(1, 2**22 // N)``; the smooth ECE repeats its
+      in batches of ``max(1, 2**22 // N)`` (``2**22 // (N K)`` for the
+      per-class metrics); the smooth ECE repeats its
       bisection for every resample, so it costs far more than the binned
       metrics.
 

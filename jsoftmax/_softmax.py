@@ -276,17 +276,19 @@ def _family_tangent(kind, axes, x, where, temperature, m, s, t_x, t_temperature)
     if t_temperature is not None:
         # d(x / T) / dT = -x / T**2; 0 where x / T is infinite (x, or a quotient that
         # overflowed: constant in T), and written so that no -inf * 0 reaches the
-        # temperature's gradient.
+        # temperature's gradient. The last 1 / T comes after the row's mean is taken:
+        # x / T**2 overflows where x / T does not (1e38 at T = 0.5), and inf - inf was
+        # NaN in forward mode.
         t = t - jnp.where(jnp.isfinite(z), x, 0).astype(z.dtype) * (t_temperature / temperature)
-    if temperature is not None:
-        t = t / temperature
     mean = jnp.sum(p * t, axes, keepdims=True)
-    if kind == "softmax":
-        out = p * (t - mean)
+    if kind == "softmax":  # (0 where p is: t - mean may overflow there)
+        out = jnp.where(p == 0, 0.0, p * (t - mean))
     elif kind == "log_softmax":  # -inf entries are constant
         out = jnp.where(z == -jnp.inf, 0.0, t - mean)
     else:
         out = mean
+    if temperature is not None:
+        out = out / temperature
     return out.astype(x.dtype)
 
 

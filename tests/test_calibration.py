@@ -435,7 +435,14 @@ def test_temperature_scale_errors():
         jsoftmax.temperature_scale(np.ones((2, 3), np.float32), np.ones(3))
     with pytest.raises(TypeError, match="logits must be floating"):
         jsoftmax.temperature_scale(np.ones((2, 3), int), 2.0)
-    assert np.isnan(jax.jit(jsoftmax.temperature_scale)(np.ones((2, 3)), -1.0)).all()
+    # Also rows of infinities (a padding row of -inf passed through and read as fine).
+    rows = np.array([[1.0, 2.0], [-np.inf, -np.inf], [np.inf, 1.0]], np.float32)
+    for t in (-1.0, 0.0, np.inf, np.nan):
+        assert np.isnan(jax.jit(jsoftmax.temperature_scale)(rows, t)).all()
+    # A NumPy integer array past int32 is a number (it wrapped to T = 2).
+    np.testing.assert_array_equal(
+        jsoftmax.temperature_scale(rows, np.array(2**32 + 2)), rows / np.float32(2**32 + 2)
+    )
 
 
 # ---------------------------------------------------------------- plot
