@@ -233,6 +233,8 @@ def _rows(fname, values, labels, where, name):
     if values.ndim != 2:
         raise ValueError(f"{fname}: {name} must have shape [N, K], got {values.shape}")
     num_rows, num_classes = values.shape
+    if num_classes == 0:
+        raise ValueError(f"{fname}: {name} of shape {values.shape} has no class")
     where = _checks.mask(fname, where, (num_rows,))
     labels = _checks.integer_labels(
         fname, labels, (num_rows,), num_classes, f"{name} {values.shape}", kept=where
@@ -338,6 +340,12 @@ def _top1(probs, labels, where):
     confidence = jnp.where(where, jnp.take_along_axis(p, top[:, None], 1)[:, 0], 0.0)
     hit = jnp.where(where, (top == labels).astype(dtype), 0.0)
     return confidence, hit, _count(p, labels, where)[1]
+
+
+def _poisoned(flag, confidence):
+    """``flag``, and NaN if a kept row's confidence is NaN (padding rows' are 0): a
+    diagram's bins are all NaN then, as the metrics are, not only the bin it lands in."""
+    return flag * jnp.where(jnp.any(jnp.isnan(confidence)), jnp.nan, 1.0).astype(flag.dtype)
 
 
 def _count(p, labels, where):
@@ -686,7 +694,8 @@ def reliability_diagram(
 
     Returns:
       A :class:`ReliabilityDiagram`; the mean of an empty bin is NaN (there is
-      none), its count 0. ``sum(count * |accuracy - confidence|) / sum(count)``
+      none), its count 0; a NaN probability in a kept row, or a traced bad
+      label, makes every mean NaN. ``sum(count * |accuracy - confidence|) / sum(count)``
       over non-empty bins is the ECE. Plot it with
       :func:`jsoftmax.plot.reliability_diagram`.
 
@@ -705,6 +714,7 @@ def reliability_diagram(
 @functools.partial(jax.jit, static_argnames=("num_bins",))
 def _diagram(probs, labels, where, num_bins):
     (index, confidence, hit), flag = _binned_rows(probs, labels, where, num_bins, "sum")
+    flag = _poisoned(flag, confidence)
     count, _, total = _bin_sums(index, where.astype(jnp.int32), hit, confidence, num_bins)
     mean = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan) * flag
     hits = _bin_sums(index, where.astype(jnp.int32), hit, hit, num_bins)[2]  # exact counts

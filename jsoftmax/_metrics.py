@@ -525,10 +525,13 @@ def _curve(confidence, hit, weights, sigma, num_points):
 @functools.partial(jax.jit, static_argnames=("num_points",))
 def _smooth_diagram(probs, labels, where, num_points):
     (confidence, hit), flag = _smooth_rows(probs, labels, where)
+    flag = _cal._poisoned(flag, confidence)
     weights = where.astype(jnp.int32)
     sigma, error = _bandwidth(confidence, confidence - hit, weights)
     grid, accuracy, density = _curve(confidence, hit, weights, sigma, num_points)
-    return SmoothReliabilityDiagram(grid, accuracy * flag, density, sigma, error * flag)
+    return SmoothReliabilityDiagram(
+        grid, accuracy * flag, density * flag, sigma * flag, error * flag
+    )
 
 
 def smooth_reliability_diagram(
@@ -554,7 +557,8 @@ def smooth_reliability_diagram(
       num_points: ``P >= 2`` evenly spaced points of [0, 1] (static).
 
     Returns:
-      A :class:`SmoothReliabilityDiagram`. Plot it with
+      A :class:`SmoothReliabilityDiagram` (all NaN but the grid for a NaN
+      probability in a kept row or a traced bad label). Plot it with
       :func:`jsoftmax.plot.smooth_reliability_diagram`.
 
     Examples:

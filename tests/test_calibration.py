@@ -180,6 +180,39 @@ def test_adaptive_bins_split_tied_confidences_by_their_mean_whatever_the_row_ord
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("nan_at", [0, 1])
+def test_diagrams_of_a_nan_probability_are_nan(nan_at):
+    """A kept row holding NaN: every mean is NaN, as the metrics are (it landed in bin 0
+    and, its NaN class taken as the top one, made that bin's accuracy 1)."""
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.55, 0.45]], np.float32)
+    probs[3, nan_at] = np.nan
+    labels = np.array([0, 1, 1, 0])
+    diagram = jsoftmax.reliability_diagram(probs, labels, num_bins=5)
+    assert np.isnan(diagram.confidence).all() and np.isnan(diagram.accuracy).all()
+    smooth = jsoftmax.smooth_reliability_diagram(probs, labels)
+    for field in (smooth.accuracy, smooth.density, smooth.bandwidth, smooth.calibration_error):
+        assert np.isnan(field).all()
+    padding = np.array([True, True, True, False])
+    assert not np.isnan(jsoftmax.reliability_diagram(probs, labels, where=padding).count).any()
+    smooth = jsoftmax.smooth_reliability_diagram(probs, labels, where=padding)
+    assert not np.isnan(smooth.calibration_error)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        jsoftmax.reliability_diagram,
+        jsoftmax.smooth_reliability_diagram,
+        jsoftmax.expected_calibration_error,
+        jsoftmax.fit_isotonic,
+    ],
+)
+def test_probabilities_without_a_class_raise(fn):
+    # (JAX's own "argmax of an empty sequence" came first.)
+    with pytest.raises(ValueError, match=r"shape \(2, 0\) has no class"):
+        fn(np.zeros((2, 0), np.float32), np.zeros(2, np.int32), where=np.zeros(2, bool))
+
+
 def test_reliability_diagram_statistics_and_ece():
     probs, labels = probabilities(400, 5, seed=3)
     diagram = jax.jit(lambda p, y: jsoftmax.reliability_diagram(p, y, num_bins=10))(probs, labels)
