@@ -220,7 +220,8 @@ def debiased_calibration_error(
       ``calibration.get_calibration_error(probs, labels, p=2, debias=True,
       mode=mode)`` of the ``uncertainty-calibration`` package for continuous
       probabilities (for inputs with few distinct values that package switches
-      to one bin per value).
+      to one bin per value; a subnormal probability, below 1.2e-38 in float32,
+      is 0 to XLA, which flushes it, and bins with the zeros).
 
     Examples:
       >>> import jax, jax.numpy as jnp
