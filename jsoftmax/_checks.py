@@ -39,8 +39,12 @@ def real(fname: str, name: str, value: Any) -> jax.Array:
             value = float(value)
         except OverflowError:
             raise ValueError(f"{fname}: {name} is past the float range, got {value}") from None
-    elif isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.integer):
-        value = value.astype(np.float64)  # (the same for an array)
+    elif (
+        isinstance(value, np.ndarray)
+        and np.issubdtype(value.dtype, np.integer)
+        and jax.dtypes.canonicalize_dtype(np.int64) != np.int64
+    ):
+        value = value.astype(np.float32)  # (an array too, which x64 keeps as int64)
     try:  # (a string would read as a dtype's name)
         x = None if isinstance(value, str | bytes) else jnp.asarray(value)
     except (TypeError, ValueError):

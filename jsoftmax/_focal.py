@@ -178,8 +178,9 @@ def _focal(x, where, labels, weights, alpha, gamma, options):
 
 
 def _loss(rows, alpha, options):
-    # A label weighing 0 costs 0, also on a masked class (0 * inf).
-    loss = jnp.where(rows.w_y == 0, 0.0, rows.w_y * _focal_terms(rows.q_y, rows.gamma)[0])
+    # A label weighing 0 costs 0, also on a masked class (0 * inf); a NaN row stays NaN.
+    f = _focal_terms(rows.q_y, rows.gamma)[0]
+    loss = jnp.where((rows.w_y == 0) & jnp.isinf(f), 0.0, rows.w_y * f)
     if options.smooth:
         loss = _smoothed(loss, rows.w_f / jnp.maximum(rows.count, 1.0), alpha)
     return jnp.where(rows.has_class, loss, 0.0)

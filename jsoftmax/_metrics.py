@@ -677,14 +677,16 @@ def _over_resamples(fn, key, where, num_resamples, width=1, batched=True):
 def _interval(values, level):
     """The percentiles of ``values`` (over the first axis) at the level's two ends, linearly
     interpolated as ``jnp.quantile``'s, but ``a`` where the position is whole or both
-    neighbours are ``a`` (its ``a + f (b - a)`` was ``inf - inf``, NaN, between infinite
+    neighbours are ``a`` (its interpolation was ``inf - inf``, NaN, between infinite
     resamples); NaN if any resample is."""
     ordered = jnp.sort(values, axis=0)
     position = np.array([(1 - level) / 2, (1 + level) / 2]) * (values.shape[0] - 1)
     below = np.floor(position).astype(int)
-    fraction = (position - below).reshape((2,) + (1,) * (values.ndim - 1))
+    whole = jnp.asarray((position == below).reshape((2,) + (1,) * (values.ndim - 1)))
+    fraction = jnp.asarray(position - below, values.dtype).reshape(whole.shape)
     a, b = ordered[below], ordered[np.minimum(below + 1, values.shape[0] - 1)]
-    quantiles = jnp.where((fraction == 0) | (a == b), a, a + fraction * (b - a))
+    # (1 - f) a + f b: no b - a, which overflows or is NaN beside an infinity.
+    quantiles = jnp.where(whole | (a == b), a, (1 - fraction) * a + fraction * b)
     return jnp.where(jnp.any(jnp.isnan(values), axis=0), jnp.nan, quantiles)
 
 

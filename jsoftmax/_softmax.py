@@ -281,14 +281,17 @@ def _family_tangent(kind, axes, x, where, temperature, m, s, t_x, t_temperature)
         # NaN in forward mode.
         t = t - jnp.where(jnp.isfinite(z), x, 0).astype(z.dtype) * (t_temperature / temperature)
     mean = jnp.sum(p * t, axes, keepdims=True)
+
+    def per_temperature(v):  # (inside the selects, whose transposes then zero a masked
+        # entry's cotangent before it meets d(v / T) / dT: inf * 0 in second derivatives)
+        return v if temperature is None else v / temperature
+
     if kind == "softmax":  # (0 where p is: t - mean may overflow there)
-        out = jnp.where(p == 0, 0.0, p * (t - mean))
+        out = jnp.where(p == 0, 0.0, per_temperature(p * (t - mean)))
     elif kind == "log_softmax":  # -inf entries are constant
-        out = jnp.where(z == -jnp.inf, 0.0, t - mean)
+        out = jnp.where(z == -jnp.inf, 0.0, per_temperature(t - mean))
     else:
-        out = mean
-    if temperature is not None:
-        out = out / temperature
+        out = per_temperature(mean)
     return out.astype(x.dtype)
 
 

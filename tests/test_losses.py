@@ -396,6 +396,9 @@ def test_a_label_that_weighs_nothing_on_a_masked_class_costs_zero(loss, alpha):
     assert np.isfinite(per_row).all()
     if alpha == 0:
         assert per_row[0] == 0 and per_row[2] == 0 and per_row[1] == full[1]
+    # Only 0 * inf goes: a NaN logit still makes its row NaN (the focal loss lost it).
+    nan_row = jnp.array([[0.0, jnp.nan, 1.0]])
+    assert np.isnan(loss(nan_row, labels[:1], class_weights=weights, label_smoothing=alpha))
     value, grad = jax.value_and_grad(lambda x: loss(x, labels, reduction="mean", **kwargs))(logits)
     assert np.isfinite(value) and np.isfinite(np.asarray(grad)[:, :2]).all()
     if loss is ce_int:

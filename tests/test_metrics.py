@@ -414,6 +414,24 @@ def test_bootstrap_interval_reaches_inf_between_infinite_resamples(num_resamples
     np.testing.assert_allclose(low, np.quantile(values, (1 - level) / 2), rtol=1e-5)
 
 
+def test_bootstrap_interval_keeps_the_metrics_dtype_and_np_quantiles_ends(x64):
+    probs, labels = probabilities(40, 3, seed=13)
+    out = jsoftmax.bootstrap(
+        jsoftmax.brier_score, probs.astype(np.float32), labels, key=jax.random.key(0)
+    )
+    assert all(v.dtype == jnp.float32 for v in out)  # (the ends were float64 under x64)
+    # Quartiles as the limits of linear interpolation (np.quantile's b - a is NaN or
+    # overflows at the first two).
+    for values, want in [
+        ([-np.inf, 0.0, 1.0], [-np.inf, 0.5]),
+        ([-3e38, 3e38], [-1.5e38, 1.5e38]),
+        ([1.0, np.inf, np.inf], [np.inf, np.inf]),
+        ([2.0, 2.0], [2.0, 2.0]),
+    ]:
+        got = _metrics._interval(jnp.asarray(values, jnp.float32), 0.5)
+        np.testing.assert_allclose(got, np.float32(want), rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "metric",
     [

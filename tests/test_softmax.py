@@ -466,6 +466,24 @@ def test_check_grads_order_two_in_temperature_beside_infinities(name, masked, x6
     check_grads_order_two(scaled, (jnp.where(finite, x, 0.0), t))
 
 
+@NORMALISERS
+def test_a_masked_entrys_cotangent_reaches_no_second_derivative(name):
+    """A masked or -inf entry's cotangent, even log_softmax's own -inf output fed back
+    (as check_grads does), changes no derivative of the VJP in the temperature (it met
+    d(v / T) / dT as inf * 0 once the division came after the select)."""
+    x = jnp.array([[1.0, 2.0, -2.0, -inf]])
+    where = jnp.array([[True, False, True, True]])
+    f = FUNCS[name][0]
+
+    def pulled(t, ct):
+        return jax.vjp(lambda t: f(x, where=where, temperature=t), t)[1](ct)[0]
+
+    ct = jnp.array([[1.0, inf, 0.5, -inf]])
+    want = jax.grad(pulled)(0.7, jnp.where(jnp.isfinite(ct), ct, 0.0))
+    assert np.isfinite(want)
+    assert jax.grad(pulled)(0.7, ct) == want
+
+
 def _central(f, t, h=1e-3):
     """``f(t)``'s first and second derivatives by central differences (float64)."""
     return (f(t + h) - f(t - h)) / (2 * h), (f(t + h) - 2 * f(t) + f(t - h)) / h**2
