@@ -32,8 +32,8 @@ def floating(fname: str, name: str, x: ArrayLike) -> jax.Array:
 
 
 def real(fname: str, name: str, value: Any) -> jax.Array:
-    """Returns ``value`` as an integer or floating array, raising ``TypeError`` naming it
-    otherwise (a string, None, a boolean, a complex number)."""
+    """Returns ``value`` as an integer or (at least float32) floating array, raising
+    ``TypeError`` naming it otherwise (a string, None, a boolean, a complex number)."""
     if isinstance(value, int | np.integer) and not isinstance(value, bool):
         try:  # an integer past int32 is still a number (JAX would wrap or refuse it)
             value = float(value)
@@ -54,7 +54,13 @@ def real(fname: str, name: str, value: Any) -> jax.Array:
     ):
         got = f"dtype {x.dtype}" if x is not None else repr(value)
         raise TypeError(f"{fname}: {name} must be a real number or array, got {got}")
-    return x
+    # A float16 or bfloat16 one in float32, as jsoftmax computes (and strict promotion
+    # would not mix it with float32).
+    return (
+        x.astype(jnp.float32)
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4
+        else x
+    )
 
 
 def probabilities(fname: str, name: str, x: ArrayLike, dtype=None) -> jax.Array:
@@ -79,6 +85,14 @@ def random_key(fname: str, key: Any) -> Any:
         got = f"shape {shape}, dtype {key.dtype}" if shape is not None else type(key).__name__
         raise TypeError(f"{fname}: key must be one jax.random key, got {got}")
     return key
+
+
+def promoted(*dtypes: Any) -> jnp.dtype:
+    """The floating dtype JAX's standard promotion gives ``dtypes``, spelled out: under
+    ``jax.numpy_dtype_promotion("strict")`` they do not promote (bfloat16 and float32)."""
+    unique = {jnp.dtype(d) for d in dtypes}
+    widest = max(unique, key=lambda d: d.itemsize)
+    return widest if len(unique) == 1 or widest.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:

@@ -848,7 +848,8 @@ def _token_loss(config, head, counts, token_args, cts) -> tuple:
 def _compute_dtype(h, params, teacher, t_hidden):
     """One call's compute dtype, from every floating input: float32 for float16, bfloat16 and
     float32, float64 if any is float64 (the chunks and the scan's accumulators agree)."""
-    return _checks.compute_dtype(jnp.result_type(*jax.tree.leaves((h, params, teacher, t_hidden))))
+    leaves = jax.tree.leaves((h, params, teacher, t_hidden))
+    return _checks.compute_dtype(_checks.promoted(*(x.dtype for x in leaves)))
 
 
 def _sum_dtype(config, dtype):
@@ -858,7 +859,8 @@ def _sum_dtype(config, dtype):
 
 def _project(h, weight, bias, dtype):
     """One chunk's logits ``h @ weight + bias`` in ``dtype`` (low precision accumulates in it)."""
-    z = jnp.dot(h, weight, preferred_element_type=dtype)
+    mixed = _checks.promoted(h.dtype, weight.dtype)  # (as jnp.dot would, strict or not)
+    z = jnp.dot(h.astype(mixed), weight.astype(mixed), preferred_element_type=dtype)
     return z if bias is None else z + bias.astype(dtype)
 
 
@@ -882,7 +884,7 @@ def _chunk(config, h, params, teacher, rows, hyper, cts):
     if cts is None:
         return values, None
     # In the product's dtype, as the logits were (a float32 ``h`` upcasts a bfloat16 head).
-    mixed = jnp.promote_types(h.dtype, weight.dtype)
+    mixed = _checks.promoted(h.dtype, weight.dtype)
     dz_in = dz.astype(mixed)
     dh = jnp.dot(dz_in, weight.T, preferred_element_type=dtype)
     sums = _sum_dtype(config, dtype)  # the matmul library rounds once into its output

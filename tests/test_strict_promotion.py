@@ -33,6 +33,15 @@ CASES = {
         x, x.T[:, :2], LABELS % 2, return_entropy=True, temperature=0.5
     ),
     "distillation": lambda x: jsoftmax.linear_distillation_loss(x, x.T, x, x.T, divergence="jsd"),
+    "mixed_precision": lambda x: jsoftmax.linear_softmax_cross_entropy(
+        x, x.T[:, :2].astype(jnp.float32), LABELS % 2, bias=jnp.zeros(2), label_smoothing=0.1
+    ),
+    "low_precision_options": lambda x: jsoftmax.softmax_cross_entropy_with_integer_labels(
+        x, LABELS, label_smoothing=jnp.asarray(0.2, x.dtype), z_loss=jnp.asarray(1e-3, x.dtype)
+    ),
+    "low_precision_penalty": lambda x: jsoftmax.calibrate(
+        jsoftmax.fit_matrix_scaling(x, LABELS, l2=jnp.asarray(1e-3, x.dtype)), x
+    ),
     "smooth_labels": lambda x: jsoftmax.smooth_labels(_probs(x), 0.1),
     "temperature_scale": lambda x: jsoftmax.temperature_scale(x, 2.0),
     "fit_temperature": lambda x: jsoftmax.fit_temperature(x, LABELS),
@@ -67,6 +76,8 @@ DIFFERENTIABLE = {
     "linear_log_probs",
     "distillation",
     "temperature_scale",
+    "mixed_precision",
+    "low_precision_options",
 }
 
 
