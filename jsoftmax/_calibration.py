@@ -233,8 +233,6 @@ def _rows(fname, values, labels, where, name):
     if values.ndim != 2:
         raise ValueError(f"{fname}: {name} must have shape [N, K], got {values.shape}")
     num_rows, num_classes = values.shape
-    if num_classes == 0:
-        raise ValueError(f"{fname}: {name} of shape {values.shape} has no class")
     where = _checks.mask(fname, where, (num_rows,))
     labels = _checks.integer_labels(
         fname, labels, (num_rows,), num_classes, f"{name} {values.shape}", kept=where
@@ -321,7 +319,7 @@ def _bin_sums(index, weights, hit, value, num_segments):
     # sums over blocks of ~sqrt(rows) rows, added afterwards, keep it ~ sqrt(rows) * eps.
     # Fewer blocks where the bins are many: the partial sums stay within the input's size.
     rows = value.shape[0]
-    most = max(1, max(value.size, 1 << 20) // num_segments)
+    most = max(1, max(value.size, 1 << 20) // max(num_segments, 1))
     block = max(1, math.isqrt(rows), -(-rows // most))
     blocks = -(-rows // block)
     row_block = (jnp.arange(rows) // block).reshape((rows,) + (1,) * (value.ndim - 1))
@@ -336,7 +334,9 @@ def _top1(probs, labels, where):
     dtype = _checks.compute_dtype(probs.dtype)
     p = probs.astype(dtype)
     # The entry at the argmax, not jnp.max, which XLA's CPU backend lets drop a NaN.
-    top = _cpu.argmax(p)
+    # (Without a class no row is kept, or its label is bad: any index does.)
+    top = _cpu.argmax(p) if p.shape[1] else jnp.zeros(p.shape[0], jnp.int32)
+    p = p if p.shape[1] else jnp.zeros((p.shape[0], 1), dtype)
     confidence = jnp.where(where, jnp.take_along_axis(p, top[:, None], 1)[:, 0], 0.0)
     hit = jnp.where(where, (top == labels).astype(dtype), 0.0)
     return confidence, hit, _count(p, labels, where)[1]

@@ -198,19 +198,23 @@ def test_diagrams_of_a_nan_probability_are_nan(nan_at):
     assert not np.isnan(smooth.calibration_error)
 
 
-@pytest.mark.parametrize(
-    "fn",
-    [
-        jsoftmax.reliability_diagram,
-        jsoftmax.smooth_reliability_diagram,
+def test_probabilities_without_a_class_keep_no_row():
+    """[N, 0] probabilities can only be padding: each metric is 0, as with no kept row
+    (JAX's "argmax of an empty sequence" came first)."""
+    probs, labels, where = np.zeros((2, 0), np.float32), np.zeros(2, np.int32), np.zeros(2, bool)
+    for metric in (
         jsoftmax.expected_calibration_error,
-        jsoftmax.fit_isotonic,
-    ],
-)
-def test_probabilities_without_a_class_raise(fn):
-    # (JAX's own "argmax of an empty sequence" came first.)
-    with pytest.raises(ValueError, match=r"shape \(2, 0\) has no class"):
-        fn(np.zeros((2, 0), np.float32), np.zeros(2, np.int32), where=np.zeros(2, bool))
+        jsoftmax.maximum_calibration_error,
+        jsoftmax.adaptive_calibration_error,
+        jsoftmax.classwise_calibration_error,
+        jsoftmax.brier_score,
+        jsoftmax.smooth_calibration_error,
+        jsoftmax.debiased_calibration_error,
+    ):
+        assert metric(probs, labels, where=where) == 0
+    diagram = jsoftmax.reliability_diagram(probs, labels, where=where)
+    assert not diagram.count.any() and np.isnan(diagram.confidence).all()
+    assert jsoftmax.smooth_reliability_diagram(probs, labels, where=where).calibration_error == 0
 
 
 def test_reliability_diagram_statistics_and_ece():
