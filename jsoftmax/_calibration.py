@@ -233,6 +233,9 @@ def _rows(fname, values, labels, where, name):
     if values.ndim != 2:
         raise ValueError(f"{fname}: {name} must have shape [N, K], got {values.shape}")
     num_rows, num_classes = values.shape
+    # A fit needs a class (its calibrator would apply to no input); a metric of padding is 0.
+    if num_classes == 0 and name == "logits":
+        raise ValueError(f"{fname}: {name} of shape {values.shape} has no class")
     where = _checks.mask(fname, where, (num_rows,))
     labels = _checks.integer_labels(
         fname, labels, (num_rows,), num_classes, f"{name} {values.shape}", kept=where

@@ -286,8 +286,8 @@ def _family_tangent(kind, axes, x, where, temperature, m, s, t_x, t_temperature)
         # entry's cotangent before it meets d(v / T) / dT: inf * 0 in second derivatives)
         return v if temperature is None else v / temperature
 
-    if kind == "softmax":
-        out = per_temperature(p * (t - mean))
+    if kind == "softmax":  # (0 where p is: t - mean may overflow there, 2e38 + 2e38)
+        out = jnp.where(p == 0, 0.0, per_temperature(p * (t - mean)))
     elif kind == "log_softmax":  # -inf entries are constant
         out = jnp.where(z == -jnp.inf, 0.0, per_temperature(t - mean))
     else:

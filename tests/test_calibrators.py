@@ -359,8 +359,8 @@ def test_isotonic_and_histogram_edge_cases():
     np.testing.assert_allclose(identity, logits, rtol=1e-6)
     empty = jsoftmax.fit_isotonic(np.zeros((0, 2), np.float32), np.zeros(0, np.int32))
     np.testing.assert_allclose(jsoftmax.calibrate(empty, logits), logits, rtol=1e-6)
-    no_class = jsoftmax.fit_isotonic(np.zeros((0, 0), np.float32), np.zeros(0, np.int32))
-    assert no_class.values.shape == (0, 0)
+    with pytest.raises(ValueError, match=r"fit_isotonic: logits of shape \(0, 0\) has no class"):
+        jsoftmax.fit_isotonic(np.zeros((0, 0), np.float32), np.zeros(0, np.int32))
     centres = jsoftmax.fit_histogram_binning(logits, labels, num_bins=4, where=nothing).values
     np.testing.assert_allclose(centres, [[0.125, 0.375, 0.625, 0.875]] * 2)
     # A class impossible only in the new logits stays impossible (its bin's value is 0.5 > 0).

@@ -316,7 +316,13 @@ def test_a_quotient_that_overflows_is_constant_in_the_temperature(name):
 
 @NORMALISERS
 @pytest.mark.parametrize(
-    "x, t", [([1e38, 0.0], 0.5), ([3e38, 0.0], 0.9), ([1e38, 1e38 - 1e32, 0.0], 0.5)]
+    "x, t",
+    [
+        ([1e38, 0.0], 0.5),
+        ([3e38, 0.0], 0.9),
+        ([1e38, 1e38 - 1e32, 0.0], 0.5),
+        ([-2e38, 2e38, 1e38], 1.0),  # t - mean overflows where p is 0
+    ],
 )
 def test_forward_and_reverse_temperature_derivatives_agree_at_huge_logits(name, x, t):
     """x / T finite but x / T**2 past the float range: forward mode formed -x / T**2 per
