@@ -54,6 +54,11 @@ from jsoftmax._calibration import _num_bins as _checked_num_bins
 _MAX_ITERATIONS = 500
 _HISTORY = 10
 _START_SPREAD = 16.0
+# The affine fits on 4 times as many rows as the larger of these start on a sample of
+# that many rows (_fit_affine), never fewer than 32 per parameter (a sample that small
+# may be separable: its optimum at infinity).
+_SAMPLE_ROWS = 2**16
+_SAMPLE_PER_PARAMETER = 32
 # calibrate's per-row values that reverse mode keeps (jax.checkpoint_name).
 _ROW = "jsoftmax_row"
 _GRADIENT_TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.float64): 1e-9}
@@ -329,12 +334,14 @@ def _interpolate(thresholds, values, count, p):
     return jnp.where(count > 0, jnp.where(inside, between, clipped), p)
 
 
-def _minimize(fun, x0):
+def _minimize(fun, x0, memory=None):
     """Minimises a smooth convex ``fun`` of a flat vector by L-BFGS from ``x0``.
 
     Backtracking (Armijo) line search; stops when the gradient's largest entry
     is below ``_GRADIENT_TOL``, when no step along the search direction
     decreases ``fun`` (its precision is reached), or after ``_MAX_ITERATIONS``.
+    Returns the minimiser and the memory of curvature pairs, which a further
+    minimisation of a similar function can start from.
     """
     dtype = x0.dtype
     value_and_grad = jax.value_and_grad(fun)
@@ -403,9 +410,14 @@ def _minimize(fun, x0):
         return i + 1, k + keep.astype(k.dtype), x, f, g, s, y, rho, ~decreased
 
     f0, g0 = value_and_grad(x0)
-    history = jnp.zeros((_HISTORY, x0.size), dtype)
-    start = (0, 0, x0, f0, g0, history, history, jnp.zeros(_HISTORY, dtype), False)
-    return lax.while_loop(running, step, start)[2]
+    if memory is None:
+        history = jnp.zeros((_HISTORY, x0.size), dtype)
+        memory = (0, history, history, jnp.zeros(_HISTORY, dtype))
+    k, s, y, rho = memory
+    _, k, x, _, _, s, y, rho, _ = lax.while_loop(
+        running, step, (0, k, x0, f0, g0, s, y, rho, False)
+    )
+    return x, (k, s, y, rho)
 
 
 def _mean_nll(z, possible, labels, where, n):
@@ -480,9 +492,10 @@ def _fit_affine(logits, labels, where, kind, penalties):
         w = v / by_row
         return w, c - linear(w, mean)
 
-    def objective(flat):
+    def objective(flat, rows):
         v, c = unflatten(flat)
         w, b = weight_and_bias(v, c)
+        standard, possible, labels, scored, n = rows
         loss = _mean_nll(linear(v, standard) + c, possible, labels, scored, n)
         if kind == "matrix":
             loss = loss + _penalised(penalties[0], jnp.sum((w - eye) ** 2) + jnp.sum(b**2))
@@ -495,7 +508,17 @@ def _fit_affine(logits, labels, where, kind, penalties):
 
     # A traced bad penalty (NaN) stalls the search at the identity: the fit is NaN.
     nan_if_bad = nan_if_bad * jnp.where(jnp.isnan(sum(penalties, 0.0)), jnp.nan, 1.0)
-    return weight_and_bias(*unflatten(_minimize(objective, flat0) * nan_if_bad))
+    rows = (standard, possible, labels, scored, n)
+    memory = None
+    stride = x.shape[0] // max(_SAMPLE_ROWS, _SAMPLE_PER_PARAMETER * flat0.size)
+    if stride >= 4:
+        # First on every stride-th row: the mean NLL there has about the full one's
+        # optimum and curvature, so the full fit starts near its optimum with L-BFGS's
+        # memory of that curvature (1,000,000 x 10: 13-14 full evaluations -> 7).
+        sample = [a[::stride] for a in rows[:4]] + [jnp.sum(where[::stride], dtype=n.dtype)]
+        flat0, memory = _minimize(functools.partial(objective, rows=sample), flat0)
+    flat, _ = _minimize(functools.partial(objective, rows=rows), flat0, memory)
+    return weight_and_bias(*unflatten(flat * nan_if_bad))
 
 
 def _penalised(strength, term):

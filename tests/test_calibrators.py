@@ -56,23 +56,60 @@ def flat(calibrator):
     return np.concatenate([np.ravel(a) for a in calibrator]).astype(np.float64)
 
 
-@pytest.mark.parametrize("kind", FITS)
-def test_affine_fits_reach_the_optimum(kind, x64):
-    logits, labels = miscalibrated(3000, 4, seed=1)
-    fit, options = FITS[kind]
-    ours = flat(fit(logits, labels, **options))
+@pytest.fixture(params=[False, True], ids=["all-rows", "sample-first"])
+def sample_first(request, monkeypatch):
+    """Runs the affine fits on all rows at once, or first on a sample of them, as they do on
+    more than 2**18 rows (here on more than 128 rows per parameter); checks that the test's
+    one fit made one L-BFGS run per stage."""
+    runs = []
+    minimize = _calibrators._minimize
+    monkeypatch.setattr(_calibrators, "_minimize", lambda *a: runs.append(a) or minimize(*a))
+    if request.param:
+        monkeypatch.setattr(_calibrators, "_SAMPLE_ROWS", 0)
+    jax.clear_caches()  # (the fits' traces read both)
+    yield
+    jax.clear_caches()
+    assert len(runs) == 1 + request.param
+
+
+def assert_at_the_optimum(kind, logits, labels, ours, **options):
+    """``ours`` (flat) minimises the float64 objective as SciPy's L-BFGS-B does, to 1e-12."""
     f = functools.partial(objective, kind, logits, labels, **options)
     reference = scipy.optimize.minimize(
         f,
-        _identity(kind, 4),
+        _identity(kind, logits.shape[1]),
         method="L-BFGS-B",
         options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10_000},
     )
     assert f(ours) <= reference.fun + 1e-12
-    assert f(_identity(kind, 4)) - f(ours) > 0.05  # the data are miscalibrated
+    assert f(_identity(kind, logits.shape[1])) - f(ours) > 0.05  # the data are miscalibrated
     # The optimum's gradient is zero (central differences).
     gradient = scipy.optimize.approx_fprime(ours, f, 1e-7)
     assert np.max(np.abs(gradient)) < 1e-6
+
+
+@pytest.mark.parametrize("kind", FITS)
+def test_affine_fits_reach_the_optimum(kind, sample_first, x64):
+    logits, labels = miscalibrated(3000, 4, seed=1)
+    fit, options = FITS[kind]
+    assert_at_the_optimum(kind, logits, labels, flat(fit(logits, labels, **options)), **options)
+
+
+@pytest.mark.parametrize("kind", FITS)
+def test_affine_fits_from_a_sample_of_padding_rows_reach_the_optimum(kind, sample_first, x64):
+    """Every sampled row padding (each 4th and 11th: the sample's stride for 20 and 8
+    parameters at 3000 rows), also under vmap beside a problem without padding."""
+    logits, labels = miscalibrated(3000, 4, seed=4)
+    fit, options = FITS[kind]
+    i = np.arange(3000)
+    where = (i % 4 != 0) & (i % 11 != 0)
+    garbage = np.where(where[:, None], logits, 50.0)
+    both = jax.vmap(lambda x, w: fit(x, labels, where=w, **options))(
+        np.stack([logits, garbage]), np.stack([np.ones(3000, bool), where])
+    )
+    assert_at_the_optimum(kind, logits, labels, flat(jax.tree.map(lambda a: a[0], both)), **options)
+    padded = flat(jax.tree.map(lambda a: a[1], both))
+    assert_at_the_optimum(kind, logits[where], labels[where], padded, **options)
 
 
 def _identity(kind, k):
