@@ -336,13 +336,14 @@ def _top1(probs, labels, where):
     """Top-1 confidence and whether it is right (0 in padding rows), and the bad-label flag."""
     dtype = _checks.compute_dtype(probs.dtype)
     p = probs.astype(dtype)
-    if p.shape[1] == 0:  # no row is kept, or its label is bad: one zero class will do
+    flag = _count(p, labels, where)[1]
+    if p.shape[1] == 0:  # no row is kept, or its label is bad (flagged): one zero class will do
         p = jnp.zeros((p.shape[0], 1), dtype)
     # The entry at the argmax, not jnp.max, which XLA's CPU backend lets drop a NaN.
     top = _cpu.argmax(p)
     confidence = jnp.where(where, jnp.take_along_axis(p, top[:, None], 1)[:, 0], 0.0)
     hit = jnp.where(where, (top == labels).astype(dtype), 0.0)
-    return confidence, hit, _count(p, labels, where)[1]
+    return confidence, hit, flag
 
 
 def _poisoned(flag, confidence):

@@ -184,6 +184,8 @@ def calibrate(calibrator: Calibrator, logits: ArrayLike) -> jax.Array:
     if logits.ndim == 0:
         raise ValueError(f"{fname}: logits must have a class axis, got shape ()")
     _check_shapes(fname, calibrator, logits.shape)
+    if logits.shape[-1] == 0:  # (no class has a log-probability)
+        return jnp.zeros(logits.shape, _checks.compute_dtype(logits.dtype))
     flat = logits.reshape(-1, logits.shape[-1])
     return _apply(calibrator, flat).reshape(logits.shape)
 
@@ -467,7 +469,7 @@ def _fit_affine(logits, labels, where, kind, penalties):
     # 1e19), about a scored row's (a constant feature's variance is exactly 0, not the
     # rounding of its mean: 1e4 in float64 read as spread 1e-13 and stalled the fit).
     unit = _power_of_two_above(jnp.where(scored[:, None], features, 0.0))
-    ref = features[jnp.argmax(scored)] / unit
+    ref = features[jnp.argmax(scored)] / unit if x.shape[0] else jnp.zeros(k, x.dtype)
     scaled = features / unit - ref
     mean = _mean(jnp.sum(jnp.where(scored[:, None], scaled, 0.0), axis=0), m)
     deviation = jnp.where(scored[:, None], (scaled - mean) ** 2, 0.0)

@@ -23,9 +23,18 @@ def is_traced(value: object) -> bool:
     return isinstance(value, Tracer)
 
 
+def array(fname: str, name: str, x: ArrayLike) -> jax.Array:
+    """``jnp.asarray(x)``, raising ``TypeError`` naming ``x`` where it is not one (None, a
+    string, a ragged list)."""
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{fname}: {name} must be an array, got {x!r:.40}: {error}") from None
+
+
 def floating(fname: str, name: str, x: ArrayLike) -> jax.Array:
     """Returns ``x`` as an array, raising ``TypeError`` unless it is real floating."""
-    x = jnp.asarray(x)
+    x = array(fname, name, x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{fname}: {name} must be floating, got dtype {x.dtype}")
     return x
@@ -66,7 +75,7 @@ def real(fname: str, name: str, value: Any) -> jax.Array:
 def probabilities(fname: str, name: str, x: ArrayLike, dtype=None) -> jax.Array:
     """Returns ``x`` as a floating array: integer or boolean (one-hot) labels become
     ``dtype`` (JAX's default float if None), as optax's arithmetic promotes them."""
-    x = jnp.asarray(x)
+    x = array(fname, name, x)
     if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
         return x.astype(dtype or jnp.result_type(float))
     return floating(fname, name, x)
@@ -146,7 +155,7 @@ def mask(
     """
     if where is None:
         return None
-    where = jnp.asarray(where)
+    where = array(fname, "where", where)
     if where.dtype != jnp.bool_:
         raise TypeError(f"{fname}: where must be a boolean mask, got dtype {where.dtype}")
     if not broadcasts_to(where.shape, shape):
@@ -176,9 +185,11 @@ def integer_labels(
     """
     if ignore_index is not None:
         _ignore_index(fname, ignore_index)
-    # The range is read before ``jnp.asarray``, which wraps int64 labels to int32 without x64.
-    values = None if is_traced(labels) else np.asarray(labels)
-    labels = jnp.asarray(labels)
+    # The range is read from the labels as given: ``jnp.asarray`` wraps int64 ones to int32
+    # without x64.
+    values = None if is_traced(labels) else labels
+    labels = array(fname, "labels", labels)
+    values = None if values is None else np.asarray(values)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"{fname}: labels must be integers, got dtype {labels.dtype}")
     if labels.shape != tuple(shape):

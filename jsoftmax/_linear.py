@@ -185,6 +185,7 @@ def linear_softmax_cross_entropy(
     fname = "linear_softmax_cross_entropy"
     hidden, weight, bias = _head_inputs(fname, "", hidden, weight, bias)
     shards = 1 if axis_name is None else lax.axis_size(axis_name)
+    where = _checks.mask(fname, where, hidden.shape[:-1])
     labels = _checks.integer_labels(
         fname,
         labels,
@@ -192,8 +193,8 @@ def linear_softmax_cross_entropy(
         weight.shape[1] * shards,
         f"hidden {hidden.shape}",
         ignore_index,
+        kept=where,
     )
-    where = _checks.mask(fname, where, labels.shape)
     logit_softcap = _check_softcap(fname, logit_softcap)
     size = _chunk_size(fname, chunk_size, weight.shape[1], labels.size)
     alpha, z_loss_, smooth, with_z_loss = _options(fname, reduction, label_smoothing, z_loss)

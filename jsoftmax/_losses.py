@@ -241,7 +241,7 @@ def _check_softcap(fname, logit_softcap):
         return None
     try:
         value = float(logit_softcap)
-    except (TypeError, jax.errors.ConcretizationTypeError):
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):  # ("a": ValueError)
         raise TypeError(
             f"{fname}: logit_softcap must be a concrete number (it is static), "
             f"got {type(logit_softcap).__name__}"
@@ -263,12 +263,24 @@ def _hyper(fname, name, value, low, high=np.inf, within=None):
             f"{fname}: {name} has shape {value.shape}, which does not broadcast to "
             f"{within[0]} {within[1]}"
         )
-    inside = (value >= low) & (value <= high) & jnp.isfinite(value)
-    if not _checks.is_traced(value) and not bool(jnp.all(inside)):
+    return _in_range(fname, name, value, low, high)
+
+
+def _in_range(fname, name, value, low, high=np.inf):
+    """``value`` range-checked (finite, in ``[low, high]``) when concrete, NaN where traced
+    and out of range."""
+
+    def inside(v, xp):
+        return (v >= low) & (v <= high) & xp.isfinite(v)
+
+    # (Checked in NumPy: jnp on a concrete array inside a trace gives a tracer.)
+    concrete = None if _checks.is_traced(value) else np.asarray(value, np.float64)
+    if concrete is not None and not np.all(inside(concrete, np)):
         bounds = f"[{low}, {high}{']' if high < np.inf else ')'}"
-        bad = float(value[~inside][0]) if value.ndim else float(value)
-        raise ValueError(f"{fname}: {name} must be in {bounds}, got {bad}")
-    return jnp.where(inside, value, jnp.nan)
+        raise ValueError(
+            f"{fname}: {name} must be in {bounds}, got {concrete[~inside(concrete, np)].ravel()[0]}"
+        )
+    return jnp.where(inside(value, jnp), value, jnp.nan)
 
 
 def _is_zero(value) -> bool:
@@ -531,11 +543,8 @@ def _integer_inputs(fname, logits, labels, axis, where, class_weights, ignore_in
                 f"{fname}: class_weights has shape {class_weights.shape} but the logits "
                 f"have {num_classes} classes; it needs ({num_classes},)"
             )
-        if not _checks.is_traced(class_weights) and not np.all(np.asarray(class_weights) >= 0):
-            raise ValueError(
-                f"{fname}: class_weights must be non-negative numbers, got "
-                f"{np.asarray(class_weights)[:8]}"
-            )
+        # (Traced, a bad weight makes the rows of its class NaN.)
+        class_weights = _in_range(fname, "class_weights", class_weights, 0.0)
     return z, labels, where, class_weights
 
 
@@ -587,6 +596,12 @@ def smooth_labels(
     axes = _checks.axes(fname, axis, labels.shape)
     where = _checks.mask(fname, where, labels.shape)
     alpha = _hyper(fname, "alpha", alpha, 0.0, 1.0, ("labels", labels.shape)).astype(labels.dtype)
+    per_row = (1,) * (labels.ndim - alpha.ndim) + alpha.shape
+    if any(per_row[a] != 1 for a in axes):  # (the smoothed labels would not sum to 1)
+        raise ValueError(
+            f"{fname}: alpha has shape {alpha.shape}; it must have size 1 along the class "
+            f"axes {axes} of labels {labels.shape} (one alpha per row)"
+        )
     if where is None:
         return (1 - alpha) * labels + alpha / math.prod(labels.shape[a] for a in axes)
     count = jnp.sum(where, axes, keepdims=True)

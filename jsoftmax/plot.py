@@ -47,7 +47,7 @@ def reliability_diagram(
             2, 1, figsize=(4, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
         )
     else:
-        top, bottom = axes
+        top, bottom = _axes("plot.reliability_diagram", axes, 2)
     left, width = edges[:-1], np.diff(edges)
     full = count > 0
     top.bar(
@@ -135,7 +135,7 @@ def smooth_reliability_diagram(
             2, 2, figsize=(8, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
         )
     else:
-        top, bottom, right_top, right_bottom = axes
+        top, bottom, right_top, right_bottom = _axes("plot.smooth_reliability_diagram", axes, 4)
     top.fill_between(grid, low, high, color="tab:red", alpha=0.25, label=f"{level:.0%} band")
     top.plot(grid, accuracy, color="tab:red", label="smoothed accuracy")
     top.plot([0, 1], [0, 1], "--", color="gray")
@@ -155,3 +155,14 @@ def smooth_reliability_diagram(
         axes=(right_top, right_bottom),
     )
     return top, bottom, right_top, right_bottom
+
+
+def _axes(fname, axes, count):
+    """``axes`` (a sequence or NumPy array) as a tuple of ``count`` matplotlib axes, or
+    ``TypeError`` naming them (an int raised AttributeError at its first bar)."""
+    from matplotlib.axes import Axes
+
+    given = tuple(np.ravel(axes)) if isinstance(axes, np.ndarray | list | tuple) else None
+    if given is None or len(given) != count or not all(isinstance(a, Axes) for a in given):
+        raise TypeError(f"{fname}: axes must be {count} matplotlib Axes, got {axes!r:.60}")
+    return given

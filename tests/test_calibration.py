@@ -200,7 +200,8 @@ def test_diagrams_of_a_nan_probability_are_nan(nan_at):
 
 def test_probabilities_without_a_class_keep_no_row():
     """[N, 0] probabilities can only be padding: each metric is 0, as with no kept row
-    (JAX's "argmax of an empty sequence" came first)."""
+    (JAX's "argmax of an empty sequence" came first); a kept row's label is bad, so a traced
+    one gives NaN (the top-label metrics gave 1, from the zero class standing in)."""
     probs, labels, where = np.zeros((2, 0), np.float32), np.zeros(2, np.int32), np.zeros(2, bool)
     for metric in (
         jsoftmax.expected_calibration_error,
@@ -210,8 +211,17 @@ def test_probabilities_without_a_class_keep_no_row():
         jsoftmax.brier_score,
         jsoftmax.smooth_calibration_error,
         jsoftmax.debiased_calibration_error,
+        jsoftmax.negative_log_likelihood,
     ):
         assert metric(probs, labels, where=where) == 0
+        assert np.isnan(jax.jit(metric)(probs, labels))
+    interval = jax.jit(
+        lambda y: jsoftmax.bootstrap(
+            jsoftmax.expected_calibration_error, probs, y, key=jax.random.key(0)
+        )
+    )(labels)
+    assert np.isnan(interval).all()
+    assert np.isnan(jax.jit(jsoftmax.reliability_diagram)(probs, labels).accuracy).all()
     diagram = jsoftmax.reliability_diagram(probs, labels, where=where)
     assert not diagram.count.any() and np.isnan(diagram.confidence).all()
     assert jsoftmax.smooth_reliability_diagram(probs, labels, where=where).calibration_error == 0
@@ -499,6 +509,14 @@ def test_plot_draws_accuracy_gaps_and_counts():
     )
     assert [p.get_height() for p in bottom.patches] == list(np.asarray(diagram.count))
     assert top.get_title() == "model"
+    # Axes of one's own: plt.subplots' array will do; anything else is named.
+    _, given = matplotlib.pyplot.subplots(2, 1)
+    assert jsoftmax.plot.reliability_diagram(probs, labels, axes=given) == tuple(given)
+    for bad in ((1, 2), given[0], given[:1]):
+        with pytest.raises(TypeError, match="reliability_diagram: axes must be 2 matplotlib"):
+            jsoftmax.plot.reliability_diagram(probs, labels, axes=bad)
+    with pytest.raises(TypeError, match="smooth_reliability_diagram: axes must be 4"):
+        jsoftmax.plot.smooth_reliability_diagram(probs, labels, key=jax.random.key(0), axes=given)
     matplotlib.pyplot.close("all")
 
 

@@ -461,8 +461,9 @@ def test_a_row_with_every_class_impossible_is_padding(fit):
 
 @pytest.mark.parametrize("fit", [f for f in ALL_FITS if f is not jsoftmax.fit_histogram_binning])
 def test_a_fit_without_an_informative_row_leaves_predictions_alone(fit):
-    """No kept row, only padding or only certain rows: the identity (the ensemble returned
-    T = 0.037, near one-hot predictions), also under vmap beside a real problem."""
+    """No kept row, only padding, no row at all or only certain rows: the identity (the
+    ensemble returned T = 0.037, near one-hot predictions; the affine fits raised JAX's
+    "argmax of an empty sequence" on no row), also under vmap beside a real problem."""
     logits, labels = edge_data()
     logits = logits.astype(np.float32)
     certain = logits.copy()
@@ -470,6 +471,7 @@ def test_a_fit_without_an_informative_row_leaves_predictions_alone(fit):
     nothing = np.zeros(300, bool)
     identity = jsoftmax.log_softmax(logits)
     cases = [(logits, labels, nothing), (np.full_like(logits, -np.inf), labels, None)]
+    cases.append((logits[:0], labels[:0], None))
     if fit is not jsoftmax.fit_isotonic:  # (whose data certain rows are, as p = 0 and 1)
         # Labelled on their +inf class: another label would be impossible.
         cases.append((certain, np.zeros_like(labels), None))
@@ -752,3 +754,7 @@ def test_bad_input_messages():
     ensemble = jsoftmax.fit_ensemble_temperature(logits, labels)
     assert jsoftmax.calibrate(ensemble, np.zeros((2, 5, 7))).shape == (2, 5, 7)
     assert jsoftmax.calibrate(fitted, np.zeros((2, 5, 3))).shape == (2, 5, 3)
+    # Logits without a class have no log-probability (the ensemble raised ZeroDivisionError).
+    for empty in (ensemble, jsoftmax.VectorScaling(jnp.ones(0), jnp.zeros(0))):
+        out = jsoftmax.calibrate(empty, np.zeros((2, 5, 0), np.float32))
+        assert out.shape == (2, 5, 0) and out.dtype == jnp.float32

@@ -1,3 +1,4 @@
+import functools
 import os
 import subprocess
 import sys
@@ -267,6 +268,19 @@ def test_traced_out_of_range_label_makes_its_row_nan():
     assert np.isnan(got[2]) and np.isfinite(np.delete(got, 2)).all()
     labels[2] = 3
     np.testing.assert_allclose(np.delete(got, 2), np.delete(loss(labels), 2))
+
+
+def test_a_masked_token_may_hold_any_label():
+    """As in the unfused loss: padding tokens' labels (-100, V) are never read, concrete or
+    traced (a concrete one raised)."""
+    hidden, weight, bias, labels, where = problem(8, 4, 10)
+    padded = labels.copy()
+    padded[~where] = np.where(np.arange(8)[~where] % 2, -100, 10)
+    assert not where.all()
+    mean = functools.partial(fused, reduction="mean")
+    want = value_and_grads(mean, hidden, weight, bias, labels, where)
+    for tx in (lambda f: f, jax.jit):
+        assert_same(value_and_grads(tx(mean), hidden, weight, bias, padded, where), want)
 
 
 def test_errors():

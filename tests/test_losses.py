@@ -501,6 +501,23 @@ def test_traced_out_of_range_label_is_nan_in_its_row_only():
 
 
 @pytest.mark.parametrize("loss", ["ce", "focal"])
+def test_a_traced_bad_class_weight_is_nan_in_its_class_rows(loss):
+    """As a traced bad label: the rows of the class whose weight is negative, inf or NaN
+    (a negative one gave a negative loss, and a "mean" of 0)."""
+    fn = ce_int if loss == "ce" else jsoftmax.softmax_focal_loss
+    logits, labels = data()
+    labels[:2] = 1
+    labels[2:] = 2
+    for bad in (-2.0, np.inf, np.nan):
+        weights = WEIGHTS.copy()
+        weights[1] = bad
+        rows = jax.jit(lambda w: fn(logits, labels, class_weights=w))(weights)
+        assert np.isnan(rows[:2]).all() and np.isfinite(rows[2:]).all()
+        mean = jax.jit(lambda w: fn(logits, labels, class_weights=w, reduction="mean"))(weights)
+        assert np.isnan(mean)
+
+
+@pytest.mark.parametrize("loss", ["ce", "focal"])
 @pytest.mark.parametrize("mask", ["rows", "classes"])
 def test_a_masked_row_may_hold_any_label(loss, mask):
     # Padding rows often hold -1 or -100: masked, their label is never read (optax's rule).
@@ -674,13 +691,19 @@ def test_errors_name_the_argument():
         ce_dense(logits, np.ones((6, 4), np.float32))
     with pytest.raises(ValueError, match=r"class_weights has shape \(4,\).*needs \(5,\)"):
         ce_int(logits, labels, class_weights=np.ones(4, np.float32))
-    with pytest.raises(ValueError, match="class_weights must be non-negative"):
-        ce_int(logits, labels, class_weights=np.array([1, 1, -1, 1, 1], np.float32))
+    for bad in (-1, np.inf, np.nan):
+        weights = np.array([1, 1, bad, 1, 1], np.float32)
+        with pytest.raises(ValueError, match=rf"class_weights must be in \[0.0, inf\), got {bad}"):
+            ce_int(logits, labels, class_weights=weights)
     for alpha in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"label_smoothing must be in \[0.0, 1.0\]"):
             ce_int(logits, labels, label_smoothing=alpha)
         with pytest.raises(ValueError, match=r"alpha must be in \[0.0, 1.0\]"):
             jsoftmax.smooth_labels(logits, alpha)
+    # One alpha per row: along the classes, the smoothed labels summed to 1/3 and 4/3.
+    with pytest.raises(ValueError, match=r"alpha has shape \(5,\); it must have size 1 along"):
+        jsoftmax.smooth_labels(logits, np.linspace(0, 1, K))
+    close(jsoftmax.smooth_labels(logits, np.full((N, 1), 0.1)), jsoftmax.smooth_labels(logits, 0.1))
     for z_loss in (-1.0, np.inf):  # (inf gave NaN where the logsumexp is 0)
         with pytest.raises(ValueError, match=r"z_loss must be in \[0.0, inf\)"):
             ce_dense(logits, logits, z_loss=z_loss)
@@ -933,6 +956,31 @@ def test_a_hyperparameter_that_is_not_a_number_raises_type_error_naming_it(fn, n
     error = ValueError if name == "gamma" and isinstance(value, str) else TypeError
     with pytest.raises(error, match=rf"{name} must be a (real )?number"):
         fn(logits, labels, **{name: value})
+
+
+@pytest.mark.parametrize("value", [None, "abc", [[1.0, 2.0], [3.0]]])
+def test_an_array_argument_that_is_not_an_array_raises_type_error_naming_it(value):
+    """(JAX's own messages named neither the function nor the argument.)"""
+    logits, labels = data()
+    cases = {
+        "softmax: x \\(the logits\\)": lambda: jsoftmax.softmax(value),
+        "softmax: where": lambda: jsoftmax.softmax(logits, where=value),
+        "labels": lambda: ce_int(logits, value),
+        "softmax_cross_entropy: labels": lambda: ce_dense(logits, value),
+        "expected_calibration_error: probs": (
+            lambda: jsoftmax.expected_calibration_error(value, labels)
+        ),
+        "linear_softmax_cross_entropy: labels": (
+            lambda: jsoftmax.linear_softmax_cross_entropy(logits, logits.T, value)
+        ),
+    }
+    if value is None:  # (where=None is no mask)
+        del cases["softmax: where"]
+    for name, call in cases.items():
+        with pytest.raises(TypeError, match=f"{name} must be an array, got"):
+            call()
+    with pytest.raises(TypeError, match="logit_softcap must be a concrete number"):
+        ce_int(logits, labels, logit_softcap="a")  # (a ValueError of float("a"))
 
 
 def test_an_integer_past_int32_is_a_number():
