@@ -240,6 +240,10 @@ def _rows(fname, values, labels, where, name):
     labels = _checks.integer_labels(
         fname, labels, (num_rows,), num_classes, f"{name} {values.shape}", kept=where
     )
+    # In int32, as every index here (under x64, strict promotion mixes no int64 with them);
+    # a traced label past int32 stays bad.
+    if labels.dtype != jnp.int32:
+        labels = jnp.where((labels >= 0) & (labels < num_classes), labels, -1).astype(jnp.int32)
     return values, labels, (jnp.ones(num_rows, bool) if where is None else where)
 
 
@@ -325,7 +329,9 @@ def _bin_sums(index, weights, hit, value, num_segments):
     most = max(1, max(value.size, 1 << 20) // max(num_segments, 1))
     block = max(1, math.isqrt(rows), -(-rows // most))
     blocks = -(-rows // block)
-    row_block = (jnp.arange(rows) // block).reshape((rows,) + (1,) * (value.ndim - 1))
+    row_block = (jnp.arange(rows, dtype=jnp.int32) // block).reshape(
+        (rows,) + (1,) * (value.ndim - 1)
+    )
     index = (index + num_segments * row_block).reshape(-1)
     sums = jax.ops.segment_sum(stats, index, num_segments * blocks, indices_are_sorted=False)
     sums = jnp.sum(sums.reshape(blocks, num_segments, 3), axis=0)
@@ -340,7 +346,7 @@ def _top1(probs, labels, where):
     if p.shape[1] == 0:  # no row is kept, or its label is bad (flagged): one zero class will do
         p = jnp.zeros((p.shape[0], 1), dtype)
     # The entry at the argmax, not jnp.max, which XLA's CPU backend lets drop a NaN.
-    top = _cpu.argmax(p)
+    top = _cpu.argmax(p).astype(jnp.int32)
     confidence = jnp.where(where, jnp.take_along_axis(p, top[:, None], 1)[:, 0], 0.0)
     hit = jnp.where(where, (top == labels).astype(dtype), 0.0)
     return confidence, hit, flag
@@ -387,7 +393,7 @@ def _fit_rows(x, labels, where, likelihood):
     if likelihood:
         # Found in the same reduction as NaN: a gather of the label's logit costs as much
         # again on CPU.
-        label = jnp.arange(x.shape[1]) == labels[:, None]
+        label = jnp.arange(x.shape[1], dtype=jnp.int32) == labels[:, None]
         bad = bad | (label & (mapped == -jnp.inf) & kept[:, None])
     n, nan_if_bad = _count(x, labels, kept)
     nan_if_bad = jnp.where(jnp.any(bad & where[:, None]), jnp.nan, nan_if_bad)
@@ -443,7 +449,7 @@ def _adaptive_reduce(statistics, weights, num_bins):
     key, confidence, hit, order = statistics
     if key.shape[0] == 0:
         return jnp.zeros((), confidence.dtype)
-    n = jnp.sum(weights)
+    n = jnp.sum(weights, dtype=jnp.int32)
     # S(r) = the sum of (hit - c) over the first r sorted rows, rows of equal
     # confidence counting their mean; a bin's gap is S(end) - S(start).
     starts = _equal_mass_starts(n, num_bins)
@@ -608,14 +614,14 @@ def classwise_calibration_error(
 def _classwise_rows(probs, labels, where, num_bins):
     dtype = _checks.compute_dtype(probs.dtype)
     p = jnp.where(where[:, None], probs.astype(dtype), 0.0)
-    hit = (labels[:, None] == jnp.arange(p.shape[1])).astype(dtype)
+    hit = (labels[:, None] == jnp.arange(p.shape[1], dtype=jnp.int32)).astype(dtype)
     return (_bin_index(p, num_bins), p, hit), _count(p, labels, where)[1]
 
 
 def _classwise_reduce(statistics, weights, num_bins):
     index, p, hit = statistics
     num_classes = p.shape[1]
-    index = index + num_bins * jnp.arange(num_classes)
+    index = index + num_bins * jnp.arange(num_classes, dtype=jnp.int32)
     _, gap, _ = _bin_sums(index, weights[:, None], hit, p, num_bins * num_classes)
     return _mean(jnp.sum(jnp.abs(gap)) / num_classes, jnp.sum(weights))
 

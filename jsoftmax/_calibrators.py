@@ -750,7 +750,7 @@ def _fit_ensemble(logits, labels, where, low, high):
     x, possible, where, n, nan_if_bad, _ = _prepared(logits, labels, where)
     k = x.shape[1]
     rows = where.astype(x.dtype)[:, None] / jnp.maximum(n, 1).astype(x.dtype)
-    label = jnp.arange(k) == labels[:, None]
+    label = jnp.arange(k, dtype=jnp.int32) == labels[:, None]
 
     def probs(t):
         return jnp.exp(_log_softmax(_scale(x, t), possible))
@@ -914,8 +914,8 @@ def _fit_histogram(logits, labels, where, num_bins):
     x, possible, where, _, nan_if_bad, _ = _prepared(logits, labels, where)
     k = x.shape[1]
     p = jnp.exp(_log_softmax(x, possible))
-    hit = (labels[:, None] == jnp.arange(k)).astype(x.dtype)
-    index = _bin_index(p, num_bins) + num_bins * jnp.arange(k)
+    hit = (labels[:, None] == jnp.arange(k, dtype=jnp.int32)).astype(x.dtype)
+    index = _bin_index(p, num_bins) + num_bins * jnp.arange(k, dtype=jnp.int32)
     kept = jnp.broadcast_to(where[:, None], p.shape)
     count, hits, _ = _bin_sums(index, kept, hit, jnp.zeros_like(p), num_bins * k)
     centres = (jnp.arange(num_bins, dtype=x.dtype) + 0.5) / num_bins
@@ -976,7 +976,7 @@ def fit_isotonic(
 def _fit_isotonic(logits, labels, where):
     x, possible, where, n, nan_if_bad, _ = _prepared(logits, labels, where)
     p = jnp.exp(_log_softmax(x, possible)).T
-    hit = labels == jnp.arange(x.shape[1])[:, None]
+    hit = labels == jnp.arange(x.shape[1], dtype=jnp.int32)[:, None]
     thresholds, values = _isotonic(p, hit, where, n)
     return thresholds, values * nan_if_bad, n
 
@@ -998,7 +998,7 @@ def _isotonic(p, hit, where, n):
         where & ~jnp.isnan(p), 2 * bits + hit.astype(bits.dtype), jnp.iinfo(bits.dtype).max
     )
     key = _cpu.sort_rows(key)
-    kept = jnp.arange(size) < n
+    kept = jnp.arange(size, dtype=jnp.int32) < n
     xs = jnp.where(kept, lax.bitcast_convert_type(key >> 1, p.dtype), jnp.inf)
     total = k * size
     # The labels are 0/1 and every kept row weighs 1: block sums are
@@ -1018,7 +1018,7 @@ def _isotonic(p, hit, where, n):
 
     def violations(bounds, count):
         """The blocks whose mean does not exceed the one before (in a class): each pools into it."""
-        mean, block = means(bounds), jnp.arange(bounds.shape[0])
+        mean, block = means(bounds), jnp.arange(bounds.shape[0], dtype=jnp.int32)
         first = bounds % size == 0
         return (block < count) & ~first & (jnp.roll(mean, 1) >= mean)
 
@@ -1026,20 +1026,21 @@ def _isotonic(p, hit, where, n):
         """One round: every maximal run of blocks whose means do not increase becomes one."""
         bounds, count, _ = state
         violated = violations(bounds, count)
-        keep = ~violated & (jnp.arange(bounds.shape[0]) < count)
-        slot = jnp.where(keep, jnp.cumsum(keep) - 1, bounds.shape[0])
+        keep = ~violated & (jnp.arange(bounds.shape[0], dtype=jnp.int32) < count)
+        slot = jnp.where(keep, jnp.cumsum(keep, dtype=jnp.int32) - 1, bounds.shape[0])
         bounds = jnp.full_like(bounds, total).at[slot].set(bounds, mode="drop")
-        return bounds, jnp.sum(keep), jnp.any(violated)
+        return bounds, jnp.sum(keep, dtype=jnp.int32), jnp.any(violated)
 
     # The blocks' first rows, front-packed and padded with ``total``. Once the
     # blocks fit in a quarter of the array the rounds go on in a smaller one,
     # so the many late rounds of few blocks cost little.
-    position = jnp.arange(total)
+    position = jnp.arange(total, dtype=jnp.int32)
     opens = _resolution_groups(xs)
-    group = jnp.cumsum(opens) - 1
-    starts = jnp.full(total, total).at[jnp.where(opens, group, total)].set(position, mode="drop")
-    bounds, count = starts, jnp.sum(opens)
-    solution = jnp.full(total, total)
+    group = jnp.cumsum(opens, dtype=jnp.int32) - 1
+    starts = jnp.full(total, total, jnp.int32)
+    starts = starts.at[jnp.where(opens, group, total)].set(position, mode="drop")
+    bounds, count = starts, jnp.sum(opens, dtype=jnp.int32)
+    solution = jnp.full(total, total, jnp.int32)
     # ``pooled``: the last round pooled blocks, so another may; a stage whose
     # blocks already fit in the next one is skipped without a round.
     pooled, finished = jnp.asarray(total > 0), jnp.asarray(False)
@@ -1072,11 +1073,11 @@ def _resolution_groups(xs):
     marked by pointer doubling over the flattened rows.
     """
     k, size = xs.shape
-    first = jnp.broadcast_to(jnp.arange(size) == 0, xs.shape).ravel()
-    end = jnp.broadcast_to(jnp.arange(1, k + 1)[:, None] * size, xs.shape).ravel()
+    first = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32) == 0, xs.shape).ravel()
+    end = jnp.broadcast_to(jnp.arange(1, k + 1, dtype=jnp.int32)[:, None] * size, xs.shape).ravel()
     xs = xs.ravel()
     total = xs.shape[0]
-    position = jnp.arange(total)
+    position = jnp.arange(total, dtype=jnp.int32)
     # next(i) is monotone in i, so next of every 32nd entry brackets the rest.
     every = 32
     coarse = _first_far(xs, xs[::every], position[::every] + 1, end[::every], end[::every])

@@ -324,7 +324,8 @@ def softmax_focal_loss(
     )
     logit_softcap = _check_softcap(fname, logit_softcap)
     _check_reduction(fname, reduction)
-    alpha = _hyper(fname, "label_smoothing", label_smoothing, 0.0, 1.0)
+    dtype = _checks.compute_dtype(z.dtype)
+    alpha = _hyper(fname, "label_smoothing", label_smoothing, 0.0, 1.0).astype(dtype)
     smooth = not _is_zero(label_smoothing)
     if isinstance(gamma, str):
         if gamma.lower() != FLSD_53:
@@ -339,7 +340,7 @@ def softmax_focal_loss(
                 where,
                 class_weights,
                 alpha,
-                jnp.asarray(0.0),  # weakly typed as the losses' z_loss: their compiled program
+                jnp.zeros((), dtype),  # as the losses' z_loss: their compiled program
                 smooth,
                 False,
                 ignore_index,

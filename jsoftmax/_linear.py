@@ -197,7 +197,8 @@ def linear_softmax_cross_entropy(
     )
     logit_softcap = _check_softcap(fname, logit_softcap)
     size = _chunk_size(fname, chunk_size, weight.shape[1], labels.size)
-    alpha, z_loss_, smooth, with_z_loss = _options(fname, reduction, label_smoothing, z_loss)
+    dtype = _compute_dtype(hidden, (weight, bias), None, None)
+    alpha, z_loss_, smooth, with_z_loss = _options(fname, reduction, label_smoothing, z_loss, dtype)
     config = _Config(
         "cross_entropy",
         size,

@@ -224,7 +224,8 @@ def _reduce(loss, counts, weight, reduction):
     total = jnp.sum(loss)
     if reduction == "sum":
         return total
-    denominator = jnp.sum(jnp.where(counts, weight, 0.0))
+    # (In the loss's dtype: a sum of the Python float 1.0 is float64 under x64.)
+    denominator = jnp.sum(jnp.where(counts, weight, 0.0), dtype=total.dtype)
     # Nothing counts, or what counts weighs 0: 0 with zero gradient (a NaN row stays NaN).
     empty = denominator == 0
     return jnp.where(empty, 0.0 * total, total / jnp.where(empty, 1.0, denominator))
@@ -322,11 +323,12 @@ def _class_last(fname, logits, axis, where):
     return flat(logits), (None if where is None else flat(where)), axes, flat
 
 
-def _options(fname, reduction, label_smoothing, z_loss):
-    """Validates the options both losses share; returns them with their static on-flags."""
+def _options(fname, reduction, label_smoothing, z_loss, dtype):
+    """Validates the options both losses share; returns them in the compute ``dtype`` (a
+    float64 one promoted float32 losses) with their static on-flags."""
     _check_reduction(fname, reduction)
-    alpha = _hyper(fname, "label_smoothing", label_smoothing, 0.0, 1.0)
-    z_loss_ = _hyper(fname, "z_loss", z_loss, 0.0)
+    alpha = _hyper(fname, "label_smoothing", label_smoothing, 0.0, 1.0).astype(dtype)
+    z_loss_ = _hyper(fname, "z_loss", z_loss, 0.0).astype(dtype)
     return alpha, z_loss_, not _is_zero(label_smoothing), not _is_zero(z_loss)
 
 
@@ -397,7 +399,7 @@ def softmax_cross_entropy(
             "dense labels must match the logits"
         )
     z, where, _, flat = _class_last(fname, logits_arr, axis, where)
-    options = _options(fname, reduction, label_smoothing, z_loss)
+    options = _options(fname, reduction, label_smoothing, z_loss, _checks.compute_dtype(z.dtype))
     return _dense_loss(z, flat(labels), where, *options, reduction)
 
 
@@ -488,7 +490,9 @@ def softmax_cross_entropy_with_integer_labels(
         fname, logits, labels, axis, where, class_weights, ignore_index
     )
     logit_softcap = _check_softcap(fname, logit_softcap)
-    alpha, z_loss_, smooth, with_z_loss = _options(fname, reduction, label_smoothing, z_loss)
+    alpha, z_loss_, smooth, with_z_loss = _options(
+        fname, reduction, label_smoothing, z_loss, _checks.compute_dtype(z.dtype)
+    )
     return _integer_loss(
         z,
         labels,

@@ -135,14 +135,14 @@ def _debiased_rows(probs, labels, where, num_bins, mode):
     else:
         dtype = _checks.compute_dtype(probs.dtype)
         p = jnp.where(where[:, None], probs.astype(dtype), 0.0)
-        onehot = (labels[:, None] == jnp.arange(p.shape[1])) & where[:, None]
+        onehot = (labels[:, None] == jnp.arange(p.shape[1], dtype=jnp.int32)) & where[:, None]
         values, outcomes, flag = p.T, onehot.T.astype(dtype), _cal._count(p, labels, where)[1]
     return (_select.ordered_key(values), values, outcomes, None), flag
 
 
 def _debiased_squared(key, values, outcomes, order, weights, num_bins):
     """Kumar et al.'s debiased squared error of one problem over its equal-mass bins."""
-    n = jnp.sum(weights)
+    n = jnp.sum(weights, dtype=jnp.int32)
     # np.array_split of the n sorted values into B = min(M, n) parts; an edge is
     # the midpoint of the values either side of a split.
     if num_bins == 1:  # one bin, no edge to select
@@ -298,11 +298,11 @@ def _convolved(values, sigma, points):
     # there. Most bandwidths have the base grid, whose FFT is 8x shorter than the finest's.
     fft = 1 << math.ceil(math.log2(3 * capacity - 2))
     # Reflected without repeating the end points, as [flip(v)[:-1], v, flip(v)[1:]].
-    e = jnp.arange(fft) - (grid - 1)
+    e = jnp.arange(fft, dtype=jnp.int32) - (grid - 1)
     g = jnp.abs(e)
     g = jnp.where(g > grid - 1, 2 * (grid - 1) - g, g)
     extended = jnp.where((e < 2 * grid - 1)[:, None], values[jnp.clip(g, 0, capacity - 1)], 0.0)
-    kernel = _kernel(jnp.arange(fft), grid, sigma).astype(dtype)
+    kernel = _kernel(jnp.arange(fft, dtype=jnp.int32), grid, sigma).astype(dtype)
     spectrum = jnp.fft.rfft(extended, axis=0) * jnp.fft.rfft(kernel)[:, None]
     full = jnp.fft.irfft(spectrum, n=fft, axis=0).astype(dtype)
     # np.convolve(extended, kernel, "valid")[G // 2 : G // 2 + G]
@@ -323,7 +323,7 @@ def _convolved_directly(values, sigma, points):
     """
     grid, _ = _sizes(sigma)
     capacity = values.shape[0]
-    j = jnp.arange(capacity)
+    j = jnp.arange(capacity, dtype=jnp.int32)
 
     def row(i):
         taps = _kernel(grid // 2 + i - j, grid, sigma)
@@ -347,7 +347,7 @@ def _kernel(m, grid, sigma):
     else 0."""
     last = (grid - 1).astype(sigma.dtype)
     taps = jnp.exp(-((m.astype(last.dtype) / last - 0.5) ** 2) / (2 * sigma**2)) / (
-        np.sqrt(2 * np.pi) * sigma
+        float(np.sqrt(2 * np.pi)) * sigma  # (a NumPy float64 is no weak type)
     )
     return jnp.where((m >= 0) & (m < grid), taps, 0.0)
 
@@ -376,8 +376,9 @@ def _smece_at(f, columns, sigma, base):
 def _smece_on(values, sigma, capacity):
     """smECE_sigma from the spread ``values``, on a mesh of at most ``capacity`` points."""
     _, mesh = _sizes(sigma)
-    e = jnp.arange(capacity)
-    points = jnp.minimum(e / jnp.maximum(mesh - 1, 1), 1).astype(values.dtype)
+    e = jnp.arange(capacity, dtype=jnp.int32)
+    # (In the values' dtype: int32 / int32 is float32 even under x64.)
+    points = jnp.minimum(e.astype(values.dtype) / jnp.maximum(mesh - 1, 1).astype(values.dtype), 1)
     smoothed = _convolved(values, sigma, points)
     inside = e < mesh
     density = smoothed[:, 1] + _EPS
@@ -661,7 +662,7 @@ def _counts(key, where):
     kept = jnp.nonzero(where, size=num_rows, fill_value=0)[0]
     words = jax.random.bits(key, (num_rows,), jnp.uint32)
     draws = _high_product(words, n.astype(jnp.uint32)).astype(jnp.int32)
-    drawn = (jnp.arange(num_rows) < n).astype(jnp.int32)
+    drawn = (jnp.arange(num_rows, dtype=jnp.int32) < n).astype(jnp.int32)
     return jnp.zeros(num_rows, jnp.int32).at[kept[draws]].add(drawn)
 
 

@@ -97,7 +97,9 @@ def select(key, weights, ranks, values=None, order=None):
         remaining = remaining - (at(cumulative) - at(counts))[:, 0]
         if values is not None:
             sums = _histogram(index, values, group, size)
-            lower = jnp.sum(jnp.where(jnp.arange(size) < chosen[:, None], sums, 0), axis=1)
+            lower = jnp.sum(
+                jnp.where(jnp.arange(size, dtype=jnp.int32) < chosen[:, None], sums, 0), axis=1
+            )
             below = lower if below is None else below + lower
         found = found | (chosen.astype(key.dtype) << low)
         if j + 1 < len(digits):

@@ -34,10 +34,23 @@ CASES = {
     ),
     "distillation": lambda x: jsoftmax.linear_distillation_loss(x, x.T, x, x.T, divergence="jsd"),
     "mixed_precision": lambda x: jsoftmax.linear_softmax_cross_entropy(
-        x, x.T[:, :2].astype(jnp.float32), LABELS % 2, bias=jnp.zeros(2), label_smoothing=0.1
+        x,
+        x.T[:, :2].astype(jnp.float32),
+        LABELS % 2,
+        bias=jnp.zeros(2, jnp.float32),
+        label_smoothing=0.1,
     ),
     "low_precision_options": lambda x: jsoftmax.softmax_cross_entropy_with_integer_labels(
         x, LABELS, label_smoothing=jnp.asarray(0.2, x.dtype), z_loss=jnp.asarray(1e-3, x.dtype)
+    ),
+    "float64_options": lambda x: jsoftmax.softmax_cross_entropy_with_integer_labels(
+        x, LABELS, label_smoothing=np.float64(0.2), z_loss=np.float64(1e-3), reduction="mean"
+    ),
+    "float64_linear_options": lambda x: jsoftmax.linear_softmax_cross_entropy(
+        x, x.T[:, :2], LABELS % 2, label_smoothing=np.float64(0.2), z_loss=np.float64(1e-3)
+    ),
+    "float64_focal_options": lambda x: jsoftmax.softmax_focal_loss(
+        x, LABELS, label_smoothing=np.float64(0.2), reduction="mean"
     ),
     "low_precision_penalty": lambda x: jsoftmax.calibrate(
         jsoftmax.fit_matrix_scaling(x, LABELS, l2=jnp.asarray(1e-3, x.dtype)), x
@@ -78,14 +91,17 @@ DIFFERENTIABLE = {
     "temperature_scale",
     "mixed_precision",
     "low_precision_options",
+    "float64_options",
 }
+
+
+X = [[1.0, 2.0, -2.0], [0.5, 0.1, 3.0], [0.0, 0.0, 0.0], [2.0, -1.0, 1.0]]
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_runs_under_strict_dtype_promotion(name):
     # bfloat16: cast to the float32 compute dtype, then the same code as float32.
-    x = jnp.array([[1.0, 2.0, -2.0], [0.5, 0.1, 3.0], [0.0, 0.0, 0.0], [2.0, -1.0, 1.0]])
-    x = x.astype(jnp.bfloat16)
+    x = jnp.array(X, jnp.bfloat16)
     f = CASES[name]
     with jax.numpy_dtype_promotion("strict"):
         out = f(x)
@@ -96,3 +112,17 @@ def test_runs_under_strict_dtype_promotion(name):
     # The same numbers as under the default promotion.
     for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(f(x)), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("labels", [np.int32, np.int64])
+@pytest.mark.parametrize("name", list(CASES))
+def test_float32_stays_float32_under_x64_and_strict_promotion(name, labels, x64, monkeypatch):
+    """With 64-bit types on, float32 inputs give float32 outputs (a "mean" loss and a float64
+    NumPy label smoothing were float64; int64 labels and jnp.arange's int64 indices raised
+    under strict promotion)."""
+    monkeypatch.setitem(globals(), "LABELS", LABELS.astype(labels))
+    x = jnp.array(X, jnp.float32)
+    with jax.numpy_dtype_promotion("strict"):
+        out = CASES[name](x)
+    for got in jax.tree.leaves(out):
+        assert got.dtype != jnp.float64
