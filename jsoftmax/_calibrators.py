@@ -40,7 +40,6 @@ from jax.typing import ArrayLike
 from jsoftmax import _checks, _cpu, _losses
 from jsoftmax._calibration import (
     _bin_index,
-    _bin_sums,
     _bounds,
     _certain,
     _fit_rows,
@@ -914,12 +913,19 @@ def _fit_histogram(logits, labels, where, num_bins):
     x, possible, where, _, nan_if_bad, _ = _prepared(logits, labels, where)
     k = x.shape[1]
     p = jnp.exp(_log_softmax(x, possible))
-    hit = (labels[:, None] == jnp.arange(k, dtype=jnp.int32)).astype(x.dtype)
     index = _bin_index(p, num_bins) + num_bins * jnp.arange(k, dtype=jnp.int32)
-    kept = jnp.broadcast_to(where[:, None], p.shape)
-    count, hits, _ = _bin_sums(index, kept, hit, jnp.zeros_like(p), num_bins * k)
+    # Counted in int32, exact at any N: each kept row in K bins, its hit in its label's
+    # (a bad label's row makes the fit NaN, through nan_if_bad).
+    kept = where.astype(jnp.int32)
+    segments = num_bins * k
+    count = jax.ops.segment_sum(
+        jnp.broadcast_to(kept[:, None], p.shape).reshape(-1), index.reshape(-1), segments
+    )
+    hit_bin = jnp.take_along_axis(index, jnp.clip(labels, 0, k - 1)[:, None], 1)[:, 0]
+    hits = jax.ops.segment_sum(kept, hit_bin, segments)
     centres = (jnp.arange(num_bins, dtype=x.dtype) + 0.5) / num_bins
-    values = jnp.where(count > 0, hits / jnp.maximum(count, 1), jnp.tile(centres, k))
+    frequency = hits.astype(x.dtype) / jnp.maximum(count, 1).astype(x.dtype)
+    values = jnp.where(count > 0, frequency, jnp.tile(centres, k))
     return values.reshape(k, num_bins) * nan_if_bad
 
 
