@@ -915,14 +915,17 @@ def _fit_histogram(logits, labels, where, num_bins):
     p = jnp.exp(_log_softmax(x, possible))
     index = _bin_index(p, num_bins) + num_bins * jnp.arange(k, dtype=jnp.int32)
     # Counted in int32, exact at any N: each kept row in K bins, its hit in its label's
-    # (a bad label's row makes the fit NaN, through nan_if_bad).
+    # (a bad label's row makes the fit NaN, through nan_if_bad). That bin from the
+    # label's probability: gathered from the bins, XLA's CPU backend computed them twice
+    # (1.3x the fit's time at 1,000,000 x 10).
     kept = where.astype(jnp.int32)
     segments = num_bins * k
     count = jax.ops.segment_sum(
         jnp.broadcast_to(kept[:, None], p.shape).reshape(-1), index.reshape(-1), segments
     )
-    hit_bin = jnp.take_along_axis(index, jnp.clip(labels, 0, k - 1)[:, None], 1)[:, 0]
-    hits = jax.ops.segment_sum(kept, hit_bin, segments)
+    label = jnp.clip(labels, 0, k - 1)
+    p_label = jnp.take_along_axis(p, label[:, None], 1)[:, 0]
+    hits = jax.ops.segment_sum(kept, _bin_index(p_label, num_bins) + num_bins * label, segments)
     centres = (jnp.arange(num_bins, dtype=x.dtype) + 0.5) / num_bins
     frequency = hits.astype(x.dtype) / jnp.maximum(count, 1).astype(x.dtype)
     values = jnp.where(count > 0, frequency, jnp.tile(centres, k))
