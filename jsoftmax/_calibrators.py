@@ -54,7 +54,7 @@ _MAX_ITERATIONS = 500
 _HISTORY = 10
 _START_SPREAD = 16.0
 # The affine fits on 4 times as many rows as the larger of these start on a sample of
-# that many rows (_fit_affine), never fewer than 32 per parameter (a sample that small
+# that many rows (_fit_affine), never fewer than 32 per parameter (a smaller sample
 # may be separable: its optimum at infinity).
 _SAMPLE_ROWS = 2**16
 _SAMPLE_PER_PARAMETER = 32
@@ -182,11 +182,31 @@ def calibrate(calibrator: Calibrator, logits: ArrayLike) -> jax.Array:
     logits = _checks.floating(fname, "logits", logits)
     if logits.ndim == 0:
         raise ValueError(f"{fname}: logits must have a class axis, got shape ()")
+    calibrator = _as_arrays(fname, calibrator)
     _check_shapes(fname, calibrator, logits.shape)
     if logits.shape[-1] == 0:  # (no class has a log-probability)
         return jnp.zeros(logits.shape, _checks.compute_dtype(logits.dtype))
     flat = logits.reshape(-1, logits.shape[-1])
     return _apply(calibrator, flat).reshape(logits.shape)
+
+
+def _as_arrays(fname, calibrator):
+    """The calibrator with each field an array: floating (integers become JAX's default
+    float), or integer for the isotonic count (a hand-built one of lists, strings or
+    complex numbers failed inside JAX)."""
+    fields = []
+    for field, value in zip(calibrator._fields, calibrator, strict=True):
+        name = f"{type(calibrator).__name__}.{field}"
+        if field == "count":
+            value = _checks.array(fname, name, value)
+            if not jnp.issubdtype(value.dtype, jnp.integer):
+                raise TypeError(f"{fname}: {name} must be an integer, got dtype {value.dtype}")
+        else:
+            value = _checks.real(fname, name, value)
+            if jnp.issubdtype(value.dtype, jnp.integer):
+                value = value.astype(jnp.result_type(float))
+        fields.append(value)
+    return type(calibrator)(*fields)
 
 
 def _check_shapes(fname, calibrator, shape):
@@ -511,12 +531,15 @@ def _fit_affine(logits, labels, where, kind, penalties):
     nan_if_bad = nan_if_bad * jnp.where(jnp.isnan(sum(penalties, 0.0)), jnp.nan, 1.0)
     rows = (standard, possible, labels, scored, n)
     memory = None
-    stride = x.shape[0] // max(_SAMPLE_ROWS, _SAMPLE_PER_PARAMETER * flat0.size)
-    if stride >= 4:
-        # First on every stride-th row: the mean NLL there has about the full one's
+    size = max(_SAMPLE_ROWS, _SAMPLE_PER_PARAMETER * flat0.size)
+    if x.shape[0] >= 4 * size:
+        # First on rows drawn at random: the mean NLL there has about the full one's
         # optimum and curvature, so the full fit starts near its optimum with L-BFGS's
-        # memory of that curvature (1,000,000 x 10: 13-14 full evaluations -> 7).
-        sample = [a[::stride] for a in rows[:4]] + [jnp.sum(where[::stride], dtype=n.dtype)]
+        # memory of that curvature (1,000,000 x 10: 13-14 full evaluations -> 7). (A
+        # fixed key: the fit is deterministic. A stride aliased with rows in class order,
+        # 15 full evaluations -> 57.)
+        drawn = jax.random.randint(jax.random.key(0), (size,), 0, x.shape[0], jnp.int32)
+        sample = [a[drawn] for a in rows[:4]] + [jnp.sum(where[drawn], dtype=n.dtype)]
         flat0, memory = _minimize(functools.partial(objective, rows=sample), flat0)
     flat, _ = _minimize(functools.partial(objective, rows=rows), flat0, memory)
     return weight_and_bias(*unflatten(flat * nan_if_bad))
@@ -998,6 +1021,7 @@ def _isotonic(p, hit, where, n):
     batched ones on CPU, and the parallel rounds of every class share each pass.
     """
     k, size = p.shape
+    index = _index_dtype(k * size)
     # One integer sort key per row (XLA's CPU sort is several times faster on
     # one integer operand than on floats or several operands): a probability
     # in [0, 1] has a non-negative bit pattern below 2**(bits - 2), ordered as
@@ -1027,7 +1051,7 @@ def _isotonic(p, hit, where, n):
 
     def violations(bounds, count):
         """The blocks whose mean does not exceed the one before (in a class): each pools into it."""
-        mean, block = means(bounds), jnp.arange(bounds.shape[0], dtype=jnp.int32)
+        mean, block = means(bounds), jnp.arange(bounds.shape[0], dtype=index)
         first = bounds % size == 0
         return (block < count) & ~first & (jnp.roll(mean, 1) >= mean)
 
@@ -1035,21 +1059,21 @@ def _isotonic(p, hit, where, n):
         """One round: every maximal run of blocks whose means do not increase becomes one."""
         bounds, count, _ = state
         violated = violations(bounds, count)
-        keep = ~violated & (jnp.arange(bounds.shape[0], dtype=jnp.int32) < count)
-        slot = jnp.where(keep, jnp.cumsum(keep, dtype=jnp.int32) - 1, bounds.shape[0])
+        keep = ~violated & (jnp.arange(bounds.shape[0], dtype=index) < count)
+        slot = jnp.where(keep, jnp.cumsum(keep, dtype=index) - 1, bounds.shape[0])
         bounds = jnp.full_like(bounds, total).at[slot].set(bounds, mode="drop")
-        return bounds, jnp.sum(keep, dtype=jnp.int32), jnp.any(violated)
+        return bounds, jnp.sum(keep, dtype=index), jnp.any(violated)
 
     # The blocks' first rows, front-packed and padded with ``total``. Once the
     # blocks fit in a quarter of the array the rounds go on in a smaller one,
     # so the many late rounds of few blocks cost little.
-    position = jnp.arange(total, dtype=jnp.int32)
+    position = jnp.arange(total, dtype=index)
     opens = _resolution_groups(xs)
-    group = jnp.cumsum(opens, dtype=jnp.int32) - 1
-    starts = jnp.full(total, total, jnp.int32)
+    group = jnp.cumsum(opens, dtype=index) - 1
+    starts = jnp.full(total, total, index)
     starts = starts.at[jnp.where(opens, group, total)].set(position, mode="drop")
-    bounds, count = starts, jnp.sum(opens, dtype=jnp.int32)
-    solution = jnp.full(total, total, jnp.int32)
+    bounds, count = starts, jnp.sum(opens, dtype=index)
+    solution = jnp.full(total, total, index)
     # ``pooled``: the last round pooled blocks, so another may; a stage whose
     # blocks already fit in the next one is skipped without a round.
     pooled, finished = jnp.asarray(total > 0), jnp.asarray(False)
@@ -1072,6 +1096,11 @@ def _isotonic(p, hit, where, n):
     return thresholds, means(solution)[block].reshape(k, size)
 
 
+def _index_dtype(size):
+    """int32 for positions below ``size``; int64 past int32 (with x64; JAX's int32 without)."""
+    return jnp.int32 if size <= jnp.iinfo(jnp.int32).max else jnp.int64
+
+
 def _resolution_groups(xs):
     """scikit-learn's grouping of each sorted row of ``xs``: the entries that open a group, flat.
 
@@ -1082,11 +1111,12 @@ def _resolution_groups(xs):
     marked by pointer doubling over the flattened rows.
     """
     k, size = xs.shape
-    first = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32) == 0, xs.shape).ravel()
-    end = jnp.broadcast_to(jnp.arange(1, k + 1, dtype=jnp.int32)[:, None] * size, xs.shape).ravel()
+    index = _index_dtype(k * size)
+    first = jnp.broadcast_to(jnp.arange(size, dtype=index) == 0, xs.shape).ravel()
+    end = jnp.broadcast_to(jnp.arange(1, k + 1, dtype=index)[:, None] * size, xs.shape).ravel()
     xs = xs.ravel()
     total = xs.shape[0]
-    position = jnp.arange(total, dtype=jnp.int32)
+    position = jnp.arange(total, dtype=index)
     # next(i) is monotone in i, so next of every 32nd entry brackets the rest.
     every = 32
     coarse = _first_far(xs, xs[::every], position[::every] + 1, end[::every], end[::every])

@@ -371,7 +371,7 @@ def _focal_loss(x, labels, where, weights, alpha, gamma, smooth, flsd, ignore, s
         weights = lax.stop_gradient(weights.astype(dtype))
     options = _Options(smooth, flsd, softcap)
 
-    def loss_of(safe_labels):
+    def loss_of(safe_labels, weights):
         return _focal(x, where, safe_labels, weights, alpha, gamma, options)
 
-    return _per_label(loss_of, labels, where, x.shape[-1], weights, ignore, reduction)
+    return _per_label(loss_of, labels, where, x.shape[-1], weights, smooth, ignore, reduction)

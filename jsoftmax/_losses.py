@@ -517,10 +517,10 @@ def _integer_loss(
         weights = lax.stop_gradient(weights.astype(_checks.compute_dtype(x.dtype)))
     options = _Options(False, smooth, with_z_loss, softcap)
 
-    def loss_of(safe_labels):
+    def loss_of(safe_labels, weights):
         return _cross_entropy(x, where, safe_labels, weights, alpha, z_loss, options)
 
-    return _per_label(loss_of, labels, where, x.shape[-1], weights, ignore, reduction)
+    return _per_label(loss_of, labels, where, x.shape[-1], weights, smooth, ignore, reduction)
 
 
 def _integer_inputs(fname, logits, labels, axis, where, class_weights, ignore_index):
@@ -552,19 +552,28 @@ def _integer_inputs(fname, logits, labels, axis, where, class_weights, ignore_in
     return z, labels, where, class_weights
 
 
-def _per_label(loss_of, labels, where, num_classes, weights, ignore, reduction):
-    """An integer-label loss's rules around its kernel ``loss_of(safe_labels) -> (loss, kept)``.
+def _per_label(loss_of, labels, where, num_classes, weights, smooth, ignore, reduction):
+    """An integer-label loss's rules around its kernel ``loss_of(safe_labels, weights) ->
+    (loss, kept)``.
 
     Ignored rows cost 0 and do not count, out-of-range (traced) labels make
     their row NaN unless ``where`` masks the whole row (padding), and "mean"
-    divides by the counting rows' ``w_y``.
+    divides by the counting rows' ``w_y``. So does a traced bad class weight
+    (NaN from :func:`_integer_inputs`) in the rows that read it: its class's
+    rows, every row with label smoothing. The kernel gets it as 0: a NaN there
+    reached the gradient through padding and ignored rows.
     """
     ignored = (labels == ignore) if ignore is not None else jnp.zeros(labels.shape, bool)
     bad = ((labels < 0) | (labels >= num_classes)) & ~ignored
     safe_labels = jnp.where(ignored | bad, 0, labels)
+    if weights is not None:
+        unusable = jnp.isnan(weights)
+        weights = jnp.where(unusable, 0.0, weights)
+        read = jnp.any(unusable) if smooth else unusable[safe_labels]
+        bad = bad | (read & ~ignored)
     if where is not None:
         bad = bad & jnp.any(where, -1)
-    loss, kept = loss_of(safe_labels)
+    loss, kept = loss_of(safe_labels, weights)
     counts = kept & ~ignored
     loss = jnp.where(counts, loss, 0.0)
     loss = loss * jnp.where(bad, jnp.nan, 1.0)  # NaN with a NaN gradient, this row only

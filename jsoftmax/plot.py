@@ -111,7 +111,8 @@ def smooth_reliability_diagram(
       num_resamples: bootstrap resamples for the band.
       level: the band's coverage in (0, 1).
       axes: four matplotlib axes (smooth top, smooth bottom, binned top, binned
-        bottom); by default a new figure with two columns.
+        bottom), or a 2 x 2 grid of them read by columns, as
+        ``plt.subplots(2, 2)`` gives; by default a new figure with two columns.
 
     Returns:
       The four axes.
@@ -159,10 +160,12 @@ def smooth_reliability_diagram(
 
 def _axes(fname, axes, count):
     """``axes`` (a sequence or NumPy array) as a tuple of ``count`` matplotlib axes, or
-    ``TypeError`` naming them (an int raised AttributeError at its first bar)."""
+    ``TypeError`` naming them (an int raised AttributeError at its first bar). A grid is
+    read by columns: ``plt.subplots(2, 2)``'s is laid out as the default figure."""
     from matplotlib.axes import Axes
 
-    given = tuple(np.ravel(axes)) if isinstance(axes, np.ndarray | list | tuple) else None
+    grid = isinstance(axes, np.ndarray | list | tuple)
+    given = tuple(np.ravel(np.asarray(axes, object), order="F")) if grid else None
     if given is None or len(given) != count or not all(isinstance(a, Axes) for a in given):
         raise TypeError(f"{fname}: axes must be {count} matplotlib Axes, got {axes!r:.60}")
     return given

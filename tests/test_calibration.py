@@ -517,6 +517,12 @@ def test_plot_draws_accuracy_gaps_and_counts():
             jsoftmax.plot.reliability_diagram(probs, labels, axes=bad)
     with pytest.raises(TypeError, match="smooth_reliability_diagram: axes must be 4"):
         jsoftmax.plot.smooth_reliability_diagram(probs, labels, key=jax.random.key(0), axes=given)
+    # A 2 x 2 grid by columns, as the default figure: smooth on the left, binned on the right.
+    _, grid = matplotlib.pyplot.subplots(2, 2)
+    drawn = jsoftmax.plot.smooth_reliability_diagram(
+        probs, labels, key=jax.random.key(0), num_resamples=8, axes=grid
+    )
+    assert drawn == (grid[0, 0], grid[1, 0], grid[0, 1], grid[1, 1])
     matplotlib.pyplot.close("all")
 
 

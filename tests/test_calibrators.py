@@ -96,13 +96,16 @@ def test_affine_fits_reach_the_optimum(kind, sample_first, x64):
 
 
 @pytest.mark.parametrize("kind", FITS)
-def test_affine_fits_from_a_sample_of_padding_rows_reach_the_optimum(kind, sample_first, x64):
-    """Every sampled row padding (each 4th and 11th: the sample's stride for 20 and 8
-    parameters at 3000 rows), also under vmap beside a problem without padding."""
+def test_affine_fits_with_padding_and_rows_in_class_order_reach_the_optimum(
+    kind, sample_first, x64
+):
+    """Padding rows among the sampled ones, rows sorted by class, also under vmap beside a
+    problem without padding."""
     logits, labels = miscalibrated(3000, 4, seed=4)
+    order = np.argsort(labels, kind="stable")
+    logits, labels = logits[order], labels[order]
     fit, options = FITS[kind]
-    i = np.arange(3000)
-    where = (i % 4 != 0) & (i % 11 != 0)
+    where = np.arange(3000) % 3 != 0
     garbage = np.where(where[:, None], logits, 50.0)
     both = jax.vmap(lambda x, w: fit(x, labels, where=w, **options))(
         np.stack([logits, garbage]), np.stack([np.ones(3000, bool), where])
@@ -750,6 +753,27 @@ def test_bad_input_messages():
         jsoftmax.calibrate(isotonic, logits)
     with pytest.raises(TypeError, match="calibrator must be one of the fit_"):
         jsoftmax.calibrate((1.0, 2.0), logits)
+    # A hand-built one: lists are arrays; strings, complex numbers, a float count are named.
+    listed = jsoftmax.VectorScaling([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
+    np.testing.assert_allclose(
+        jsoftmax.calibrate(listed, logits), log_softmax(logits, axis=1), rtol=1e-5, atol=1e-6
+    )
+    fitted_isotonic = jsoftmax.fit_isotonic(logits, labels)
+    by_hand = jsoftmax.IsotonicCalibration(*fitted_isotonic[:2], int(fitted_isotonic.count))
+    np.testing.assert_array_equal(
+        jsoftmax.calibrate(by_hand, logits), jsoftmax.calibrate(fitted_isotonic, logits)
+    )
+    for bad, message in [
+        (jsoftmax.VectorScaling("abc", "def"), "VectorScaling.scale must be a real number"),
+        (jsoftmax.VectorScaling(np.ones(3, complex), np.zeros(3)), "scale must be a real"),
+        (jsoftmax.MatrixScaling(np.eye(3) > 0, np.zeros(3)), "weight must be a real number"),
+        (
+            jsoftmax.IsotonicCalibration(np.zeros((3, 4)), np.zeros((3, 4)), 4.0),
+            "count must be an integer",
+        ),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            jsoftmax.calibrate(bad, logits)
     # Leading axes are kept; the ensemble applies to any number of classes.
     ensemble = jsoftmax.fit_ensemble_temperature(logits, labels)
     assert jsoftmax.calibrate(ensemble, np.zeros((2, 5, 7))).shape == (2, 5, 7)

@@ -503,18 +503,29 @@ def test_traced_out_of_range_label_is_nan_in_its_row_only():
 @pytest.mark.parametrize("loss", ["ce", "focal"])
 def test_a_traced_bad_class_weight_is_nan_in_its_class_rows(loss):
     """As a traced bad label: the rows of the class whose weight is negative, inf or NaN
-    (a negative one gave a negative loss, and a "mean" of 0)."""
+    (a negative one gave a negative loss, and a "mean" of 0), every row with label
+    smoothing (each reads every weight); an ignored or masked row of that class stays 0
+    with a zero gradient (its NaN coefficient reached the gradient)."""
     fn = ce_int if loss == "ce" else jsoftmax.softmax_focal_loss
     logits, labels = data()
-    labels[:2] = 1
-    labels[2:] = 2
+    labels[:] = [1, 1, 2, 2, 1, 1]
+    where = np.arange(N) != 4
+    labels[5] = -100  # ignored
+
+    def f(x, w, **options):
+        return fn(x, labels, where=where, class_weights=w, ignore_index=-100, **options)
+
     for bad in (-2.0, np.inf, np.nan):
         weights = WEIGHTS.copy()
         weights[1] = bad
-        rows = jax.jit(lambda w: fn(logits, labels, class_weights=w))(weights)
+        rows = jax.jit(f)(logits, weights)
         assert np.isnan(rows[:2]).all() and np.isfinite(rows[2:]).all()
-        mean = jax.jit(lambda w: fn(logits, labels, class_weights=w, reduction="mean"))(weights)
-        assert np.isnan(mean)
+        assert np.isnan(jax.jit(lambda x, w: f(x, w, reduction="mean"))(logits, weights))
+        smoothed = jax.jit(lambda x, w: f(x, w, label_smoothing=0.1))(logits, weights)
+        assert np.isnan(smoothed[:4]).all() and (smoothed[4:] == 0).all()
+        # (The bad rows' gradient is NaN, as a bad label's: "NaN with a NaN gradient".)
+        g = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w, reduction="sum"))))(logits, weights)
+        assert np.isnan(g[:2]).all() and np.isfinite(g[2:]).all() and (g[4:] == 0).all()
 
 
 @pytest.mark.parametrize("loss", ["ce", "focal"])
