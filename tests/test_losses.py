@@ -204,8 +204,11 @@ def test_axis_none_is_every_axis_as_in_optax_and_jax_nn():
     close(ce_dense(logits, q, axis=None), optax.softmax_cross_entropy(logits, q, axis=None))
     close(ce_int(logits, 7, axis=None), ce_int(logits.reshape(12), 7))
     close(jsoftmax.logsumexp(logits, axis=None), jax.nn.logsumexp(logits, axis=None))
-    with pytest.raises(TypeError, match="axis must be an int, a tuple of ints or None"):
-        ce_int(logits, 1, axis=1.0)
+    for axis in (1.0, True, (0, False)):  # (a bool passed for an int: axis=True read as 1)
+        with pytest.raises(TypeError, match="axis must be an int, a tuple of ints or None"):
+            ce_int(logits, 1, axis=axis)
+    with pytest.raises(TypeError, match="softmax: axis must be an int"):
+        jsoftmax.softmax(logits, axis=True)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
