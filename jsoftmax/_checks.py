@@ -127,7 +127,7 @@ def axes(fname: str, axis: Axis, shape: tuple[int, ...], *, sort: bool = True) -
     def is_int(a):  # (a bool is an int to Python: axis=True read as 1)
         return isinstance(a, int | np.integer) and not isinstance(a, bool)
 
-    raw = (axis,) if is_int(axis) else axis
+    raw = (axis,) if isinstance(axis, int | np.integer) else axis
     if not isinstance(raw, tuple | list) or not all(is_int(a) for a in raw):
         raise TypeError(f"{fname}: axis must be an int, a tuple of ints or None, got {axis!r}")
     out = []
