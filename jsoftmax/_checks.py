@@ -191,9 +191,8 @@ def integer_labels(
         _ignore_index(fname, ignore_index)
     # The range is read from the labels as given: ``jnp.asarray`` wraps int64 ones to int32
     # without x64.
-    values = None if is_traced(labels) else labels
-    labels = array(fname, "labels", labels)
-    values = None if values is None else np.asarray(values)
+    given, labels = labels, array(fname, "labels", labels)
+    values = None if is_traced(given) else np.asarray(given)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"{fname}: labels must be integers, got dtype {labels.dtype}")
     if labels.shape != tuple(shape):
