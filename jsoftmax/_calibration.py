@@ -314,14 +314,11 @@ def _bin_index(c, num_bins):
     return jnp.clip(index, 0, num_bins - 1)
 
 
-def _bin_sums(index, weights, hit, value, num_segments):
-    """Per bin: the total weight, ``sum(w * (hit - value))`` and ``sum(w * value)``."""
+def _bin_sums(index, weights, *values, num_segments):
+    """Per bin, ``sum(weights * v)`` for each of ``values`` (of one shape), in one scatter."""
+    value = values[0]
     weights = jnp.broadcast_to(weights, value.shape)
-    stats = jnp.stack(
-        [_weighted(weights, jnp.ones_like(value)), _weighted(weights, hit - value)]
-        + [_weighted(weights, value)],
-        axis=-1,
-    ).reshape(-1, 3)
+    stats = jnp.stack([_weighted(weights, v) for v in values], axis=-1).reshape(-1, len(values))
     # A scatter-add accumulates sequentially (error ~ rows * eps in a bin); partial
     # sums over blocks of ~sqrt(rows) rows, added afterwards, keep it ~ sqrt(rows) * eps.
     # Fewer blocks where the bins are many: the partial sums stay within the input's size.
@@ -334,8 +331,7 @@ def _bin_sums(index, weights, hit, value, num_segments):
     )
     index = (index + num_segments * row_block).reshape(-1)
     sums = jax.ops.segment_sum(stats, index, num_segments * blocks, indices_are_sorted=False)
-    sums = jnp.sum(sums.reshape(blocks, num_segments, 3), axis=0)
-    return sums[:, 0], sums[:, 1], sums[:, 2]
+    return tuple(jnp.sum(sums.reshape(blocks, num_segments, len(values)), axis=0).T)
 
 
 def _top1(probs, labels, where):
@@ -345,9 +341,9 @@ def _top1(probs, labels, where):
     flag = _count(p, labels, where)[1]
     if p.shape[1] == 0:  # no row is kept, or its label is bad (flagged): one zero class will do
         p = jnp.zeros((p.shape[0], 1), dtype)
-    # The entry at the argmax, not jnp.max, which XLA's CPU backend lets drop a NaN.
-    top = _cpu.argmax(p).astype(jnp.int32)
-    confidence = jnp.where(where, jnp.take_along_axis(p, top[:, None], 1)[:, 0], 0.0)
+    # The argmax's entry, not jnp.max, which XLA's CPU backend lets drop a NaN.
+    confidence, top = _cpu.top(p)
+    confidence = jnp.where(where, confidence, 0.0)
     hit = jnp.where(where, (top == labels).astype(dtype), 0.0)
     return confidence, hit, flag
 
@@ -389,7 +385,7 @@ def _fit_rows(x, labels, where, likelihood):
     """
     mapped, top = _certain(x)
     kept = where & (top[:, 0] > -jnp.inf)
-    bad = jnp.isnan(x)  # (against ``where``: the max may drop a NaN on CPU, see _cpu.argmax)
+    bad = jnp.isnan(x)  # (against ``where``: the max may drop a NaN on CPU, see _cpu.top)
     if likelihood:
         # Found in the same reduction as NaN: a gather of the label's logit costs as much
         # again on CPU.
@@ -412,12 +408,15 @@ def _binned_rows(probs, labels, where, num_bins, kind):
 
 def _binned_reduce(statistics, weights, num_bins, kind):
     index, confidence, hit = statistics
-    count, gap, _ = _bin_sums(index, weights, hit, confidence, num_bins)
     if kind == "max":
+        count, gap = _bin_sums(
+            index, weights, jnp.ones_like(hit), hit - confidence, num_segments=num_bins
+        )
         gaps = jnp.where(count > 0, jnp.abs(gap) / jnp.maximum(count, 1), 0.0)
         # XLA's CPU max may drop a NaN (from thousands of bins): the sum keeps it.
         return jnp.where(jnp.isnan(jnp.sum(gaps)), jnp.nan, jnp.max(gaps))
-    return _mean(jnp.sum(jnp.abs(gap)), jnp.sum(count))
+    (gap,) = _bin_sums(index, weights, hit - confidence, num_segments=num_bins)
+    return _mean(jnp.sum(jnp.abs(gap)), jnp.sum(weights))
 
 
 _BINNED = _Metric(_binned_rows, _binned_reduce)
@@ -622,7 +621,7 @@ def _classwise_reduce(statistics, weights, num_bins):
     index, p, hit = statistics
     num_classes = p.shape[1]
     index = index + num_bins * jnp.arange(num_classes, dtype=jnp.int32)
-    _, gap, _ = _bin_sums(index, weights[:, None], hit, p, num_bins * num_classes)
+    (gap,) = _bin_sums(index, weights[:, None], hit - p, num_segments=num_bins * num_classes)
     return _mean(jnp.sum(jnp.abs(gap)) / num_classes, jnp.sum(weights))
 
 
@@ -725,9 +724,10 @@ def reliability_diagram(
 def _diagram(probs, labels, where, num_bins):
     (index, confidence, hit), flag = _binned_rows(probs, labels, where, num_bins, "sum")
     flag = _poisoned(flag, confidence)
-    count, _, total = _bin_sums(index, where.astype(jnp.int32), hit, confidence, num_bins)
+    count, total, hits = _bin_sums(
+        index, where.astype(jnp.int32), jnp.ones_like(hit), confidence, hit, num_segments=num_bins
+    )
     mean = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan) * flag
-    hits = _bin_sums(index, where.astype(jnp.int32), hit, hit, num_bins)[2]  # exact counts
     accuracy = jnp.where(count > 0, hits / jnp.maximum(count, 1), jnp.nan) * flag
     edges = _edges(num_bins, confidence.dtype)
     return ReliabilityDiagram(mean, accuracy, count, edges)

@@ -157,7 +157,9 @@ def _debiased_squared(key, values, outcomes, order, weights, num_bins):
         below, above = _select.float_of_key(found, values.dtype).reshape(-1, 2).T
         edges = jnp.where(j < parts, (below + above) / 2, jnp.inf)
         index = jnp.searchsorted(edges, values, side="left", method="compare_all")
-    count, gap, total = _cal._bin_sums(index, weights, outcomes, values, num_bins)
+    count, gap, total = _cal._bin_sums(
+        index, weights, jnp.ones_like(values), outcomes - values, values, num_segments=num_bins
+    )
     size = jnp.maximum(count, 1)
     frequency = (gap + total) / size
     error = (gap / size) ** 2 - frequency * (1 - frequency) / jnp.maximum(count - 1, 1)

@@ -93,10 +93,10 @@ def test_textbook_values():
 
 
 @pytest.mark.parametrize("k", [10, 32, 36, 100, 1000, 1009])
-def test_top_label_argmax_is_jnp_argmax_on_every_schedule(k):
-    """The top label (jsoftmax._cpu.argmax, by blocks on CPU) is jnp.argmax's: the first
+def test_top_label_is_jnp_argmax_and_its_entry_on_every_schedule(k):
+    """The top label (jsoftmax._cpu.top, by blocks on CPU) is jnp.argmax's: the first
     maximum, NaN the largest; ties, NaN, infinities and leading axes, under jit and vmap,
-    for every block size tried."""
+    for every block size tried; and its value is the entry there."""
     rng = np.random.default_rng(k)
     p = rng.integers(0, 3, (6, 8, k)).astype(np.float32)  # many ties
     p[0, 0] = 0.0
@@ -105,16 +105,21 @@ def test_top_label_argmax_is_jnp_argmax_on_every_schedule(k):
     p[0, 3, k // 2] = np.inf
     p[0, 4, [1, -1]] = np.inf
     p[0, 5, k - 3 :] = 9.0  # the maximum only in the last block
-    expected = np.asarray(jnp.argmax(p, -1))
-    assert np.array_equal(jax.jit(jsoftmax._cpu.argmax)(p), expected)
-    assert np.array_equal(jax.vmap(jsoftmax._cpu.argmax)(p), expected)
+    p[0, 6] = -np.inf
+    index = np.asarray(jnp.argmax(p, -1))
+    value = np.take_along_axis(p, index[..., None], -1)[..., 0]
+
+    def check(top):
+        assert np.array_equal(top[0], value, equal_nan=True)
+        assert np.array_equal(top[1], index)
+
+    check(jax.jit(jsoftmax._cpu.top)(p))
+    check(jax.vmap(jsoftmax._cpu.top)(p))
     size = jsoftmax._cpu._block_size(k)
     assert (size is None) == (k < 64 or k == 1009)  # 1009 is prime
-    # The blocks themselves, also where jsoftmax._cpu.argmax leaves K to jnp.argmax.
+    # The blocks themselves, also where jsoftmax._cpu.top leaves K to one reduction.
     for size in [d for d in range(2, k) if k % d == 0][:4]:
-        assert np.array_equal(
-            jax.jit(jsoftmax._cpu._blocked_argmax, static_argnums=1)(p, size), expected
-        )
+        check(jax.jit(jsoftmax._cpu._blocked_top, static_argnums=1)(p, size))
 
 
 def test_bin_edges_are_right_closed_and_zero_is_in_the_first_bin():
