@@ -136,7 +136,7 @@ def row_sums(shifted: list, unshifted: list) -> tuple[tuple, tuple]:
     """Sums over the last axis of ``[..., K]`` terms that need the row max (one pass
     after it) and of terms that do not.
 
-    On CPU all of them in one variadic reduction (:func:`jsoftmax._softmax._row_sums`):
+    On CPU all of them in one variadic reduction (:func:`_compensated_sums`):
     dense labels at float32 [4096, 32000] take 0.98x optax's time with 0.1 MiB
     of temp, against 1.17x and 500 MiB with the sums apart. Elsewhere the
     terms without the max are sums of their own, and XLA's GPU backend holds
@@ -146,13 +146,52 @@ def row_sums(shifted: list, unshifted: list) -> tuple[tuple, tuple]:
     n = len(shifted)
 
     def together(shifted, unshifted):
-        sums = _softmax._row_sums([*shifted, *unshifted])
+        sums = _compensated_sums([*shifted, *unshifted])
         return tuple(sums[:n]), tuple(sums[n:])
 
     def apart(shifted, unshifted):
         return tuple(_softmax._row_sums(shifted)), tuple(jnp.sum(t, -1) for t in unshifted)
 
     return lax.platform_dependent(shifted, unshifted, cpu=together, default=apart)
+
+
+@jax.custom_jvp
+def _compensated_sums(terms):
+    """:func:`jsoftmax._softmax._row_sums`, each sum carrying the rounding error of its
+    additions (Neumaier's compensated summation, by TwoSum).
+
+    XLA's CPU backend adds a reduction of several operands up one term at a
+    time: a uniform target's loss came out 2e-4 off at K=32000, 1e-3 at 128256.
+    Compensated, it is within 1e-7 and 6e-7 (two levels of ``sqrt(K)`` terms:
+    1e-6 and 3e-6), in the same time and temp.
+    """
+
+    def add(a, b):
+        n = len(a) // 2
+        sums, errors = [], []
+        for x, y, e_x, e_y in zip(a[:n], b[:n], a[n:], b[n:], strict=True):
+            s = x + y
+            y_part = s - x
+            sums.append(s)
+            errors.append(e_x + e_y + ((x - (s - y_part)) + (y - y_part)))
+        return (*sums, *errors)
+
+    zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
+    out = lax.reduce(
+        (*terms, *map(jnp.zeros_like, terms)), zeros + zeros, add, (terms[0].ndim - 1,)
+    )
+    n = len(terms)
+    # An infinite sum (NaN in its error from inf - inf) takes no correction.
+    return tuple(
+        jnp.where(jnp.isfinite(s), s + e, s) for s, e in zip(out[:n], out[n:], strict=True)
+    )
+
+
+@_compensated_sums.defjvp
+def _compensated_sums_jvp(primals, tangents):
+    # JAX's own rule for a variadic reduction fails on symbolic zero tangents.
+    (terms,), (t_terms,) = primals, tangents
+    return _compensated_sums(terms), tuple(jnp.sum(t, -1) for t in t_terms)
 
 
 def family_max(z: jax.Array, axes: tuple[int, ...]) -> jax.Array:

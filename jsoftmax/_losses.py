@@ -608,7 +608,9 @@ def smooth_labels(
     labels = _checks.probabilities(fname, "labels", labels)
     axes = _checks.axes(fname, axis, labels.shape)
     where = _checks.mask(fname, where, labels.shape)
-    alpha = _hyper(fname, "alpha", alpha, 0.0, 1.0, ("labels", labels.shape)).astype(labels.dtype)
+    # In float32 for float16 labels too: there K from 65520 classes is inf, and alpha / K 0.
+    dtype = _checks.compute_dtype(labels.dtype)
+    alpha = _hyper(fname, "alpha", alpha, 0.0, 1.0, ("labels", labels.shape)).astype(dtype)
     per_row = (1,) * (labels.ndim - alpha.ndim) + alpha.shape
     if any(per_row[a] != 1 for a in axes):  # (the smoothed labels would not sum to 1)
         raise ValueError(
@@ -616,7 +618,8 @@ def smooth_labels(
             f"axes {axes} of labels {labels.shape} (one alpha per row)"
         )
     if where is None:
-        return (1 - alpha) * labels + alpha / math.prod(labels.shape[a] for a in axes)
-    count = jnp.sum(where, axes, keepdims=True)
-    uniform = jnp.where(where, alpha / jnp.maximum(count, 1).astype(alpha.dtype), 0.0)
-    return ((1 - alpha) * labels + uniform).astype(labels.dtype)
+        uniform = alpha / math.prod(labels.shape[a] for a in axes)
+    else:
+        count = jnp.sum(where, axes, keepdims=True)
+        uniform = jnp.where(where, alpha / jnp.maximum(count, 1).astype(dtype), 0.0)
+    return ((1 - alpha) * labels.astype(dtype) + uniform).astype(labels.dtype)
