@@ -555,6 +555,8 @@ def _token_args(fname, token_args, tokens):
         raise TypeError(f"{fname}: token_args must be a tuple of arrays, got {type(token_args)}")
     checked = []
     for i, arg in enumerate(token_args):
+        if isinstance(arg, int) and not isinstance(arg, bool):  # a Python number, as 0.2 is
+            arg = float(arg)
         arg = jnp.asarray(arg)
         if not jnp.issubdtype(arg.dtype, jnp.floating):
             raise TypeError(f"{fname}: token_args[{i}] must be floating, got {arg.dtype}")
@@ -635,7 +637,9 @@ def _normalized(config, z, temperature=None):
     multiply-add, which leaves the max's own ``d`` off by the rounding of
     ``z / T``, and its ``exp`` underflowed for logits from about 2e9. Halved
     first (exactly), so that the shift of a row spanning ``+-finfo.max`` does
-    not overflow where ``(z - m) / T`` is finite.
+    not overflow where ``(z - m) / T`` is finite; doubled after dividing by
+    ``T``, not halving ``T``, which a ``T`` below ``2 finfo.tiny`` would take
+    to a subnormal that XLA flushes to 0.
     """
     big = jnp.finfo(z.dtype).max
     # (The max only shifts: no derivative, which ``pmax`` lacks, reaches it.)
@@ -645,7 +649,7 @@ def _normalized(config, z, temperature=None):
     if temperature is None:
         d = z - m[:, None]
     else:
-        m, d = m / temperature, (0.5 * z - 0.5 * m[:, None]) / (0.5 * temperature)
+        m, d = m / temperature, 2 * ((0.5 * z - 0.5 * m[:, None]) / temperature)
     e = jnp.exp(d)
     return m, d, e, _merged(config, lax.psum, jnp.sum(e, axis=1)), top == jnp.inf
 
@@ -749,6 +753,7 @@ def _log_probs_head(config, z, t, labels, counts, hyper, cts):
     if cts is None:
         return outputs, None, None
     g = [c * bad for c in cts]
+    g[0] = jnp.where(d_label == -jnp.inf, 0.0, g[0])  # log p = -inf whatever the logits
     dx = _at_label(index, g[0], d) - g[0][:, None] * p
     if config.entropy:
         dx = dx - g[1][:, None] * p * (finite - mean[:, None])
@@ -1017,7 +1022,7 @@ def _total_fwd(config, h, params, teacher, rows, hyper, scale):
 
 def _total_bwd(config, saved, ct):
     grads, primals = saved
-    return (*_gradients(grads, primals, ct), None)
+    return (*_gradients(config, grads, primals, ct), None)
 
 
 _total.defvjp(_total_fwd, _total_bwd)
@@ -1038,13 +1043,20 @@ def _per_token_bwd(config, saved, cts):
     # Per-token cotangents weigh each token: recompute each chunk's logits.
     h, params, teacher, rows, hyper = saved
     _, grads = _scan(config, h, params, teacher, rows, hyper, cts)
-    return _gradients(grads, (h, params, hyper.temperature), 1)
+    return _gradients(config, grads, (h, params, hyper.temperature), 1)
 
 
 _per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 
-def _gradients(grads, primals, scale):
+def _gradients(config, grads, primals, scale):
     """The cotangents of (h, params, teacher, rows, hyper): the teacher and rows get none."""
     dh, d_params, d_temperature = _cotangents(grads, primals, scale)
+    if config.axis_name is not None and not _varying(lax.axis_index(config.axis_name)):
+        # jax.shard_map(check_vma=False) gives each of the P devices 1 / P of a replicated
+        # output's cotangent, for the transpose of the forward's psum to sum back: dh and
+        # the temperature's get theirs as shard_map sums them over the devices, this
+        # device's slice of the weights only from the P equal shares.
+        shards = lax.axis_size(config.axis_name)
+        d_params = jax.tree.map(lambda g: g * jnp.asarray(shards, g.dtype), d_params)
     return dh, d_params, None, None, _Hyper(d_temperature, None, None, None)

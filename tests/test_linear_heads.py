@@ -263,6 +263,15 @@ def test_heads_keep_huge_logits_under_a_temperature():
         )
         want = (bias.astype(np.float64) - np.float64(bias[0])) / t
         np.testing.assert_allclose(log_p, want, rtol=1e-6)
+    # The smallest temperatures (below 2 finfo.tiny, half of them is subnormal: all NaN).
+    logits = np.array([[1e-38, 0.0, -1e-38]], np.float32)
+    for t in (1.5e-38, 1.1754944e-38):
+        log_p, entropy = jsoftmax.linear_log_probs(
+            np.ones((1, 1), np.float32), logits, jnp.arange(1), temperature=t, return_entropy=True
+        )
+        want = jsoftmax.log_softmax(logits, temperature=t)[0, 0]
+        np.testing.assert_allclose(log_p, [want], rtol=1e-6)
+        assert np.isfinite(entropy).all()
 
 
 def test_log_probs_errors():
@@ -325,6 +334,32 @@ def test_log_probs_padded_vocabulary_confident_rows_and_masked_padding_labels(x6
         for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
             assert np.isfinite(a).all()
             np.testing.assert_allclose(a, np.asarray(b, np.float32), rtol=1e-4, atol=1e-5)
+
+
+def test_log_probs_of_a_label_on_a_padded_class_are_minus_inf_and_constant():
+    """A kept token whose label sits on a -inf class: log p = -inf whatever the other
+    logits and the temperature, so no gradient, as jsoftmax.log_softmax gives (it gave the
+    -inf class's bias and weights the label's gradient); its entropy's gradient is kept."""
+    hidden, weight, bias, labels, _ = problem(12, 8, 40, seed=8)
+    bias[-5:] = -np.inf
+    labels[::3] = 37
+
+    def fused(h, w, b, t):
+        return jsoftmax.linear_log_probs(
+            h, w, labels, bias=b, temperature=t, return_entropy=True, chunk_size=5
+        )
+
+    def reference(h, w, b, t):
+        log_p = jsoftmax.log_softmax(h @ w + b, temperature=t)
+        entropy = -jnp.sum(jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * log_p, 0.0), -1)
+        return jnp.take_along_axis(log_p, labels[:, None], -1)[:, 0], entropy
+
+    primals = (hidden, weight, bias, np.float32(0.7))
+    ours = vjp_all(fused, primals)
+    theirs = vjp_all(reference, [np.float64(a) for a in primals])
+    assert np.all(ours[0][0][::3] == -np.inf)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(a, np.asarray(b, np.float32), rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- linear_log_probs_loss
@@ -443,6 +478,15 @@ def test_log_probs_loss_errors():
         loss(hidden, weight, labels, lambda log_p, old, a: jnp.mean(log_p), args)
     with pytest.raises(TypeError, match=r"token_args\[0\] must be floating"):
         loss(hidden, weight, labels, grpo_without_entropy, (labels, args[1]))
+
+    def scaled(log_p, old, advantage, scale):
+        return scale * grpo_without_entropy(log_p, old, advantage)
+
+    # A Python int is a number as 0.2 is (it raised "must be floating"); arrays must float.
+    np.testing.assert_array_equal(
+        loss(hidden, weight, labels, scaled, (*args, 2)),
+        loss(hidden, weight, labels, scaled, (*args, 2.0)),
+    )
     with pytest.raises(ValueError, match="reduction must be one of"):
         loss(hidden, weight, labels, grpo_without_entropy, args, reduction="max")
     with pytest.raises(ValueError, match="out of range"):
@@ -964,6 +1008,24 @@ for options in ({"label_smoothing": 0.1}, {"label_smoothing": 0.2, "z_loss": 1e-
               lambda h, w, b: unfused(h, w, b, labels_kept, where, reduction=reduction,
                                       **options),
               (hidden, weight, padded), (data, rows, model))
+
+# shard_map(check_vma=False) hands each device a share of a replicated output's cotangent
+# (the weights' gradients came out 1 / 4 of theirs).
+for reduction in ("none", "sum"):
+    def local_unchecked(h, w, b, y, m):
+        loss = jsoftmax.linear_softmax_cross_entropy(
+            h, w, y, bias=b, where=m, reduction=reduction, chunk_size=4, axis_name="model")
+        return loss if reduction == "none" else jax.lax.psum(loss, "data")
+    sharded = jax.shard_map(local_unchecked, mesh=mesh, in_specs=(data, rows, model, data, data),
+                            out_specs=data if reduction == "none" else P(), check_vma=False)
+    check(lambda h, w, b: sharded(h, w, b, y, m),
+          lambda h, w, b: unfused(h, w, b, labels, where, reduction=reduction),
+          (hidden, weight, bias), (data, rows, model))
+sharded = jax.shard_map(local_log_probs, mesh=mesh, in_specs=(data, rows, model, P(), data, data),
+                        out_specs=(data, data), check_vma=False)
+check(lambda h, w, b, t: sharded(h, w, b, t, y, m),
+      lambda h, w, b, t: unfused_log_probs(h, w, b, labels, where, t, True),
+      (hidden, weight, bias, np.float32(0.8)), (data, rows, model, P()))
 
 # Second order (jax.jacrev of jax.grad): no derivative reaches the row max's pmax (it failed).
 def local_sum(h, w, b, y, m):
