@@ -40,8 +40,8 @@ def temperature_scale(logits: ArrayLike, temperature: ArrayLike) -> jax.Array:
         validated as :func:`jsoftmax.softmax`'s.
 
     Returns:
-      ``logits / temperature`` in ``logits``' dtype; ``-inf`` logits stay
-      ``-inf`` and their temperature gradient is 0.
+      ``logits / temperature`` in ``logits``' dtype; infinite and NaN logits
+      stay as they are, with gradient 0 (also in the temperature).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -63,14 +63,15 @@ def temperature_scale(logits: ArrayLike, temperature: ArrayLike) -> jax.Array:
 
 
 def _scale(x: jax.Array, temperature: jax.Array) -> jax.Array:
-    """``x / temperature`` whose temperature gradient ignores non-finite ``x``.
+    """``x / temperature``, non-finite ``x`` passed through with no gradient.
 
     The plain quotient would give ``-inf * 0 = NaN`` in the temperature
     gradient of a masked or ``-inf`` logit; dividing a zeroed copy keeps the
-    gradient exact while the value keeps its infinity (or NaN).
+    gradient exact while the value keeps its infinity (or NaN), constant in
+    the logit and the temperature.
     """
     finite = jnp.isfinite(x)
-    scaled = jnp.where(finite, jnp.where(finite, x, 0.0) / temperature, x)
+    scaled = jnp.where(finite, jnp.where(finite, x, 0.0) / temperature, lax.stop_gradient(x))
     return jnp.where(jnp.isnan(temperature), jnp.nan, scaled)  # a traced bad one: NaN rows
 
 

@@ -478,6 +478,13 @@ def test_temperature_scale(tx):
     np.testing.assert_array_equal(
         jax.grad(lambda t: jsoftmax.temperature_scale(logits, t)[0, 1])(1.5), 0.0
     )
+    # An infinite or NaN logit stays as it is whatever the logit near it: gradient 0 (it
+    # was 1, neither 0 nor 1 / T).
+    row = np.array([[3.0, -np.inf, np.inf, np.nan]], np.float32)
+    _, pullback = jax.vjp(jsoftmax.temperature_scale, row, np.float32(0.5))
+    d_logits, d_temperature = pullback(np.ones_like(row))
+    np.testing.assert_array_equal(d_logits, [[2.0, 0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(d_temperature, -12.0)
 
 
 def test_temperature_scale_errors():
