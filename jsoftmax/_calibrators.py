@@ -149,11 +149,12 @@ Calibrator = (
 )
 
 
-def calibrate(calibrator: Calibrator, logits: ArrayLike) -> jax.Array:
+def calibrate(calibrator: Calibrator | ArrayLike, logits: ArrayLike) -> jax.Array:
     """Applies a fitted calibrator to logits and returns log-probabilities.
 
     Args:
-      calibrator: the result of one of the ``fit_*`` functions.
+      calibrator: the result of one of the ``fit_*`` functions
+        (:func:`jsoftmax.fit_temperature`'s temperature too).
       logits: floating ``[..., K]`` (the uncalibrated model's).
 
     Returns:
@@ -174,15 +175,13 @@ def calibrate(calibrator: Calibrator, logits: ArrayLike) -> jax.Array:
       (1000, 4)
     """
     fname = "calibrate"
-    if not isinstance(calibrator, Calibrator):
-        raise TypeError(
-            f"{fname}: calibrator must be one of the fit_* functions' results, "
-            f"got {type(calibrator).__name__}"
-        )
     logits = _checks.floating(fname, "logits", logits)
     if logits.ndim == 0:
         raise ValueError(f"{fname}: logits must have a class axis, got shape ()")
-    calibrator = _as_arrays(fname, calibrator)
+    dtype = _checks.compute_dtype(logits.dtype)
+    if not isinstance(calibrator, Calibrator):
+        calibrator = _temperature_scaling(fname, calibrator, logits.shape, dtype)
+    calibrator = _as_arrays(fname, calibrator, dtype)
     _check_shapes(fname, calibrator, logits.shape)
     if logits.shape[-1] == 0:  # (no class has a log-probability)
         return jnp.zeros(logits.shape, _checks.compute_dtype(logits.dtype))
@@ -190,10 +189,26 @@ def calibrate(calibrator: Calibrator, logits: ArrayLike) -> jax.Array:
     return _apply(calibrator, flat).reshape(logits.shape)
 
 
-def _as_arrays(fname, calibrator):
-    """The calibrator with each field an array: floating (integers become JAX's default
-    float), or integer for the isotonic count (a hand-built one of lists, strings or
-    complex numbers failed inside JAX)."""
+def _temperature_scaling(fname, temperature, shape, dtype):
+    """:func:`jsoftmax.fit_temperature`'s result as the calibrator it is: the ensemble of
+    its scaled member alone, ``log_softmax(logits / T)``."""
+    try:
+        t = _checks.real(fname, "calibrator", temperature)
+    except TypeError:
+        t = None
+    if t is None or t.ndim != 0:
+        raise TypeError(
+            f"{fname}: calibrator must be one of the fit_* functions' results (a scalar "
+            f"temperature for fit_temperature), got {type(temperature).__name__}"
+        )
+    t = _checks.temperature(fname, t, shape, (len(shape) - 1,), dtype)
+    return EnsembleTemperature(t, jnp.array([1.0, 0.0, 0.0], dtype))
+
+
+def _as_arrays(fname, calibrator, dtype):
+    """The calibrator with each field an array: floating in the logits' compute ``dtype``,
+    or integer for the isotonic count (a hand-built one of lists, strings or complex
+    numbers failed inside JAX)."""
     fields = []
     for field, value in zip(calibrator._fields, calibrator, strict=True):
         name = f"{type(calibrator).__name__}.{field}"
@@ -202,9 +217,7 @@ def _as_arrays(fname, calibrator):
             if not jnp.issubdtype(value.dtype, jnp.integer):
                 raise TypeError(f"{fname}: {name} must be an integer, got dtype {value.dtype}")
         else:
-            value = _checks.real(fname, name, value)
-            if jnp.issubdtype(value.dtype, jnp.integer):
-                value = value.astype(jnp.result_type(float))
+            value = _checks.real(fname, name, value).astype(dtype)
         fields.append(value)
     return type(calibrator)(*fields)
 

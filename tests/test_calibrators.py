@@ -682,6 +682,29 @@ def test_calibrate_keeps_float32_under_x64(fit, x64):
     logits = logits.astype(np.float32)
     logits[:, 3] = -np.inf
     assert jsoftmax.calibrate(fit(logits, labels % 3), logits).dtype == np.float32
+    # A float64 calibrator (fitted on float64 logits) too, under strict promotion (it
+    # gave float64, and strict promotion raised).
+    wide = fit(logits.astype(np.float64), labels % 3)
+    with jax.numpy_dtype_promotion("strict"):
+        assert jsoftmax.calibrate(wide, logits).dtype == np.float32
+
+
+def test_calibrate_applies_a_fitted_temperature():
+    """fit_temperature's result is a calibrator as the others are (calibrate refused it):
+    log_softmax(logits / T), under jit and vmap; a bad temperature is named."""
+    logits, labels = miscalibrated(400, 4, seed=3)
+    t = jsoftmax.fit_temperature(logits, labels)
+    want = jsoftmax.log_softmax(logits, temperature=t)
+    np.testing.assert_allclose(jsoftmax.calibrate(t, logits), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(jsoftmax.calibrate)(t, logits), want, rtol=1e-6, atol=1e-6)
+    both = jax.vmap(jsoftmax.calibrate, (0, None))(jnp.stack([t, 2 * t]), logits)
+    np.testing.assert_allclose(
+        both[1], jsoftmax.log_softmax(logits, temperature=2 * t), rtol=1e-6, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="temperature must be positive and finite"):
+        jsoftmax.calibrate(-1.0, logits)
+    with pytest.raises(TypeError, match="calibrator must be one of the fit_"):
+        jsoftmax.calibrate(np.ones(4), logits)
 
 
 def test_ensemble_uniform_member_spreads_over_the_possible_classes():
