@@ -555,7 +555,7 @@ def _token_args(fname, token_args, tokens):
         raise TypeError(f"{fname}: token_args must be a tuple of arrays, got {type(token_args)}")
     checked = []
     for i, arg in enumerate(token_args):
-        if isinstance(arg, int) and not isinstance(arg, bool):  # a Python number, as 0.2 is
+        if isinstance(arg, int | np.integer) and not isinstance(arg, bool):  # a number, as 0.2
             arg = float(arg)
         arg = jnp.asarray(arg)
         if not jnp.issubdtype(arg.dtype, jnp.floating):
@@ -1022,7 +1022,7 @@ def _total_fwd(config, h, params, teacher, rows, hyper, scale):
 
 def _total_bwd(config, saved, ct):
     grads, primals = saved
-    return (*_gradients(config, grads, primals, ct), None)
+    return (*_gradients(grads, primals, ct), None)
 
 
 _total.defvjp(_total_fwd, _total_bwd)
@@ -1043,20 +1043,13 @@ def _per_token_bwd(config, saved, cts):
     # Per-token cotangents weigh each token: recompute each chunk's logits.
     h, params, teacher, rows, hyper = saved
     _, grads = _scan(config, h, params, teacher, rows, hyper, cts)
-    return _gradients(config, grads, (h, params, hyper.temperature), 1)
+    return _gradients(grads, (h, params, hyper.temperature), 1)
 
 
 _per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 
-def _gradients(config, grads, primals, scale):
+def _gradients(grads, primals, scale):
     """The cotangents of (h, params, teacher, rows, hyper): the teacher and rows get none."""
     dh, d_params, d_temperature = _cotangents(grads, primals, scale)
-    if config.axis_name is not None and not _varying(lax.axis_index(config.axis_name)):
-        # jax.shard_map(check_vma=False) gives each of the P devices 1 / P of a replicated
-        # output's cotangent, for the transpose of the forward's psum to sum back: dh and
-        # the temperature's get theirs as shard_map sums them over the devices, this
-        # device's slice of the weights only from the P equal shares.
-        shards = lax.axis_size(config.axis_name)
-        d_params = jax.tree.map(lambda g: g * jnp.asarray(shards, g.dtype), d_params)
     return dh, d_params, None, None, _Hyper(d_temperature, None, None, None)
