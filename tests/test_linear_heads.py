@@ -1,6 +1,7 @@
 """linear_log_probs and linear_distillation_loss against their unfused computations."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -360,6 +361,22 @@ def test_log_probs_of_a_label_on_a_padded_class_are_minus_inf_and_constant():
     assert np.all(ours[0][0][::3] == -np.inf)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         np.testing.assert_allclose(a, np.asarray(b, np.float32), rtol=1e-4, atol=1e-5)
+
+
+def test_vocabulary_slices_under_a_named_vmap_get_their_own_gradients():
+    """axis_name may name a jax.vmap (or pmap) axis: the gradient taken inside is each
+    slice's part of the unsharded one (a check_vma=False rescaling once doubled it)."""
+    hidden, weight, _, labels, _ = problem(6, 4, 10, seed=2)
+
+    def head(w, axis_name=None):
+        return jsoftmax.linear_softmax_cross_entropy(
+            hidden, w, labels, reduction="sum", axis_name=axis_name
+        )
+
+    full = jax.grad(head)(weight)
+    slices = jnp.stack(jnp.split(weight, 2, axis=1))
+    got = jax.vmap(jax.grad(functools.partial(head, axis_name="v")), axis_name="v")(slices)
+    np.testing.assert_allclose(jnp.concatenate(list(got), axis=1), full, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- linear_log_probs_loss
