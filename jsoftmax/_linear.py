@@ -753,7 +753,9 @@ def _log_probs_head(config, z, t, labels, counts, hyper, cts):
     if cts is None:
         return outputs, None, None
     g = [c * bad for c in cts]
-    g[0] = jnp.where(d_label == -jnp.inf, 0.0, g[0])  # log p = -inf whatever the logits
+    # A label on a -inf logit has log p = -inf whatever the others: no gradient. (Not from
+    # d_label, which is -inf too for a finite label in a +inf row at a small temperature.)
+    g[0] = jnp.where(_label_terms(config, z, labels, counts)[1] == -jnp.inf, 0.0, g[0])
     dx = _at_label(index, g[0], d) - g[0][:, None] * p
     if config.entropy:
         dx = dx - g[1][:, None] * p * (finite - mean[:, None])
