@@ -184,7 +184,7 @@ def calibrate(calibrator: Calibrator | ArrayLike, logits: ArrayLike) -> jax.Arra
     calibrator = _as_arrays(fname, calibrator, dtype)
     _check_shapes(fname, calibrator, logits.shape)
     if logits.shape[-1] == 0:  # (no class has a log-probability)
-        return jnp.zeros(logits.shape, _checks.compute_dtype(logits.dtype))
+        return jnp.zeros(logits.shape, dtype)
     flat = logits.reshape(-1, logits.shape[-1])
     return _apply(calibrator, flat).reshape(logits.shape)
 
