@@ -2,7 +2,10 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Eight CPU devices, whatever else XLA_FLAGS holds and whatever accelerator the machine has.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 
 import jax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
@@ -10,7 +13,9 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jsoftmax  # noqa: E402
 
-mesh = jax.make_mesh((2, 4), ("data", "model"))  # tokens over "data", vocabulary over "model"
+mesh = jax.make_mesh(
+    (2, 4), ("data", "model"), devices=jax.devices("cpu")
+)  # tokens over "data", vocabulary over "model"
 tokens, width, vocab = 64, 32, 1024
 kh, kw, ky = jax.random.split(jax.random.key(0), 3)
 hidden = jax.random.normal(kh, (tokens, width))

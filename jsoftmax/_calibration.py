@@ -253,15 +253,7 @@ _MAX_BINS = math.isqrt(np.iinfo(np.int32).max)
 
 
 def _num_bins(fname, num_bins):
-    if (
-        isinstance(num_bins, bool)
-        or not isinstance(num_bins, int | np.integer)
-        or not 1 <= num_bins <= _MAX_BINS
-    ):
-        raise ValueError(
-            f"{fname}: num_bins must be an integer in [1, {_MAX_BINS}], got {num_bins!r}"
-        )
-    return int(num_bins)
+    return _checks.static_int(fname, "num_bins", num_bins, 1, _MAX_BINS)
 
 
 class _Metric(NamedTuple):

@@ -185,10 +185,9 @@ def integer_labels(
     Traced labels cannot be range-checked; each caller documents what an
     out-of-range traced label gives (NaN in its row, never a wrapped class).
     Only the labels of the rows in ``kept`` are checked (the others are
-    padding); a traced ``kept`` leaves them all to that rule.
+    padding); a traced ``kept`` leaves them all to that rule. ``ignore_index``
+    is :func:`ignore_index`'s.
     """
-    if ignore_index is not None:
-        _ignore_index(fname, ignore_index)
     # The range is read from the labels as given: ``jnp.asarray`` wraps int64 ones to int32
     # without x64.
     given, labels = labels, array(fname, "labels", labels)
@@ -222,16 +221,32 @@ def integer_labels(
     return labels
 
 
-def _ignore_index(fname: str, value) -> None:
-    """``ignore_index``: a Python or NumPy integer (it is static) that int32 holds, as the
-    labels are compared in int32 (past it, int64 would wrap onto a class)."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(
-            f"{fname}: ignore_index must be a Python integer (it is static), got {value!r}"
-        )
+def static_int(fname: str, name: str, value, low: int, high: int | None = None) -> int:
+    """A static integer option as a Python ``int``: a Python or NumPy integer or a concrete
+    integer scalar array, raising ``TypeError`` otherwise (a float, a boolean, a tracer)
+    and ``ValueError`` outside ``[low, high]``."""
+    if is_traced(value):
+        raise TypeError(f"{fname}: {name} must be concrete (it is static), got a traced value")
+    if (
+        isinstance(value, bool | np.bool_)
+        or np.ndim(value) != 0
+        or not jnp.issubdtype(np.asarray(value).dtype, jnp.integer)
+    ):
+        raise TypeError(f"{fname}: {name} must be an integer (it is static), got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{fname}: {name} must be {bounds}, got {value}")
+    return value
+
+
+def ignore_index(fname: str, value) -> int | None:
+    """``ignore_index`` as a Python ``int`` (or None): static, and in int32, as the labels
+    are compared in int32 (past it, int64 would wrap onto a class)."""
+    if value is None:
+        return None
     info = np.iinfo(np.int32)
-    if not info.min <= value <= info.max:
-        raise ValueError(f"{fname}: ignore_index must fit int32, got {value}")
+    return static_int(fname, "ignore_index", value, int(info.min), int(info.max))
 
 
 def temperature(

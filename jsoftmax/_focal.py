@@ -319,7 +319,7 @@ def softmax_focal_loss(
       <https://arxiv.org/abs/2002.09437>`_, 2020 (FLSD-53).
     """
     fname = "softmax_focal_loss"
-    z, labels, where, class_weights = _integer_inputs(
+    z, labels, where, class_weights, ignore_index = _integer_inputs(
         fname, logits, labels, axis, where, class_weights, ignore_index
     )
     logit_softcap = _check_softcap(fname, logit_softcap)

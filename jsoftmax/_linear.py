@@ -186,6 +186,7 @@ def linear_softmax_cross_entropy(
     hidden, weight, bias = _head_inputs(fname, "", hidden, weight, bias)
     shards = 1 if axis_name is None else lax.axis_size(axis_name)
     where = _checks.mask(fname, where, hidden.shape[:-1])
+    ignore_index = _checks.ignore_index(fname, ignore_index)
     labels = _checks.integer_labels(
         fname,
         labels,
@@ -585,13 +586,9 @@ def _chunk_size(fname, chunk_size, vocab, tokens):
     """The static chunk: as given (checked), or the default for this backend and ``vocab``."""
     if chunk_size is None:
         chunk_size = _default_chunk(vocab, jax.default_backend())
-    elif (
-        isinstance(chunk_size, bool)
-        or not isinstance(chunk_size, int | np.integer)
-        or chunk_size < 1
-    ):
-        raise ValueError(f"{fname}: chunk_size must be an integer >= 1, got {chunk_size!r}")
-    return min(int(chunk_size), max(1, tokens))
+    else:
+        chunk_size = _checks.static_int(fname, "chunk_size", chunk_size, 1)
+    return min(chunk_size, max(1, tokens))
 
 
 def _accum_dtype(fname, accum_dtype):

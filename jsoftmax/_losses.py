@@ -486,7 +486,7 @@ def softmax_cross_entropy_with_integer_labels(
       Gemma Team, `Gemma 2 <https://arxiv.org/abs/2408.00118>`_, 2024 (soft-capping).
     """
     fname = "softmax_cross_entropy_with_integer_labels"
-    z, labels, where, class_weights = _integer_inputs(
+    z, labels, where, class_weights, ignore_index = _integer_inputs(
         fname, logits, labels, axis, where, class_weights, ignore_index
     )
     logit_softcap = _check_softcap(fname, logit_softcap)
@@ -525,8 +525,9 @@ def _integer_loss(
 
 def _integer_inputs(fname, logits, labels, axis, where, class_weights, ignore_index):
     """Validates an integer-label loss's data: returns the logits with one class axis last,
-    the labels, the mask and the class weights (see :func:`_class_last`)."""
+    the labels, the mask, the class weights (see :func:`_class_last`) and ignore_index."""
     z, where, axes, _ = _class_last(fname, logits, axis, where)
+    ignore_index = _checks.ignore_index(fname, ignore_index)
     # A masked row is padding: its label is not checked (reduced on the device, a full
     # mask is not copied out).
     rows = None if where is None else jnp.broadcast_to(jnp.any(where, -1), z.shape[:-1])
@@ -549,7 +550,7 @@ def _integer_inputs(fname, logits, labels, axis, where, class_weights, ignore_in
             )
         # (Traced, a bad weight makes the rows of its class NaN.)
         class_weights = _in_range(fname, "class_weights", class_weights, 0.0)
-    return z, labels, where, class_weights
+    return z, labels, where, class_weights, ignore_index
 
 
 def _per_label(loss_of, labels, where, num_classes, weights, smooth, ignore, reduction):

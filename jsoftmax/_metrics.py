@@ -10,6 +10,7 @@ with the resample counts of the rows, so that a resample never copies the
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -506,10 +507,7 @@ class SmoothReliabilityDiagram(NamedTuple):
 
 
 def _num_points(fname, num_points):
-    valid = isinstance(num_points, int | np.integer) and not isinstance(num_points, bool)
-    if not valid or num_points < 2:
-        raise ValueError(f"{fname}: num_points must be an integer >= 2, got {num_points!r}")
-    return int(num_points)
+    return _checks.static_int(fname, "num_points", num_points, 2)
 
 
 def _curve(confidence, hit, weights, sigma, num_points):
@@ -638,10 +636,13 @@ def _plan(metric):
         raise TypeError(f"bootstrap: metric must be one of jsoftmax's {names}; got {metric!r}")
     if "where" in options:
         raise TypeError("bootstrap: pass where to bootstrap, not to the metric")
-    try:
-        return plan(**options)
-    except TypeError as error:
-        raise TypeError(f"bootstrap: {function.__name__} got bad options: {error}") from None
+    known = set(inspect.signature(function).parameters) - {"probs", "labels", "where"}
+    if unknown := sorted(set(options) - known):
+        raise TypeError(
+            f"bootstrap: {function.__name__} has no option {', '.join(unknown)} "
+            f"(it takes {', '.join(sorted(known)) or 'none'})"
+        )
+    return plan(**options)
 
 
 def _high_product(a, b):
@@ -714,20 +715,18 @@ def _bootstrap(metric, options, num_resamples, level, probs, labels, where, key)
 def _resamples(fname, num_resamples, level):
     """The static ``num_resamples`` and ``level`` as Python numbers (concrete NumPy or JAX
     scalars too)."""
-
-    def scalar(value, kind):
-        if isinstance(value, bool | np.bool_) or np.ndim(value):
-            return False
-        return any(jnp.issubdtype(np.asarray(value).dtype, k) for k in kind)
-
-    for name, value in (("num_resamples", num_resamples), ("level", level)):
-        if _checks.is_traced(value):
-            raise ValueError(f"{fname}: {name} must be concrete (it is static), got a traced value")
-    if not scalar(num_resamples, [jnp.integer]) or int(num_resamples) < 1:
-        raise ValueError(f"{fname}: num_resamples must be an integer >= 1, got {num_resamples!r}")
-    if not scalar(level, [jnp.integer, jnp.floating]) or not 0 < float(level) < 1:
-        raise ValueError(f"{fname}: level must be a number in (0, 1), got {level!r}")
-    return int(num_resamples), float(level)
+    num_resamples = _checks.static_int(fname, "num_resamples", num_resamples, 1)
+    if _checks.is_traced(level):
+        raise TypeError(f"{fname}: level must be concrete (it is static), got a traced value")
+    if (
+        isinstance(level, bool | np.bool_)
+        or np.ndim(level) != 0
+        or not any(jnp.issubdtype(np.asarray(level).dtype, k) for k in (jnp.integer, jnp.floating))
+    ):
+        raise TypeError(f"{fname}: level must be a number (it is static), got {level!r}")
+    if not 0 < float(level) < 1:
+        raise ValueError(f"{fname}: level must be in (0, 1), got {level!r}")
+    return num_resamples, float(level)
 
 
 def bootstrap(

@@ -119,7 +119,7 @@ def smooth_reliability_diagram(
     """
     import matplotlib.pyplot as plt
 
-    fname = "smooth_reliability_diagram"
+    fname = "plot.smooth_reliability_diagram"
     # Every argument is checked before a figure opens.
     _calibration._num_bins(fname, num_bins)
     num_points = _metrics._num_points(fname, num_points)
@@ -136,7 +136,7 @@ def smooth_reliability_diagram(
             2, 2, figsize=(8, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
         )
     else:
-        top, bottom, right_top, right_bottom = _axes("plot.smooth_reliability_diagram", axes, 4)
+        top, bottom, right_top, right_bottom = _axes(fname, axes, 4)
     top.fill_between(grid, low, high, color="tab:red", alpha=0.25, label=f"{level:.0%} band")
     top.plot(grid, accuracy, color="tab:red", label="smoothed accuracy")
     top.plot([0, 1], [0, 1], "--", color="gray")

@@ -758,7 +758,7 @@ def test_bad_input_messages():
         jsoftmax.fit_matrix_scaling(logits, labels, l2=-1.0)
     with pytest.raises(ValueError, match="off_diagonal must be finite and >= 0"):
         jsoftmax.fit_dirichlet_calibration(logits, labels, off_diagonal=np.inf)
-    with pytest.raises(ValueError, match=r"num_bins must be an integer in \[1, 46340\]"):
+    with pytest.raises(ValueError, match=r"num_bins must be in \[1, 46340\], got 0"):
         jsoftmax.fit_histogram_binning(logits, labels, num_bins=0)
     with pytest.raises(ValueError, match="bounds must satisfy"):
         jsoftmax.fit_ensemble_temperature(logits, labels, bounds=(2.0, 1.0))

@@ -306,8 +306,11 @@ def test_errors():
         loss(hidden, weight, np.array([0, 10, 0, 0, 0, 0]))
     with pytest.raises(ValueError, match=r"where has shape \(5,\)"):
         loss(hidden, weight, labels, where=where[:5])
-    for chunk_size in (0, -3, 2.0, True):
-        with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
+    for chunk_size in (0, -3):
+        with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+            loss(hidden, weight, labels, chunk_size=chunk_size)
+    for chunk_size in (2.0, True):
+        with pytest.raises(TypeError, match="chunk_size must be an integer"):
             loss(hidden, weight, labels, chunk_size=chunk_size)
     np.testing.assert_array_equal(
         loss(hidden, weight, labels, chunk_size=np.int64(2)),

@@ -294,7 +294,7 @@ def test_log_probs_errors():
         f(hidden, weight, labels, temperature=np.ones(2))
     with pytest.raises(ValueError, match=r"where has shape \(5,\)"):
         f(hidden, weight, labels, where=where[:5])
-    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         f(hidden, weight, labels, chunk_size=0)
     # Checked before anything reads them, masked or not: int32 would wrap 2**32 to 0.
     wide = np.array(labels, np.int64)
