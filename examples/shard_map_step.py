@@ -13,9 +13,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jsoftmax  # noqa: E402
 
-mesh = jax.make_mesh(
-    (2, 4), ("data", "model"), devices=jax.devices("cpu")
-)  # tokens over "data", vocabulary over "model"
+jax.config.update("jax_platforms", "cpu")  # also on a GPU machine: the mesh is of CPU devices
+mesh = jax.make_mesh((2, 4), ("data", "model"))  # tokens over "data", vocabulary over "model"
 tokens, width, vocab = 64, 32, 1024
 kh, kw, ky = jax.random.split(jax.random.key(0), 3)
 hidden = jax.random.normal(kh, (tokens, width))

@@ -227,10 +227,10 @@ def static_int(fname: str, name: str, value, low: int, high: int | None = None) 
     and ``ValueError`` outside ``[low, high]``."""
     if is_traced(value):
         raise TypeError(f"{fname}: {name} must be concrete (it is static), got a traced value")
-    if (
-        isinstance(value, bool | np.bool_)
-        or np.ndim(value) != 0
-        or not jnp.issubdtype(np.asarray(value).dtype, jnp.integer)
+    # (A Python int past int64 is one too: NumPy gives it the object dtype.)
+    if isinstance(value, bool | np.bool_) or not (
+        isinstance(value, int)
+        or (np.ndim(value) == 0 and jnp.issubdtype(np.asarray(value).dtype, jnp.integer))
     ):
         raise TypeError(f"{fname}: {name} must be an integer (it is static), got {value!r}")
     value = int(value)

@@ -760,7 +760,7 @@ def bootstrap(
         :func:`jsoftmax.brier_score`, :func:`jsoftmax.negative_log_likelihood`,
         :func:`jsoftmax.smooth_calibration_error` or
         :func:`jsoftmax.debiased_calibration_error`, or a ``functools.partial``
-        of one fixing its keyword options (``num_bins``, ``mode``).
+        of one fixing its keyword options (``num_bins``, ``mode``, ``log_input``).
       probs: floating ``[N, K]`` predicted probabilities.
       labels: integers ``[N]`` in ``[0, K)``.
       key: a ``jax.random`` key; the same key gives the same interval.

@@ -299,7 +299,7 @@ def test_errors(name):
         call(name, probs, labels, where=np.ones(5, bool))
     if name != "brier_score":
         # Past 46340 the equal-mass bins' int32 arithmetic overflowed (silently).
-        for num_bins in (0, -1, 46341):
+        for num_bins in (0, -1, 46341, 2**70):
             with pytest.raises(ValueError, match=r"num_bins must be in \[1, 46340\], got"):
                 call(name, probs, labels, num_bins)
         for num_bins in (2.5, True, "15", np.array([15])):

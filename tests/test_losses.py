@@ -784,7 +784,7 @@ def test_errors_name_the_argument():
     np.testing.assert_array_equal(
         ce_int(logits, labels, ignore_index=jnp.array(1)), ce_int(logits, labels, ignore_index=1)
     )
-    for ignore in (2**32 - 1, np.int64(2**40)):  # int64 would wrap 2**40 onto class 0
+    for ignore in (2**32 - 1, np.int64(2**40), 2**70):  # int64 would wrap 2**40 onto class 0
         with pytest.raises(
             ValueError, match=r"ignore_index must be in \[-2147483648, 2147483647\]"
         ):
