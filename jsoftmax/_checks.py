@@ -124,17 +124,14 @@ def axes(fname: str, axis: Axis, shape: tuple[int, ...], *, sort: bool = True) -
     if axis is None:
         return tuple(range(ndim))
 
-    def is_int(a):  # (a bool is an int to Python: axis=True read as 1)
-        return isinstance(a, int | np.integer) and not isinstance(a, bool)
-
-    raw = (axis,) if isinstance(axis, int | np.integer) else axis
-    if not isinstance(raw, tuple | list) or not all(is_int(a) for a in raw):
+    raw: Any = (axis,) if _is_integer(axis) else axis
+    if not isinstance(raw, tuple | list) or not all(_is_integer(a) for a in raw):
         raise TypeError(f"{fname}: axis must be an int, a tuple of ints or None, got {axis!r}")
     out = []
-    for a in raw:
+    for a in map(int, raw):
         if not -ndim <= a < ndim:
             raise ValueError(f"{fname}: axis {a} is out of range for an array of shape {shape}")
-        out.append(int(a) % ndim)
+        out.append(a % ndim)
     if len(set(out)) != len(out):
         raise ValueError(f"{fname}: axis {axis!r} repeats an axis")
     return tuple(sorted(out)) if sort else tuple(out)
@@ -221,17 +218,24 @@ def integer_labels(
     return labels
 
 
+def _is_integer(value) -> bool:
+    """Whether ``value`` is a concrete integer scalar: a Python or NumPy integer (not a
+    bool, which Python counts as one) or a 0-d integer array, as ``jax.nn``'s axes take."""
+    if isinstance(value, bool | np.bool_) or is_traced(value):
+        return False
+    # (A Python int past int64 is one too: NumPy gives it the object dtype.)
+    return isinstance(value, int) or (
+        np.ndim(value) == 0 and jnp.issubdtype(np.asarray(value).dtype, jnp.integer)
+    )
+
+
 def static_int(fname: str, name: str, value, low: int, high: int | None = None) -> int:
     """A static integer option as a Python ``int``: a Python or NumPy integer or a concrete
     integer scalar array, raising ``TypeError`` otherwise (a float, a boolean, a tracer)
     and ``ValueError`` outside ``[low, high]``."""
     if is_traced(value):
         raise TypeError(f"{fname}: {name} must be concrete (it is static), got a traced value")
-    # (A Python int past int64 is one too: NumPy gives it the object dtype.)
-    if isinstance(value, bool | np.bool_) or not (
-        isinstance(value, int)
-        or (np.ndim(value) == 0 and jnp.issubdtype(np.asarray(value).dtype, jnp.integer))
-    ):
+    if not _is_integer(value):
         raise TypeError(f"{fname}: {name} must be an integer (it is static), got {value!r}")
     value = int(value)
     if value < low or (high is not None and value > high):

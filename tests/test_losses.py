@@ -252,6 +252,16 @@ def test_axis_none_is_every_axis_as_in_optax_and_jax_nn():
             ce_int(logits, 1, axis=axis)
     with pytest.raises(TypeError, match="softmax: axis must be an int"):
         jsoftmax.softmax(logits, axis=True)
+    # A concrete JAX or NumPy integer scalar is an axis, as jax.nn takes it.
+    for axis in (jnp.int32(0), (jnp.int32(0),), np.array(-2)):
+        close(jsoftmax.logsumexp(logits, axis=axis), jax.nn.logsumexp(logits, axis=0))
+        close(
+            ce_dense(logits, q.reshape(3, 4), axis=axis), ce_dense(logits, q.reshape(3, 4), axis=0)
+        )
+        close(
+            jsoftmax.smooth_labels(q.reshape(3, 4), 0.1, axis=axis),
+            jsoftmax.smooth_labels(q.reshape(3, 4), 0.1, axis=0),
+        )
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
