@@ -28,7 +28,7 @@ exclude_patterns = ["_build"]
 nb_execution_mode = "off"  # the suite executes the notebooks; the site shows their outputs
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
-autodoc_typehints = "none"  # the signatures show them; the Args sections say what they mean
+autodoc_typehints = "none"  # names and defaults only: the Args sections give the types
 autodoc_member_order = "bysource"
 napoleon_google_docstring = True
 # A broken reference fails the build (-n); jax's own types have no inventory offline.

@@ -466,7 +466,8 @@ def expected_calibration_error(
 
     with the confidence ``c_i = max_k p_ik``, a hit when ``argmax_k p_ik = y_i``,
     and bins ``(e_{m-1}, e_m]``, ``e_m = m / M`` (a confidence of exactly 0
-    in the first bin; see the module docstring for the rounding of edges).
+    in the first bin; each edge rounded once to the compute dtype, ``float32(m) /
+    float32(M)``, and confidences outside [0, 1] in the first or last bin).
 
     Args:
       probs: floating ``[N, K]`` predicted probabilities.
@@ -621,7 +622,9 @@ def _classwise_reduce(statistics, weights, num_bins):
 _CLASSWISE = _Metric(_classwise_rows, _classwise_reduce)
 
 
-def brier_score(probs: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None):
+def brier_score(
+    probs: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None
+) -> jax.Array:
     r"""Brier score: the mean squared distance to the one-hot label.
 
     .. math::

@@ -262,8 +262,7 @@ def softmax_focal_loss(
     ``-w_y (1 - p_y)^gamma log p_y``.
 
     Args:
-      logits: floating ``[..., K]`` (the class axes are ``axis``; a tuple is
-        flattened row-major, as optax does).
+      logits: floating ``[..., K]`` (the class axes are ``axis``).
       labels: integers, ``logits``' shape without ``axis``.
       axis: the class axis or axes (a tuple flattened in the order given, as optax does;
         None: every axis).

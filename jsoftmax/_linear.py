@@ -123,7 +123,8 @@ def linear_softmax_cross_entropy(
     Equals :func:`jsoftmax.softmax_cross_entropy_with_integer_labels` of
     ``hidden @ weight + bias`` with the same options, in value and in the
     gradients with respect to ``hidden``, ``weight`` and ``bias``, while its
-    memory grows with ``chunk_size * V`` instead of ``N * V``.
+    memory grows with ``chunk_size * V`` instead of ``N * V``; but for a token
+    whose every logit is ``-inf``: NaN (unfused: 0).
 
     Args:
       hidden: floating ``[..., D]``.
@@ -236,7 +237,8 @@ def linear_log_probs(
         H = -\sum_k p_k \log p_k, \quad p = \mathrm{softmax}(z / T),
 
     equal to ``jsoftmax.log_softmax(z / T)`` at the label (and the entropy of
-    ``softmax(z / T)``) in value and in the gradients with respect to
+    ``softmax(z / T)``; but NaN for a token whose every logit is ``-inf``,
+    where the unfused give ``-inf``) in value and in the gradients with respect to
     ``hidden``, ``weight``, ``bias`` and ``temperature``, for any per-token
     cotangent on either output (PPO and GRPO weigh each token's log-probability
     by its advantage; an entropy bonus differentiates the entropy).

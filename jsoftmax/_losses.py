@@ -441,8 +441,7 @@ def softmax_cross_entropy_with_integer_labels(
     label_smoothing=, reduction=)`` exactly, and optax's numbers without options.
 
     Args:
-      logits: floating ``[..., K]`` (the class axes are ``axis``; a tuple is
-        flattened row-major, as optax does).
+      logits: floating ``[..., K]`` (the class axes are ``axis``).
       labels: integers, ``logits``' shape without ``axis``.
       axis: the class axis or axes (a tuple flattened in the order given, as optax does;
         None: every axis).
