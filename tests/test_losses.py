@@ -680,6 +680,13 @@ def test_pos_inf_logit():
     dense = np.asarray(ce_dense(logits, jax.nn.one_hot(jnp.array([0, 1]), 3)))
     close(dense[0], np.log(2))
     assert dense[1] > 1e30
+    # As docs/losses.md has it: a finite label costs finfo.max - z_y (log_softmax's value)
+    # with the limit's gradient p - onehot; smoothing over two finite classes overflows.
+    big = float(jnp.finfo(jnp.float32).max)
+    close(ce_int(logits[1:], jnp.array([2])), [big - 1.0])
+    grad = jax.grad(lambda x: ce_int(x, jnp.array([1])).sum())(logits[1:])
+    np.testing.assert_array_equal(grad, [[1.0, -1.0, 0.0]])
+    assert ce_int(logits[1:], jnp.array([0]), label_smoothing=0.1) == inf
 
 
 def test_z_loss_and_softcap_formulas():
