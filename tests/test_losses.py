@@ -434,6 +434,11 @@ def test_masked_label_class_costs_inf():
     assert smoothed[0] == inf
     only_uniform = np.asarray(ce_int(logits, labels, where=where, label_smoothing=1.0))
     assert np.isfinite(only_uniform).all()
+    # The gradient is the kept classes' logsumexp's; a class weight of 0 costs nothing.
+    grad = jax.grad(lambda x: ce_int(x, labels, where=where)[:2].sum())(logits)
+    close(grad[:2], jsoftmax.softmax(logits, where=where)[:2])
+    weights = jnp.array([1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(ce_int(logits, labels, where=where, class_weights=weights), 0.0)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
