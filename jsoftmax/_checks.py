@@ -124,8 +124,8 @@ def axes(fname: str, axis: Axis, shape: tuple[int, ...], *, sort: bool = True) -
     if axis is None:
         return tuple(range(ndim))
 
-    raw: Any = (axis,) if _is_integer(axis) else axis
-    if not isinstance(raw, tuple | list) or not all(_is_integer(a) for a in raw):
+    raw: Any = (axis,) if _is_scalar(axis, jnp.integer) else axis
+    if not isinstance(raw, tuple | list) or not all(_is_scalar(a, jnp.integer) for a in raw):
         raise TypeError(f"{fname}: axis must be an int, a tuple of ints or None, got {axis!r}")
     out = []
     for a in map(int, raw):
@@ -218,26 +218,31 @@ def integer_labels(
     return labels
 
 
-def _is_integer(value) -> bool:
-    """Whether ``value`` is a concrete integer scalar: a Python or NumPy integer (not a
-    bool, which Python counts as one) or a 0-d integer array, as ``jax.nn``'s axes take."""
+def _is_scalar(value, *kinds) -> bool:
+    """Whether ``value`` is a concrete scalar of one of the dtype ``kinds``: a Python or
+    NumPy number (not a bool, which Python counts as an int) or a 0-d array, as
+    ``jax.nn``'s axes take."""
     if isinstance(value, bool | np.bool_) or is_traced(value):
         return False
-    # (A Python int past int64 is one too: NumPy gives it the object dtype.)
-    return isinstance(value, int) or (
-        np.ndim(value) == 0 and jnp.issubdtype(np.asarray(value).dtype, jnp.integer)
-    )
+    if isinstance(value, int):  # any size (NumPy gives one past int64 the object dtype)
+        return jnp.integer in kinds
+    return np.ndim(value) == 0 and any(jnp.issubdtype(np.asarray(value).dtype, k) for k in kinds)
+
+
+def static_scalar(fname: str, name: str, value, what: str, *kinds):
+    """``value`` if it is a concrete scalar of one of the dtype ``kinds`` (static options);
+    ``TypeError`` naming it as ``what`` otherwise (a boolean, a string, a tracer)."""
+    if is_traced(value):
+        raise TypeError(f"{fname}: {name} must be concrete (it is static), got a traced value")
+    if not _is_scalar(value, *kinds):
+        raise TypeError(f"{fname}: {name} must be {what} (it is static), got {value!r}")
+    return value
 
 
 def static_int(fname: str, name: str, value, low: int, high: int | None = None) -> int:
-    """A static integer option as a Python ``int``: a Python or NumPy integer or a concrete
-    integer scalar array, raising ``TypeError`` otherwise (a float, a boolean, a tracer)
-    and ``ValueError`` outside ``[low, high]``."""
-    if is_traced(value):
-        raise TypeError(f"{fname}: {name} must be concrete (it is static), got a traced value")
-    if not _is_integer(value):
-        raise TypeError(f"{fname}: {name} must be an integer (it is static), got {value!r}")
-    value = int(value)
+    """A static integer option as a Python ``int`` (:func:`static_scalar`), raising
+    ``ValueError`` outside ``[low, high]``."""
+    value = int(static_scalar(fname, name, value, "an integer", jnp.integer))
     if value < low or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{fname}: {name} must be {bounds}, got {value}")

@@ -716,15 +716,8 @@ def _resamples(fname, num_resamples, level):
     """The static ``num_resamples`` and ``level`` as Python numbers (concrete NumPy or JAX
     scalars too)."""
     num_resamples = _checks.static_int(fname, "num_resamples", num_resamples, 1)
-    if _checks.is_traced(level):
-        raise TypeError(f"{fname}: level must be concrete (it is static), got a traced value")
-    if (
-        isinstance(level, bool | np.bool_)
-        or np.ndim(level) != 0
-        or not any(jnp.issubdtype(np.asarray(level).dtype, k) for k in (jnp.integer, jnp.floating))
-    ):
-        raise TypeError(f"{fname}: level must be a number (it is static), got {level!r}")
-    if not 0 < float(level) < 1:
+    kinds = (jnp.integer, jnp.floating)
+    if not 0 < float(_checks.static_scalar(fname, "level", level, "a number", *kinds)) < 1:
         raise ValueError(f"{fname}: level must be in (0, 1), got {level!r}")
     return num_resamples, float(level)
 
