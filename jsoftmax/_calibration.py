@@ -298,10 +298,15 @@ def _edges(num_bins, dtype):
 
 def _bin_index(c, num_bins):
     """The bin of each confidence under the module's edge rule."""
+    edges = _edges(num_bins, c.dtype)
+    if num_bins <= 32:
+        # The inner edges below ``c``: XLA unrolls a sum of up to 32 comparisons and
+        # vectorises it (0.5 against 2.8 ms at 1,000,000 confidences and 15 bins on
+        # CPU), where the edges' gathers below run one entry at a time.
+        return jnp.sum(c[..., None] > edges[1:-1], axis=-1, dtype=jnp.int32)
     m = jnp.asarray(num_bins, c.dtype)
     guess = jnp.clip(jnp.ceil(c * m), 1, num_bins).astype(jnp.int32) - 1
     # c * M may round across an edge: compare with the edges themselves.
-    edges = _edges(num_bins, c.dtype)
     up, down = c > edges[guess + 1], (c <= edges[guess]) & (guess > 0)
     index = guess + up.astype(guess.dtype) - down.astype(guess.dtype)
     return jnp.clip(index, 0, num_bins - 1)

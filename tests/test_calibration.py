@@ -137,9 +137,10 @@ def test_bin_edges_are_right_closed_and_zero_is_in_the_first_bin():
 
 
 def test_every_bin_rule_matches_the_reference_on_dense_edges():
-    # Many confidences on and next to edges, for several bin counts (XLA's product with a
-    # reciprocal missed the correctly rounded edge m / M at 25, 29, 31, 49, 100 and more).
-    counts = (3, 7, 10, 15, 20, 25, 29, 31, 49, 100)
+    # Many confidences on and next to edges, for bin counts both sides of 32 (the counted
+    # edges below it; XLA's product with a reciprocal missed the correctly rounded edge m / M
+    # at 25, 29, 31, 49, 100 and more).
+    counts = (3, 7, 10, 15, 20, 25, 29, 31, 32, 33, 49, 100)
     values = np.concatenate([reference.bin_edges(m) for m in counts])
     values = np.concatenate([values, np.nextafter(values, 2), np.nextafter(values, -1)])
     conf = np.clip(values, 0, 1).astype(np.float32)
