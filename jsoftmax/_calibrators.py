@@ -1081,7 +1081,7 @@ def _isotonic(p, hit, where, n):
     # blocks fit in a quarter of the array the rounds go on in a smaller one,
     # so the many late rounds of few blocks cost little.
     position = jnp.arange(total, dtype=index)
-    opens = _resolution_groups(xs)
+    opens = _cpu.resolution_groups(xs)
     group = jnp.cumsum(opens, dtype=index) - 1
     starts = jnp.full(total, total, index)
     starts = starts.at[jnp.where(opens, group, total)].set(position, mode="drop")

@@ -258,6 +258,159 @@ def sort_rows(keys: jax.Array) -> jax.Array:
     return lax.platform_dependent(keys, cpu=parts, default=lambda keys: jnp.sort(keys, axis=1))
 
 
+def resolution_groups(xs: jax.Array) -> jax.Array:
+    """:func:`jsoftmax._calibrators._resolution_groups`; on CPU along blocks of entries.
+
+    The core marks the chains of group openers by pointer doubling: a scatter
+    and a gather over every entry per round, 15 rounds on the data of
+    ``benchmarks/bench_calibration.py`` at [10, 1,000,000] (775 of the 1,300
+    ms the grouping took on 2 cores). Here each block of about ``sqrt(N)``
+    entries tabulates where a chain entering it at each entry leaves it, a
+    short scan over the blocks follows the chains from block to block, and
+    one pass marks the openers inside each block; each entry's successor
+    comes from counting windows rather than bisection. 410-490 against
+    1,170-1,430 ms there, 1.6-2.7 against 6.4-6.7 s at [1,000, 50,000].
+    """
+    # Imported here: at the top it would close a cycle through jsoftmax._calibration.
+    from jsoftmax import _calibrators
+
+    return lax.platform_dependent(
+        xs, cpu=_blocked_resolution_groups, default=_calibrators._resolution_groups
+    )
+
+
+# Entries per window of :func:`_successors`: XLA's CPU backend unrolls and
+# vectorises a sum of up to 32 terms, and no longer past that.
+_WINDOW = 32
+# Windows counted before bisecting: two (64 entries) hold the successors of all
+# but a few groups on the benchmark's data; more cost more than they save.
+_CHUNKS = 2
+
+
+def _blocked_resolution_groups(xs):
+    size = xs.shape[1]
+    if xs.size == 0:
+        return jnp.zeros(0, bool)
+    block = max(_WINDOW, 1 << math.ceil(math.log2(math.sqrt(max(size, 1)))))
+    width = -(-size // block) * block
+    # Entries past the end change no group before them: pad to whole blocks.
+    xs = jnp.pad(xs, ((0, 0), (0, width - size)), constant_values=jnp.inf)
+    return _openers(_successors(xs), block)[:, :size].ravel()
+
+
+def _successors(xs):
+    """``next(j)`` in each sorted row of ``xs``: the first entry at least the resolution above
+    entry ``j`` (the row's width for none), for a width that is a multiple of ``_WINDOW``.
+
+    The successor of every ``_WINDOW``-th entry comes by bisection over the row;
+    it starts the windows (``_CHUNKS`` of them) in which each entry of its
+    group counts the entries not that far above it: they come first, the row
+    being sorted. The few groups with a successor past the windows bisect from
+    there, in pages of a sixteenth of the groups.
+    """
+    from jsoftmax import _calibrators
+
+    k, width = xs.shape
+    resolution = jnp.finfo(xs.dtype).resolution
+    local, index = _calibrators._index_dtype(width), _calibrators._index_dtype(xs.size)
+    flat = xs.ravel()
+    row_start = jnp.arange(k, dtype=index)[:, None] * width
+    heads = row_start + jnp.arange(0, width, _WINDOW, dtype=index)
+    ends = jnp.broadcast_to(row_start + width, heads.shape).ravel()
+    first = _calibrators._first_far(flat, flat[heads.ravel()], heads.ravel() + 1, ends, ends)
+    first = (first.reshape(heads.shape) - row_start).astype(local)
+
+    rows = jnp.pad(xs, ((0, 0), (0, _WINDOW)), constant_values=jnp.inf)
+    window = jax.vmap(jax.vmap(lambda row, s: lax.dynamic_slice(row, (s,), (_WINDOW,)), (None, 0)))
+    x = xs.reshape(k, -1, _WINDOW, 1)
+    count = 0
+    for i in range(_CHUNKS):
+        w = window(rows, jnp.minimum(first + i * _WINDOW, width))[:, :, None, :]
+        # Not "w - x < resolution": a NaN difference (both infinite) is near, as in bisection.
+        count = count + jnp.sum(~(w - x >= resolution), -1, dtype=local)
+    finite = x[..., 0] < jnp.inf
+    found = jnp.where(finite, first[..., None] + count, width).ravel()
+
+    # The rest bisect between the windows' end and the next group's successor,
+    # a page of groups at a time (an entry found already has an empty bracket).
+    beyond = first + _CHUNKS * _WINDOW
+    unfinished = jnp.any(finite & (count == _CHUNKS * _WINDOW), -1).ravel()
+    low, row_start = (beyond + row_start).ravel(), row_start.ravel()
+    high = (
+        jnp.append(first[:, 1:], jnp.full((k, 1), width, local), 1) + row_start[:, None]
+    ).ravel()
+    groups = unfinished.shape[0]
+    page = max(groups // 16, 1)
+    rank = jnp.cumsum(unfinished, dtype=index) - 1
+
+    def bisect(state):
+        found, p = state
+        slot = jnp.where(unfinished & (rank // page == p), rank % page, page)
+        chosen = (
+            jnp.full(page, groups, index).at[slot].set(jnp.arange(groups, dtype=index), mode="drop")
+        )
+        group = jnp.minimum(chosen, groups - 1)[:, None]
+        entries = group * _WINDOW + jnp.arange(_WINDOW, dtype=index)
+        start = entries // width * width
+        now = found[entries] + start
+        todo = (chosen[:, None] < groups) & (now == low[group])
+        got = _calibrators._first_far(
+            flat, flat[entries], now, jnp.where(todo, high[group], now), start + width
+        )
+        return found.at[entries].set((got - start).astype(local)), p + 1
+
+    found, _ = lax.while_loop(
+        lambda state: state[1] * page < rank[-1] + 1, bisect, (found, jnp.zeros((), index))
+    )
+    return found.reshape(k, width)
+
+
+def _openers(successors, block):
+    """The entries that open a group, from each entry's successor (row-local), by blocks.
+
+    A chain entering a block at entry ``j`` leaves it at ``exit(j)``, its last
+    entry there: ``j`` if ``next(j)`` lies past the block, else
+    ``exit(next(j))``, filled from the block's end. A scan over each row's
+    blocks then enters each block at the successor of the last exit (the
+    row's first entry opens the first block; a block that the successor skips
+    opens nothing), and a last pass follows each block's chain from there.
+    """
+    k, width = successors.shape
+    local = successors.dtype
+    blocks = width // block
+    lanes = k * blocks
+    offset = jnp.arange(blocks, dtype=local)[:, None] * block
+    # [entry in block, block]: each step reads and writes one contiguous row.
+    step = (successors.reshape(k, blocks, block) - offset).reshape(lanes, block).T
+    lane = jnp.arange(lanes)
+
+    def leave(exits, j):
+        row = jnp.where(step[j] >= block, j, exits[jnp.minimum(step[j], block - 1), lane])
+        return exits.at[j].set(row), None
+
+    exits, _ = lax.scan(
+        leave, jnp.zeros((block, lanes), local), jnp.arange(block, dtype=local), reverse=True
+    )
+    exits = exits.T.reshape(k, blocks, block)
+    row = jnp.arange(k)
+
+    def enter(last, b):
+        """``last``: the exit of the blocks before ``b`` (-1 before the row's first block)."""
+        j = jnp.where(last < 0, 0, successors[row, jnp.maximum(last, 0)] - b * block)
+        entered = j < block
+        last = jnp.where(entered, b * block + exits[row, b, jnp.minimum(j, block - 1)], last)
+        return last, jnp.where(entered, j, block)
+
+    _, entry = lax.scan(enter, jnp.full(k, -1, local), jnp.arange(blocks, dtype=local))
+
+    def follow(chain, j):
+        opens = chain == j
+        return jnp.where(opens, step[j], chain), opens
+
+    _, opens = lax.scan(follow, entry.T.ravel(), jnp.arange(block, dtype=local))
+    return opens.T.reshape(k, width)
+
+
 def top(p: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The first maximum of each row of ``p`` and its index, ``jnp.argmax(p, axis=-1)``
     (NaN counts as the largest); on CPU, for 64 classes or more, through blocks of about

@@ -12,7 +12,7 @@ from scipy.special import log_softmax, softmax
 from sklearn.isotonic import IsotonicRegression
 
 import jsoftmax
-from jsoftmax import _calibrators
+from jsoftmax import _calibrators, _cpu
 from tests.conftest import TRANSFORMS, saved_residuals
 
 
@@ -322,24 +322,35 @@ def test_isotonic_equals_scikit_learn_per_class(ties, x64):
     np.testing.assert_allclose(got, want, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "groups",
+    [_calibrators._resolution_groups, _cpu._blocked_resolution_groups],
+    ids=["core", "cpu"],
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_isotonic_groups_rows_as_scikit_learn_does(dtype, x64):
+def test_isotonic_groups_rows_as_scikit_learn_does(groups, dtype, x64):
     """Each class's sorted run is grouped by scikit-learn's sequential rule, run by run."""
 
     def sequential(xs):  # a row opens a group at least ``resolution`` above the last opener
         opens, last = np.zeros(len(xs), bool), -np.inf
-        for j, x in enumerate(xs):
-            if j == 0 or x - last >= np.finfo(dtype).resolution:
-                opens[j], last = True, x
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, no group
+            for j, x in enumerate(xs):
+                if j == 0 or x - last >= np.finfo(dtype).resolution:
+                    opens[j], last = True, x
         return opens
 
     rng = np.random.default_rng(10)
-    for size, k in [(1, 3), (7, 2), (100, 4), (257, 3)]:  # runs shorter and longer than 32
+    # Runs shorter and longer than 32, and over many of the CPU schedule's blocks.
+    for size, k in [(1, 3), (7, 2), (100, 4), (257, 3), (5000, 2)]:
         # Ties, steps below the resolution and steps above it, so that
-        # chains of openers cross whole stretches of rows.
-        step = np.finfo(dtype).resolution * rng.choice([0.0, 0.3, 0.7, 3.0], (k, size))
-        xs = np.cumsum(step, axis=1).astype(dtype)
-        got = _calibrators._resolution_groups(jnp.asarray(xs))
+        # chains of openers cross whole stretches of rows; stretches of 200
+        # rows with a hundredth of those steps put successors past the CPU
+        # schedule's counted windows.
+        step = rng.choice([0.0, 0.3, 0.7, 3.0], (k, size))
+        step *= np.repeat(rng.choice([0.01, 1.0], (k, size // 200 + 1)), 200, axis=1)[:, :size]
+        xs = np.cumsum(np.finfo(dtype).resolution * step, axis=1).astype(dtype)
+        xs[:, size - size // 10 :] = np.inf  # padding rows sort last as +inf
+        got = groups(jnp.asarray(xs))
         want = np.concatenate([sequential(run) for run in xs])
         np.testing.assert_array_equal(got, want)
 
