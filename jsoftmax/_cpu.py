@@ -267,8 +267,8 @@ def resolution_groups(xs: jax.Array) -> jax.Array:
     ms the grouping took on 2 cores). Here each block of about ``sqrt(N)``
     entries tabulates where a chain entering it at each entry leaves it, a
     short scan over the blocks follows the chains from block to block, and
-    one pass marks the openers inside each block; each entry's successor
-    comes from counting windows rather than bisection. 410-490 against
+    one pass marks the openers inside each block; most entries' successors
+    come from counting windows rather than bisecting each. 410-490 against
     1,170-1,430 ms there, 1.6-2.7 against 6.4-6.7 s at [1,000, 50,000].
     """
     # Imported here: at the top it would close a cycle through jsoftmax._calibration.
@@ -288,11 +288,17 @@ _CHUNKS = 2
 
 
 def _blocked_resolution_groups(xs):
-    size = xs.shape[1]
+    """:func:`resolution_groups` on CPU; blocks of a power of two near ``sqrt(N)``, at least 32."""
+    from jsoftmax import _calibrators
+
+    k, size = xs.shape
     if xs.size == 0:
         return jnp.zeros(0, bool)
-    block = max(_WINDOW, 1 << math.ceil(math.log2(math.sqrt(max(size, 1)))))
+    block = max(_WINDOW, 1 << math.ceil(math.log2(math.sqrt(size))))
     width = -(-size // block) * block
+    if k * width > np.iinfo(jax.dtypes.canonicalize_dtype(jnp.int64)).max:
+        # Padded past int32 positions without x64: the core pads nothing.
+        return _calibrators._resolution_groups(xs)
     # Entries past the end change no group before them: pad to whole blocks.
     xs = jnp.pad(xs, ((0, 0), (0, width - size)), constant_values=jnp.inf)
     return _openers(_successors(xs), block)[:, :size].ravel()
@@ -305,8 +311,10 @@ def _successors(xs):
     The successor of every ``_WINDOW``-th entry comes by bisection over the row;
     it starts the windows (``_CHUNKS`` of them) in which each entry of its
     group counts the entries not that far above it: they come first, the row
-    being sorted. The few groups with a successor past the windows bisect from
-    there, in pages of a sixteenth of the groups.
+    being sorted, and the window's entries up to ``j`` itself count too, so
+    the successor is the window's start plus the count. The few groups with a
+    successor past the windows bisect from there, in pages of a sixteenth of
+    the groups.
     """
     from jsoftmax import _calibrators
 
@@ -332,32 +340,37 @@ def _successors(xs):
     found = jnp.where(finite, first[..., None] + count, width).ravel()
 
     # The rest bisect between the windows' end and the next group's successor,
-    # a page of groups at a time (an entry found already has an empty bracket).
-    beyond = first + _CHUNKS * _WINDOW
-    unfinished = jnp.any(finite & (count == _CHUNKS * _WINDOW), -1).ravel()
-    low, row_start = (beyond + row_start).ravel(), row_start.ravel()
-    high = (
-        jnp.append(first[:, 1:], jnp.full((k, 1), width, local), 1) + row_start[:, None]
-    ).ravel()
-    groups = unfinished.shape[0]
+    # a page of groups at a time.
+    pending = finite & (count == _CHUNKS * _WINDOW)
+    unfinished = jnp.any(pending, -1).ravel()
+    pending = pending.ravel()
+    low = (first + _CHUNKS * _WINDOW + row_start).ravel()
+    high = jnp.append(first[:, 1:], jnp.full((k, 1), width, local), 1) + row_start
+    high = high.ravel()
+    groups, total = unfinished.shape[0], xs.size
     page = max(groups // 16, 1)
     rank = jnp.cumsum(unfinished, dtype=index) - 1
 
     def bisect(state):
         found, p = state
         slot = jnp.where(unfinished & (rank // page == p), rank % page, page)
-        chosen = (
-            jnp.full(page, groups, index).at[slot].set(jnp.arange(groups, dtype=index), mode="drop")
-        )
+        chosen = jnp.full(page, groups, index)
+        chosen = chosen.at[slot].set(jnp.arange(groups, dtype=index), mode="drop")
+        live = chosen[:, None] < groups  # the page's unused slots write nowhere
         group = jnp.minimum(chosen, groups - 1)[:, None]
         entries = group * _WINDOW + jnp.arange(_WINDOW, dtype=index)
         start = entries // width * width
-        now = found[entries] + start
-        todo = (chosen[:, None] < groups) & (now == low[group])
+        now = found[entries] + start  # an entry found already has an empty bracket
+        todo = live & pending[entries]
         got = _calibrators._first_far(
-            flat, flat[entries], now, jnp.where(todo, high[group], now), start + width
+            flat,
+            flat[entries],
+            jnp.where(todo, low[group], now),
+            jnp.where(todo, high[group], now),
+            start + width,
         )
-        return found.at[entries].set((got - start).astype(local)), p + 1
+        got = (got - start).astype(local)
+        return found.at[jnp.where(live, entries, total)].set(got, mode="drop"), p + 1
 
     found, _ = lax.while_loop(
         lambda state: state[1] * page < rank[-1] + 1, bisect, (found, jnp.zeros((), index))
