@@ -354,6 +354,10 @@ def test_isotonic_groups_rows_as_scikit_learn_does(groups, dtype, x64):
         got = groups(jnp.asarray(xs))
         want = np.concatenate([sequential(run) for run in xs])
         np.testing.assert_array_equal(got, want)
+    # Batched, as a vmapped fit runs it: classes in another order.
+    got = jax.vmap(groups)(jnp.asarray(np.stack([xs, xs[::-1]])))
+    np.testing.assert_array_equal(got[0], want)
+    np.testing.assert_array_equal(got[1], np.concatenate([sequential(run) for run in xs[::-1]]))
 
 
 def test_isotonic_interpolates_between_groups_as_scikit_learn_does():
