@@ -120,6 +120,14 @@ def test_top_label_is_jnp_argmax_and_its_entry_on_every_schedule(k):
     # The blocks themselves, also where jsoftmax._cpu.top leaves K to one reduction.
     for size in [d for d in range(2, k) if k % d == 0][:4]:
         check(jax.jit(jsoftmax._cpu._blocked_top, static_argnums=1)(p, size))
+    # At a size where XLA's CPU max may drop a NaN: one after a +inf still ranks first.
+    p = rng.random((4096, k), dtype=np.float32)
+    for step, special in ((3, np.inf), (5, np.nan)):
+        rows = np.arange(0, len(p), step)
+        p[rows, rng.integers(0, k, len(rows))] = special
+    index = np.argmax(p, -1)  # NumPy's ranks NaN first too
+    value = np.take_along_axis(p, index[..., None], -1)[..., 0]
+    check(jax.jit(jsoftmax._cpu.top)(p))
 
 
 def test_bin_edges_are_right_closed_and_zero_is_in_the_first_bin():

@@ -13,7 +13,7 @@ from sklearn.isotonic import IsotonicRegression
 
 import jsoftmax
 from jsoftmax import _calibrators, _cpu
-from tests.conftest import TRANSFORMS, saved_residuals
+from tests.conftest import TRANSFORMS, core_schedules, saved_residuals
 
 
 def miscalibrated(n, k, seed, scale=3.0, shift=0.5):
@@ -209,8 +209,9 @@ def brier(p, labels):
     return np.mean(np.sum((p - np.eye(p.shape[1])[labels]) ** 2, axis=1))
 
 
-def test_ensemble_temperature_as_the_paper_fits_it(x64):
-    logits, labels = miscalibrated(2000, 5, seed=4, scale=2.5)
+@pytest.mark.parametrize("num_classes", [5, 40])  # 40: row sums through _cpu.row_sum's select
+def test_ensemble_temperature_as_the_paper_fits_it(x64, num_classes):
+    logits, labels = miscalibrated(2000, num_classes, seed=4, scale=2.5)
     fitted = jsoftmax.fit_ensemble_temperature(logits, labels)
     t, w = float(fitted.temperature), np.asarray(fitted.weights)
     # T minimises the Brier score of softmax(x / T) (SciPy's bounded scalar minimiser) ...
@@ -222,7 +223,8 @@ def test_ensemble_temperature_as_the_paper_fits_it(x64):
     )
     np.testing.assert_allclose(t, tempered.x, rtol=1e-5)
     # ... the weights the Brier score of the mixture on the simplex (SLSQP, as the paper) ...
-    members = [softmax(logits / t, axis=1), softmax(logits, axis=1), np.full(logits.shape, 0.2)]
+    uniform = np.full(logits.shape, 1 / num_classes)
+    members = [softmax(logits / t, axis=1), softmax(logits, axis=1), uniform]
 
     def mixed(w):
         return brier(sum(wj * pj for wj, pj in zip(w, members, strict=True)), labels)
@@ -243,6 +245,29 @@ def test_ensemble_temperature_as_the_paper_fits_it(x64):
     nll_t = float(jsoftmax.fit_temperature(logits, labels))
     assert brier(got, labels) <= brier(members[0], labels) + 1e-15
     assert brier(got, labels) <= brier(softmax(logits / nll_t, axis=1), labels)
+
+
+def test_ensemble_temperature_fits_the_same_on_the_cpu_schedule_as_on_the_core():
+    logits, labels = miscalibrated(3000, 40, seed=6, scale=2.0)
+    logits[::7, 3] = -np.inf  # impossible classes
+    where = np.arange(3000) % 11 != 0
+    fitted = jsoftmax.fit_ensemble_temperature(logits, labels, where=where)
+    with core_schedules():
+        core = jsoftmax.fit_ensemble_temperature(logits, labels, where=where)
+    np.testing.assert_allclose(fitted.temperature, core.temperature, rtol=1e-4)
+    np.testing.assert_allclose(fitted.weights, core.weights, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_classes", [16, 17, 1000])
+def test_cpu_row_sum_is_the_sum(num_classes):
+    terms = np.random.default_rng(0).standard_normal((300, num_classes)).astype(np.float32)
+    terms[1, 2], terms[2, :] = np.nan, -0.0
+    terms[3, 0], terms[4, :2] = np.inf, [np.inf, -np.inf]
+    with np.errstate(invalid="ignore"):  # inf - inf
+        want = np.sum(terms.astype(np.float64), axis=-1)
+    for f in (jax.jit(_cpu.row_sum), jax.vmap(_cpu.row_sum)):
+        np.testing.assert_allclose(f(terms), want, rtol=1e-5, atol=1e-5)
+    assert jax.jit(_cpu.row_sum, static_argnums=1)(terms, True).shape == (300, 1)
 
 
 def test_ensemble_temperature_is_the_global_minimum_of_a_two_population_score(x64):
