@@ -106,6 +106,9 @@ def test_top_label_is_jnp_argmax_and_its_entry_on_every_schedule(k):
     p[0, 4, [1, -1]] = np.inf
     p[0, 5, k - 3 :] = 9.0  # the maximum only in the last block
     p[0, 6] = -np.inf
+    p[0, 7] = -1.0
+    p[0, 7, [1, -1]] = -0.0, 0.0  # equal: the first is the maximum
+    p[1, 0, [2, -2]] = np.copysign(np.nan, -1), np.inf  # a NaN with its sign bit set
     index = np.asarray(jnp.argmax(p, -1))
     value = np.take_along_axis(p, index[..., None], -1)[..., 0]
 
@@ -122,12 +125,26 @@ def test_top_label_is_jnp_argmax_and_its_entry_on_every_schedule(k):
         check(jax.jit(jsoftmax._cpu._blocked_top, static_argnums=1)(p, size))
     # At a size where XLA's CPU max may drop a NaN: one after a +inf still ranks first.
     p = rng.random((4096, k), dtype=np.float32)
-    for step, special in ((3, np.inf), (5, np.nan)):
+    for step, special in ((3, np.inf), (5, np.nan), (7, np.copysign(np.nan, -1))):
         rows = np.arange(0, len(p), step)
         p[rows, rng.integers(0, k, len(rows))] = special
     index = np.argmax(p, -1)  # NumPy's ranks NaN first too
     value = np.take_along_axis(p, index[..., None], -1)[..., 0]
     check(jax.jit(jsoftmax._cpu.top)(p))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+def test_top_label_ranks_order_floats_as_argmax_does(dtype):
+    """jsoftmax._cpu._ranks: increasing with the float, -0.0 and 0.0 equal, every NaN
+    (either sign) equal and above +inf."""
+    with jax.enable_x64(dtype == "float64"):
+        tiny = float(jnp.finfo(dtype).tiny)
+        ordered = [-np.inf, -1e4, -1.0, -tiny, -0.0, 0.0, tiny, 1.0, 1e4, np.inf]
+        values = jnp.array(ordered + [np.nan, np.copysign(np.nan, -1)], dtype)
+        ranks = np.asarray(jax.jit(jsoftmax._cpu._ranks)(values)).tolist()
+    assert ranks[:4] == sorted(set(ranks[:4])) and ranks[4] == ranks[5]
+    assert ranks[5:10] == sorted(set(ranks[5:10])) and ranks[3] < ranks[4]
+    assert ranks[10] == ranks[11] > ranks[9]
 
 
 def test_bin_edges_are_right_closed_and_zero_is_in_the_first_bin():
