@@ -92,7 +92,7 @@ def test_textbook_values():
     np.testing.assert_allclose(brier, (2 * 0.1**2 + 2 * 0.8**2 + 2 * 0.3**2) / 3, rtol=1e-6)
 
 
-@pytest.mark.parametrize("k", [10, 32, 36, 100, 1000, 1009])
+@pytest.mark.parametrize("k", [10, 32, 36, 100, 1000, 1009, 4096])
 def test_top_label_is_jnp_argmax_and_its_entry_on_every_schedule(k):
     """The top label (jsoftmax._cpu.top, by blocks on CPU) is jnp.argmax's: the first
     maximum, NaN the largest; ties, NaN, infinities and leading axes, under jit and vmap,
