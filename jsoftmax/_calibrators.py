@@ -776,8 +776,6 @@ def fit_ensemble_temperature(
 _GRID = 8
 _BRENT_STEPS = 60  # a cap only: sqrt(eps) of log T comes first
 _GOLDEN = (3 - 5**0.5) / 2  # the golden section of a bracket, from its nearer end
-# The pairs of the two softmax members in the Gram matrix.
-_PAIRS = ((0, 0), (0, 1), (1, 1))
 # The supports of the simplex's faces: three vertices, three edges, the interior.
 _FACES = ((1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
 
@@ -790,7 +788,13 @@ def _fit_ensemble(logits, labels, where, low, high):
     # (x / T - max / T may become one fused multiply-add, off by x's rounding).
     top = jnp.max(x, axis=1)
     d = x - top[:, None]
-    d_label = jnp.take_along_axis(x, labels[:, None], axis=1, mode="clip")[:, 0] - top
+    x_label = jnp.take_along_axis(x, labels[:, None], axis=1, mode="clip")[:, 0]
+    d_label = x_label - top
+
+    def inverse(t):
+        # At least the smallest normal: 1 / T past 1 / tiny would flush to 0 on CPU, and
+        # exp(-inf * 0) is NaN at an impossible class.
+        return jnp.maximum(1 / t, jnp.finfo(x.dtype).tiny)
 
     def sums(a):
         # sum_k exp(a d_k) per row. With p = softmax(x / T) = exp(d / T) / s and q =
@@ -802,7 +806,7 @@ def _fit_ensemble(logits, labels, where, low, high):
 
     def brier(log_t):
         # Per row sum_k (p_k - [k = label])**2 = sum_k p_k**2 - 2 p_label + 1.
-        a = jnp.exp(-log_t)  # 1 / T
+        a = inverse(jnp.exp(log_t))
         s = sums(a)
         return jnp.sum(rows * (sums(2 * a) / s**2 - 2 * jnp.exp(d_label * a) / s + 1))
 
@@ -873,14 +877,17 @@ def _fit_ensemble(logits, labels, where, low, high):
     # The Brier score of q = sum_j w_j P_j is w' A w - 2 c' w + 1: a quadratic on the simplex.
     # The uniform member is 1 / m on each row's m possible classes: as every member sums
     # to 1 over them, its product with any member sums to 1 / m in a row.
-    a = (1 / t, 1.0)
+    a = (inverse(t), 1.0)
     s = [sums(a_i) for a_i in a]
-    upper = {(i, j): jnp.sum(rows * sums(a[i] + a[j]) / (s[i] * s[j])) for i, j in _PAIRS}
+    pairs = ((0, 0), (0, 1), (1, 1))
+    upper = {(i, j): jnp.sum(rows * sums(a[i] + a[j]) / (s[i] * s[j])) for i, j in pairs}
     row_over_m = rows / _possible_count(possible, x.dtype)[:, 0]
-    upper |= {(i, 2): jnp.sum(row_over_m) for i in range(3)}
+    with_uniform = jnp.sum(row_over_m)
+    upper |= {(i, 2): with_uniform for i in range(3)}
     gram = jnp.array([[upper[min(i, j), max(i, j)] for j in range(3)] for i in range(3)])
     c = [jnp.sum(rows * jnp.exp(d_label * a_i) / s_i) for a_i, s_i in zip(a, s, strict=True)]
-    c = jnp.array([*c, jnp.sum(jnp.where(d_label > -jnp.inf, row_over_m, 0.0))])
+    # (The label's logit, not d_label: x - max may overflow to -inf for a possible class.)
+    c = jnp.array([*c, jnp.sum(jnp.where(x_label > -jnp.inf, row_over_m, 0.0))])
 
     def solve(face):
         on = face.astype(x.dtype)  # the members the face keeps

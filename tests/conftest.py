@@ -68,7 +68,7 @@ def core_schedules():
 
     real = _cpu.lax
     jax.clear_caches()
-    _cpu.lax = types.SimpleNamespace(platform_dependent=default_only)
+    _cpu.lax = types.SimpleNamespace(**{**vars(real), "platform_dependent": default_only})
     try:
         yield
     finally:
