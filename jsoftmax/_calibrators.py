@@ -804,11 +804,16 @@ def _fit_ensemble(logits, labels, where, low, high):
         # 1,000 on 2 cores).
         return _cpu.row_sum(jnp.exp(d * a))
 
+    def member(a):
+        """Per row of softmax(a x): its normaliser sums(a) and the label's probability."""
+        s = sums(a)
+        return s, jnp.exp(d_label * a) / s
+
     def brier(log_t):
         # Per row sum_k (p_k - [k = label])**2 = sum_k p_k**2 - 2 p_label + 1.
         a = inverse(jnp.exp(log_t))
-        s = sums(a)
-        return jnp.sum(rows * (sums(2 * a) / s**2 - 2 * jnp.exp(d_label * a) / s + 1))
+        s, p_label = member(a)
+        return jnp.sum(rows * (sums(2 * a) / s**2 - 2 * p_label + 1))
 
     # A grid brackets the best temperature; Brent's method narrows it: steps to
     # the vertex of the parabola through the three best points, golden sections
@@ -878,14 +883,14 @@ def _fit_ensemble(logits, labels, where, low, high):
     # The uniform member is 1 / m on each row's m possible classes: as every member sums
     # to 1 over them, its product with any member sums to 1 / m in a row.
     a = (inverse(t), 1.0)
-    s = [sums(a_i) for a_i in a]
+    s, p_label = zip(*(member(a_i) for a_i in a), strict=True)
     pairs = ((0, 0), (0, 1), (1, 1))
     upper = {(i, j): jnp.sum(rows * sums(a[i] + a[j]) / (s[i] * s[j])) for i, j in pairs}
     row_over_m = rows / _possible_count(possible, x.dtype)[:, 0]
     with_uniform = jnp.sum(row_over_m)
     upper |= {(i, 2): with_uniform for i in range(3)}
     gram = jnp.array([[upper[min(i, j), max(i, j)] for j in range(3)] for i in range(3)])
-    c = [jnp.sum(rows * jnp.exp(d_label * a_i) / s_i) for a_i, s_i in zip(a, s, strict=True)]
+    c = [jnp.sum(rows * p) for p in p_label]
     # (The label's logit, not d_label: x - max may overflow to -inf for a possible class.)
     c = jnp.array([*c, jnp.sum(jnp.where(x_label > -jnp.inf, row_over_m, 0.0))])
 
