@@ -186,9 +186,14 @@ def integer_labels(
     is :func:`ignore_index`'s.
     """
     # The range is read from the labels as given: ``jnp.asarray`` wraps int64 ones to int32
-    # without x64.
-    given, labels = labels, array(fname, "labels", labels)
-    values = None if is_traced(given) else np.asarray(given)
+    # without x64 (and refuses a Python int past int32: NumPy's array first).
+    values = None
+    if not is_traced(labels):
+        try:
+            values = np.asarray(labels)
+        except (TypeError, ValueError):  # a ragged list: array() names the argument
+            pass
+    labels = array(fname, "labels", labels if values is None else values)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"{fname}: labels must be integers, got dtype {labels.dtype}")
     if labels.shape != tuple(shape):

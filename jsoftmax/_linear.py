@@ -560,7 +560,7 @@ def _token_args(fname, token_args, tokens):
     for i, arg in enumerate(token_args):
         if isinstance(arg, int | np.integer) and not isinstance(arg, bool):  # a number, as 0.2
             arg = float(arg)
-        arg = jnp.asarray(arg)
+        arg = _checks.array(fname, f"token_args[{i}]", arg)
         if not jnp.issubdtype(arg.dtype, jnp.floating):
             raise TypeError(f"{fname}: token_args[{i}] must be floating, got {arg.dtype}")
         try:
@@ -715,13 +715,17 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
         loss = _smoothed(loss, log_s - d_sum / count, alpha)
     if config.with_z_loss:
         lse = m + log_s
-        loss = loss + jnp.where(z_loss == 0, 0.0, z_loss * lse**2)
+        loss = loss + jnp.where(z_loss == 0, 0.0, z_loss * lse * lse)  # (lse**2 overflows first)
     loss = jnp.where(counts, loss, 0.0) * bad
     if cts is None:
         return (loss,), None, None
     r = cts[0] * bad
     p_coef = (1 + 2 * z_loss * lse) * r / s if config.with_z_loss else r / s
-    label_coef = jnp.where(d_label == -jnp.inf, 0.0, (1 - alpha) * r)
+    # A -inf label takes no gradient; not read from d_label, which is -inf too where a
+    # finite label lies finfo.max below the max (-3e38 against 3e38).
+    label_coef = jnp.where(
+        _label_terms(config, z, labels, counts)[1] == -jnp.inf, 0.0, (1 - alpha) * r
+    )
     dz = p_coef[:, None] * e - _at_label(index, label_coef, z)
     if config.smooth:
         dz = dz - jnp.where(kept, (uniform * r)[:, None], 0.0)
@@ -980,8 +984,21 @@ def _types(*arrays):
 
 
 def _cotangents(grads, primals, scale):
-    """``scale * grads`` summed over the mesh axes its primal is replicated on, in its dtype."""
-    return jax.tree.map(lambda g, x: _summed_like(scale * g, x).astype(x.dtype), grads, primals)
+    """``scale * grads`` (``grads`` where ``scale`` is None) summed over the mesh axes its
+    primal is replicated on, in its dtype.
+
+    The product in the wider of the scale's dtype (the compute dtype) and the
+    gradients' (summed in ``accum_dtype``), cast explicitly: strict promotion
+    refuses to mix them.
+    """
+
+    def cotangent(g, x):
+        if scale is not None:
+            wide = max(scale.dtype, g.dtype, key=lambda dtype: dtype.itemsize)
+            g = scale.astype(wide) * g.astype(wide)
+        return _summed_like(g, x).astype(x.dtype)
+
+    return jax.tree.map(cotangent, grads, primals)
 
 
 def _varying(x):
@@ -1044,7 +1061,7 @@ def _per_token_bwd(config, saved, cts):
     # Per-token cotangents weigh each token: recompute each chunk's logits.
     h, params, teacher, rows, hyper = saved
     _, grads = _scan(config, h, params, teacher, rows, hyper, cts)
-    return _gradients(grads, (h, params, hyper.temperature), 1)
+    return _gradients(grads, (h, params, hyper.temperature), None)
 
 
 _per_token.defvjp(_per_token_fwd, _per_token_bwd)

@@ -133,7 +133,9 @@ def _loss(rows, alpha, z_loss, options):
         uniform = (rows.w_sum * log_s - rows.w_d) / jnp.maximum(rows.count, 1.0)
         loss = _smoothed(loss, uniform, alpha)
     if options.with_z_loss:
-        loss = loss + jnp.where(z_loss == 0, 0.0, z_loss * _lse(rows) ** 2)
+        # Scaled before squared: lse**2 overflows from 1.8e19 in float32, z_loss * lse**2 later.
+        lse = _lse(rows)
+        loss = loss + jnp.where(z_loss == 0, 0.0, z_loss * lse * lse)
     return jnp.where(rows.has_class, loss, 0.0)
 
 

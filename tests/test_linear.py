@@ -283,6 +283,28 @@ def test_a_masked_token_may_hold_any_label():
         assert_same(value_and_grads(tx(mean), hidden, weight, bias, padded, where), want)
 
 
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.1}, {"z_loss": 1e-3}], ids=["plain", "smooth", "z"]
+)
+def test_a_finite_label_far_below_the_max_keeps_its_gradient(options):
+    """The label's logit -3e38 lies finfo.max below the max 3e38: its shifted logit
+    overflows to -inf, and was read as a -inf logit's (no gradient at the label)."""
+    hidden = jnp.ones((1, 1), jnp.float32)
+    weight = jnp.array([[3e38, -3e38, 0.0]], jnp.float32)
+    labels = jnp.array([1])
+
+    def fused(w):
+        return jsoftmax.linear_softmax_cross_entropy(hidden, w, labels, reduction="sum", **options)
+
+    def unfused(w):
+        return jsoftmax.softmax_cross_entropy_with_integer_labels(
+            hidden @ w, labels, reduction="sum", **options
+        )
+
+    np.testing.assert_array_equal(jax.grad(fused)(weight), jax.grad(unfused)(weight))
+    assert jax.grad(fused)(weight)[0, 1] < -0.9
+
+
 def test_errors():
     hidden, weight, bias, labels, where = problem(6, 4, 10)
     loss = jsoftmax.linear_softmax_cross_entropy

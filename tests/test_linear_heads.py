@@ -495,6 +495,9 @@ def test_log_probs_loss_errors():
         loss(hidden, weight, labels, lambda log_p, old, a: jnp.mean(log_p), args)
     with pytest.raises(TypeError, match=r"token_args\[0\] must be floating"):
         loss(hidden, weight, labels, grpo_without_entropy, (labels, args[1]))
+    for bad in (None, "0.5", [1.0, [2.0]]):  # JAX's own errors named no argument
+        with pytest.raises(TypeError, match=r"token_args\[1\] must be an array"):
+            loss(hidden, weight, labels, grpo_without_entropy, (args[0], bad))
 
     def scaled(log_p, old, advantage, scale):
         return scale * grpo_without_entropy(log_p, old, advantage)

@@ -527,6 +527,10 @@ def test_int64_labels_past_int32_are_out_of_range():
     wide[3] = 2**32 + 1  # int32 would read class 1
     with pytest.raises(ValueError, match=r"label 4294967297 at position \(3,\)"):
         ce_int(data()[0], wide)
+    # As a Python list too (JAX refused it with an OverflowError naming no argument).
+    for fn in (ce_int, jsoftmax.softmax_focal_loss):
+        with pytest.raises(ValueError, match=r"label 4294967297 at position \(3,\)"):
+            fn(data()[0], wide.tolist())
 
 
 @pytest.mark.parametrize("fn", ["int", "dense"])
@@ -705,6 +709,11 @@ def test_z_loss_and_softcap_formulas():
     )
     capped = 1.5 * np.tanh(logits / 1.5)
     close(ce_int(logits, labels, logit_softcap=1.5), ce_int(capped, labels))
+    # lse = 1e20: z lse**2 = 1e36 is finite though lse**2 is not (it gave inf).
+    huge = np.array([[1e20, 0.0, -1.0]], np.float32)
+    for fn in (ce_int, ce_dense):
+        target = [0] if fn is ce_int else np.eye(3, dtype=np.float32)[:1]
+        close(fn(huge, target, z_loss=1e-4), [1e36], rtol=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1])

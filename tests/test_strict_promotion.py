@@ -33,6 +33,9 @@ CASES = {
         x, x.T[:, :2], LABELS % 2, return_entropy=True, temperature=0.5
     ),
     "distillation": lambda x: jsoftmax.linear_distillation_loss(x, x.T, x, x.T, divergence="jsd"),
+    "linear_accumulated": lambda x: jsoftmax.linear_softmax_cross_entropy(
+        x, x.T[:, :2], LABELS % 2, accum_dtype=x.dtype, reduction="mean"
+    ),
     "mixed_precision": lambda x: jsoftmax.linear_softmax_cross_entropy(
         x,
         x.T[:, :2].astype(jnp.float32),
@@ -88,6 +91,7 @@ DIFFERENTIABLE = {
     "linear",
     "linear_log_probs",
     "distillation",
+    "linear_accumulated",
     "temperature_scale",
     "mixed_precision",
     "low_precision_options",
