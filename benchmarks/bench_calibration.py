@@ -212,6 +212,14 @@ def sklearn_isotonic(logits, labels):
     ]
 
 
+def netcal_temperature(logits, labels):
+    """netcal's temperature scaling (PyTorch, on the log of the probabilities): its ``T``."""
+    from netcal.scaling import TemperatureScaling
+
+    fitted = TemperatureScaling().fit(softmax(logits, axis=1), np.array(labels))
+    return 1 / float(fitted.temperature[0])  # (netcal's "temperature" multiplies the logits)
+
+
 def netcal_histogram(logits, labels):
     from netcal.binning import HistogramBinning
 
@@ -299,6 +307,12 @@ def affine_gap(kind, options):
     return gap
 
 
+def temperature_gap(ours, theirs, logits, labels):
+    """Our mean NLL minus theirs, in float64."""
+    gap = _mean_nll(logits / float(ours), labels)[0] - _mean_nll(logits / theirs, labels)[0]
+    return f"NLL {gap:+.1e}"
+
+
 def ensemble_gap(ours, theirs, logits, labels):
     mine = _mixture(float(ours.temperature), np.asarray(ours.weights, np.float64), logits)
     return (
@@ -311,6 +325,13 @@ def ensemble_gap(ours, theirs, logits, labels):
 MATRIX = {"l2": 1e-4}
 DIRICHLET = {"off_diagonal": 1e-3, "intercept": 1e-3}
 FITS = [
+    (
+        "fit_temperature (netcal TemperatureScaling)",
+        jsoftmax.fit_temperature,
+        netcal_temperature,
+        temperature_gap,
+        True,
+    ),
     (
         "fit_vector_scaling (SciPy L-BFGS-B)",
         jsoftmax.fit_vector_scaling,

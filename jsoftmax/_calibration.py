@@ -178,18 +178,24 @@ def _fit(logits, labels, where, low, high):
     c = _power_of_two_above(jnp.where(where[:, None], x, 0.0))
     u = x / c
     d = u - jnp.max(u, axis=1, keepdims=True)  # <= 0; -inf for impossible classes
-    d_label = jnp.take_along_axis(d, labels[:, None], axis=1, mode="clip")
-    spread = jnp.where(jnp.isfinite(d), d - d_label, 0.0)  # u_k - u_y, 0 where p_k = 0
+    d_label = jnp.take_along_axis(d, labels[:, None], axis=1, mode="clip")[:, 0]
+    finite = jnp.where(jnp.isfinite(d), d, 0.0)  # 0 where p_k = 0
 
     def derivatives(beta):
-        """First and second derivative of the mean NLL with respect to beta * c."""
+        """First and second derivative of the mean NLL with respect to beta * c.
+
+        From row sums of ``e = exp(beta d)``, ``e d`` and ``e d**2``: the mean and
+        variance of ``d`` under ``p``, which needs no ``[N, K]`` softmax written
+        out. ``d <= 0`` is 0 at the row's top class, so where ``p`` is peaked
+        there the second moment is small and its variance loses little to
+        cancellation (it only shapes Newton's steps: the root is ``g = 0``).
+        """
         e = jnp.exp(beta * d)
-        p = e / jnp.sum(e, axis=1, keepdims=True)
-        mean = jnp.sum(p * spread, axis=1, keepdims=True)
-        var = jnp.sum(p * (spread - mean) ** 2, axis=1)
-        return jnp.sum(jnp.where(where, mean[:, 0], 0.0)) / n, jnp.sum(
-            jnp.where(where, var, 0.0)
-        ) / n
+        s, s1, s2 = _cpu.row_sums_apart((e, e * finite, e * finite**2))
+        mean = s1 / s
+        var = jnp.maximum(s2 / s - mean**2, 0.0)
+        g = jnp.sum(jnp.where(where, mean - d_label, 0.0)) / n
+        return g, jnp.sum(jnp.where(where, var, 0.0)) / n
 
     # Fit beta * c, u's inverse temperature; the bounds move with it.
     beta_lo, beta_hi = c / high, jnp.minimum(c / low, jnp.finfo(dtype).max)
@@ -204,11 +210,15 @@ def _fit(logits, labels, where, low, high):
     def step(state):
         # Numerical Recipes' rtsafe with geometric bisection: Newton unless it
         # leaves the bracket or its step exceeds half the step before last.
+        # A Newton step within the tolerance ends the search: below x's
+        # resolution it rounds to x, which sits on the bracket's edge and would
+        # read as leaving it (1,000,000 x 10: 21 bisections back to that x).
         i, x, g, h, a, b, dx, dx_before, _ = state
         newton = x - g / h
+        converged = jnp.abs(newton - x) <= tol * x
         bisect = ~((newton > a) & (newton < b)) | (jnp.abs(2 * g) > jnp.abs(dx_before * h))
-        x_next = jnp.where(bisect, jnp.sqrt(a * b), newton)
-        done = (jnp.abs(x_next - x) <= tol * x) | (g == 0)
+        x_next = jnp.where(bisect & ~converged, jnp.sqrt(a * b), newton)
+        done = converged | (jnp.abs(x_next - x) <= tol * x) | (g == 0)
         x_next = jnp.where(g == 0, x, x_next)
         return i + 1, *evaluated(x_next, a, b), x - x_next, dx, done
 

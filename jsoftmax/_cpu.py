@@ -201,6 +201,24 @@ def row_sum(terms: jax.Array) -> jax.Array:
     return lax.platform_dependent(s, cpu=lambda s: jnp.where(s == 0, 0.0, s), default=lambda s: s)
 
 
+def row_sums_apart(terms: tuple) -> tuple:
+    """Sums over the last axis of several ``[..., K]`` terms, as one reduction
+    (:func:`jsoftmax._softmax._row_sums`); on CPU over more than 16 terms a row,
+    each its own :func:`row_sum`.
+
+    On 1 core, the mean and second moment of ``d`` under ``exp(beta d)`` (three
+    sums): 9 ms as one reduction against 26-110 ms apart at [1,000,000, 10];
+    204-291 against 270-302 ms at [50,000, 1,000] and 84-111 against 97-116 at
+    [200,000, 100], where XLA's CPU backend runs a reduction of several operands
+    one term at a time and the fit took 1.9-2.1 against 1.4-1.6 s with it.
+    """
+    if terms[0].shape[-1] <= 16:
+        return _softmax._row_sums(terms)
+    return lax.platform_dependent(
+        terms, cpu=lambda terms: tuple(map(row_sum, terms)), default=_softmax._row_sums
+    )
+
+
 def family_max(z: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """softmax and log_softmax's shift (:func:`jsoftmax._softmax._clamped_max`); on CPU
     the row max clamped after it, as ``-maximum(-maximum(max, -big), -big)``.

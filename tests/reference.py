@@ -195,21 +195,26 @@ def brier_score(probs, labels, where=None):
 
 
 def fit_temperature(logits, labels, bounds=(0.01, 100.0)):
-    """argmin over T of the float64 mean NLL, by scipy's bounded scalar search on log T."""
+    """argmin over T in ``bounds`` of the float64 mean NLL: the root of its derivative in
+    beta = 1 / T, ``mean(E_p[x] - x_y)``, which increases (the NLL is convex in beta), or the
+    bound beyond which it lies."""
     from scipy import optimize
 
     logits = np.asarray(logits, np.float64)
     labels = np.asarray(labels)
 
-    def nll(log_t):
-        z = logits / np.exp(log_t)
-        return np.mean(special.logsumexp(z, axis=1) - z[np.arange(len(z)), labels])
+    def slope(beta):
+        p = special.softmax(beta * logits, axis=1)
+        expected = np.sum(np.where(p > 0, p * logits, 0.0), axis=1)
+        return np.mean(expected - logits[np.arange(len(logits)), labels])
 
-    low, high = np.log(bounds[0]), np.log(bounds[1])
-    best = optimize.minimize_scalar(
-        nll, bounds=(low, high), method="bounded", options={"xatol": 1e-12}
-    )
-    return float(np.exp(best.x))
+    low, high = 1 / bounds[1], 1 / bounds[0]
+    if slope(low) >= 0:
+        return float(bounds[1])
+    if slope(high) <= 0:
+        return float(bounds[0])
+    eps = np.finfo(np.float64).eps
+    return float(1 / optimize.brentq(slope, low, high, xtol=eps * low, rtol=4 * eps))
 
 
 def softmax_focal_loss(

@@ -367,6 +367,20 @@ def test_fit_temperature_is_the_optimum_on_awkward_data(seed):
     np.testing.assert_allclose(t, reference.fit_temperature(logits, labels, (1e-3, 1e3)), rtol=1e-4)
 
 
+@pytest.mark.parametrize("n", [100, 4000])
+def test_fit_temperature_is_the_float64_optimum_to_float32_precision(n):
+    """The search stops at Newton's last step: one below the resolution of 1 / T rounds
+    to the bracket's edge, which once read as leaving the bracket (up to 26 evaluations
+    then, over 2 float32 epsilons off the float64 optimum on 12 of these 24 problems, up to
+    7.9; now 0.62 at most)."""
+    for seed in range(6):
+        logits, labels = calibrated(n, 10, seed, scale=1.0)
+        for factor in (0.6, 3.0):
+            t = jsoftmax.fit_temperature(factor * logits, labels)
+            optimum = reference.fit_temperature(factor * logits, labels)
+            assert abs(t - optimum) <= 2 * np.finfo(np.float32).eps * optimum, (seed, factor)
+
+
 def test_fit_temperature_in_float64(x64):
     logits, labels = calibrated(1000, 5, seed=8)
     t = jsoftmax.fit_temperature(2.5 * logits.astype(np.float64), labels)

@@ -1,5 +1,6 @@
 """The calibrators: fits at their optimum (float64 SciPy and scikit-learn references), calibrate."""
 
+import contextlib
 import functools
 
 import jax
@@ -13,7 +14,7 @@ from sklearn.isotonic import IsotonicRegression
 
 import jsoftmax
 from jsoftmax import _calibrators, _cpu
-from tests.conftest import TRANSFORMS, saved_residuals
+from tests.conftest import TRANSFORMS, core_schedules, saved_residuals
 
 
 def miscalibrated(n, k, seed, scale=3.0, shift=0.5):
@@ -255,8 +256,8 @@ def test_ensemble_temperature_as_the_paper_fits_it(x64, num_classes, masked):
     assert brier(got, labels) <= brier(softmax(logits / nll_t, axis=1), labels)
 
 
-@pytest.mark.parametrize("num_classes", [16, 17, 1000])
-def test_cpu_row_sum_is_the_sum(num_classes):
+@pytest.mark.parametrize("num_classes", [10, 16, 17, 1000])
+def test_cpu_row_sums_are_the_sums(num_classes):
     terms = np.random.default_rng(0).standard_normal((300, num_classes)).astype(np.float32)
     terms[1, 2], terms[2, :] = np.nan, -0.0
     terms[3, 0], terms[4, :2] = np.inf, [np.inf, -np.inf]
@@ -264,6 +265,17 @@ def test_cpu_row_sum_is_the_sum(num_classes):
         want = np.sum(terms.astype(np.float64), axis=-1)
     for f in (jax.jit(_cpu.row_sum), jax.vmap(_cpu.row_sum)):
         np.testing.assert_allclose(f(terms), want, rtol=1e-5, atol=1e-5)
+
+    def apart(terms):
+        return _cpu.row_sums_apart((terms, -2 * terms))
+
+    for schedule in (contextlib.nullcontext, core_schedules):  # CPU's, and GPUs' and TPUs'
+        with schedule():
+            for f in (jax.jit(apart), jax.vmap(apart)):
+                s, s2 = f(terms)
+                # (XLA's CPU backend adds a reduction of two operands one term at a time.)
+                np.testing.assert_allclose(s, want, rtol=1e-5, atol=1e-4)
+                np.testing.assert_allclose(s2, -2 * want, rtol=1e-5, atol=2e-4)
 
 
 def test_ensemble_temperature_at_the_edges_of_the_float_range():
