@@ -174,12 +174,20 @@ def _fit(logits, labels, where, low, high):
     # A certain row's likelihood is the same at every temperature: it adds nothing.
     x, where, n, nan_if_bad, certain = _fit_rows(logits.astype(dtype), labels, where, True)
     n = n.astype(dtype)
-    # beta * u cannot overflow where beta * x would.
-    c = _power_of_two_above(jnp.where(where[:, None], x, 0.0))
-    u = x / c
-    d = u - jnp.max(u, axis=1, keepdims=True)  # <= 0; -inf for impossible classes
+    # The NLL reads each logit's gap below its row's max, scaled by a power of two
+    # ``c`` about the largest gap that matters, so that ``beta * d`` and its moments
+    # stay finite: the labels' and those of the logits a temperature in the bounds
+    # keeps above exp(-128) (below it ``e`` is 0 in float32 and negligible in
+    # float64). Not the logits themselves: a class masked with finfo.min (or rows
+    # at 3e38) made ``c`` 2**127, and every other logit a flushed subnormal.
+    half_gap = 0.5 * jnp.max(x, axis=1, keepdims=True) - 0.5 * x  # halves: no overflow
+    label = jnp.arange(x.shape[1], dtype=jnp.int32) == labels[:, None]
+    matters = where[:, None] & (label | (half_gap <= 64 * high))
+    c = _power_of_two_above(jnp.where(matters, half_gap, 0.0))
+    d = -2 * (half_gap / c)  # (x_k - max) / c: in [-2, 0] where it matters, -inf if impossible
+    floor = -128 * high / c  # below it, a gap that does not matter
     d_label = jnp.take_along_axis(d, labels[:, None], axis=1, mode="clip")[:, 0]
-    finite = jnp.where(jnp.isfinite(d), d, 0.0)  # 0 where p_k = 0
+    finite = jnp.where(jnp.isfinite(d) & (d >= floor), d, 0.0)  # 0 where p_k = 0
 
     def derivatives(beta):
         """First and second derivative of the mean NLL with respect to beta * c.

@@ -446,6 +446,17 @@ def test_fit_temperature_where_and_impossible_classes():
         jsoftmax.fit_temperature(2 * logits, labels),
         rtol=1e-5,
     )
+    # A class masked with finfo.min, or a row of equal 3e38 logits (no slope at any T), is
+    # the same problem: the scale came from the logits, 2**127, and flushed the others to 0.
+    masked = padded.copy()
+    masked[:, -2:] = np.finfo(np.float32).min
+    flat = np.concatenate([2 * logits, np.full((1, 5), 3e38, np.float32)])
+    for problem, y in ((masked, labels), (flat, np.append(labels, 0))):
+        np.testing.assert_allclose(
+            jsoftmax.fit_temperature(problem, y),
+            jsoftmax.fit_temperature(2 * logits, labels),
+            rtol=1e-5,
+        )
     assert jsoftmax.fit_temperature(logits, labels, where=np.zeros(600, bool)) == 1.0
     assert jsoftmax.fit_temperature(logits, labels, where=np.zeros(600, bool), bounds=(2, 3)) == 2
 
