@@ -92,9 +92,11 @@ def fit_temperature(
     ``mean_i(E_p[x_i] - x_{i y_i})`` and second derivative ``mean_i Var_p[x_i]``,
     so a safeguarded Newton iteration on ``beta`` (Newton steps kept inside a
     bracket that shrinks every step, geometric bisection when Newton leaves it
-    or stalls) converges to float precision in a fixed budget of steps. The
-    logits are first divided by a power of two bounding them, exactly, so that
-    no value overflows.
+    or stalls) converges to float precision in a fixed budget of steps. Each
+    logit's gap below its row's max is first divided by a power of two bounding
+    the gaps that a temperature in ``bounds`` can see, exactly, so that no value
+    overflows and a class masked with ``finfo.min`` reads as one masked with
+    ``-inf``.
 
     Args:
       logits: floating ``[N, K]``, the uncalibrated model's (validation) logits.
