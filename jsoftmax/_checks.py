@@ -193,6 +193,8 @@ def integer_labels(
             values = np.asarray(labels)
         except (TypeError, ValueError):  # a ragged list: array() names the argument
             pass
+        if values is not None and values.dtype.kind not in "biufc":  # None, a string: as given
+            values = None
     labels = array(fname, "labels", labels if values is None else values)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"{fname}: labels must be integers, got dtype {labels.dtype}")
