@@ -183,16 +183,16 @@ def _fit(logits, labels, where, low, high):
     # float64). Not the logits themselves: a class masked with finfo.min (or rows
     # at 3e38) made ``c`` 2**127, and every other logit a flushed subnormal.
     half_gap = 0.5 * jnp.max(x, axis=1, keepdims=True) - 0.5 * x  # halves: no overflow
+    # (Not -inf entries, impossible classes: their gap is inf, and 64 * high may be too.)
+    seen = jnp.isfinite(half_gap) & (half_gap <= 64 * high)
     label = jnp.arange(x.shape[1], dtype=jnp.int32) == labels[:, None]
-    matters = where[:, None] & (label | (half_gap <= 64 * high))
-    c = _power_of_two_above(jnp.where(matters, half_gap, 0.0))
-    d = -2 * (half_gap / c)  # (x_k - max) / c: in [-2, 0] where it matters, -inf if impossible
-    floor = -128 * high / c  # below it, a gap that does not matter
+    c = _power_of_two_above(jnp.where(where[:, None] & (seen | label), half_gap, 0.0))
+    d = -2 * (half_gap / c)  # (x_k - max) / c: in [-2, 0] where seen, -inf if impossible
     d_label = jnp.take_along_axis(d, labels[:, None], axis=1, mode="clip")[:, 0]
-    finite = jnp.where(jnp.isfinite(d) & (d >= floor), d, 0.0)  # 0 where p_k = 0
+    finite = jnp.where(seen, d, 0.0)  # 0 where p_k = 0 at every temperature in the bounds
 
     def derivatives(beta):
-        """First and second derivative of the mean NLL with respect to beta * c.
+        """First and second derivative of the mean NLL with respect to beta = c / T.
 
         From row sums of ``e = exp(beta d)``, ``e d`` and ``e d**2``: the mean and
         variance of ``d`` under ``p``, which needs no ``[N, K]`` softmax written
@@ -207,7 +207,7 @@ def _fit(logits, labels, where, low, high):
         g = jnp.sum(jnp.where(where, mean - d_label, 0.0)) / n
         return g, jnp.sum(jnp.where(where, var, 0.0)) / n
 
-    # Fit beta * c, u's inverse temperature; the bounds move with it.
+    # Fit beta = c / T, d's inverse temperature; the bounds move with it.
     beta_lo, beta_hi = c / high, jnp.minimum(c / low, jnp.finfo(dtype).max)
     g_lo, h_lo = derivatives(beta_lo)
     g_hi, _ = derivatives(beta_hi)
