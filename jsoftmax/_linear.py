@@ -700,7 +700,8 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
         z = _cap(z, config.softcap)  # -inf stays -inf
     m, d, e, s, _ = _normalized(config, z)
     log_s = jnp.log(s)
-    index, d_label, bad = _label_terms(config, d, labels, counts)
+    index, z_label, bad = _label_terms(config, z, labels, counts)
+    d_label = _cpu.clamped(z_label, m) - m  # d at the label, as _normalized shifts z
     loss = log_s - d_label  # shifted: no logsumexp of large logits less one of them
     if config.smooth:
         kept = z != -jnp.inf
@@ -723,9 +724,7 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
     p_coef = (1 + 2 * z_loss * lse) * r / s if config.with_z_loss else r / s
     # A -inf label takes no gradient; not read from d_label, which is -inf too where a
     # finite label lies finfo.max below the max (-3e38 against 3e38).
-    label_coef = jnp.where(
-        _label_terms(config, z, labels, counts)[1] == -jnp.inf, 0.0, (1 - alpha) * r
-    )
+    label_coef = jnp.where(z_label == -jnp.inf, 0.0, (1 - alpha) * r)
     dz = p_coef[:, None] * e - _at_label(index, label_coef, z)
     if config.smooth:
         dz = dz - jnp.where(kept, (uniform * r)[:, None], 0.0)
