@@ -1040,25 +1040,29 @@ def _fit_isotonic(logits, labels, where):
 
 
 def _isotonic(p, hit, where, n):
-    """Pool adjacent violators on each class (row) of ``p``: sorted thresholds and fitted values.
-
-    The classes run as one flat problem of ``K * N`` rows whose every class
-    opens a block of its own: flat gathers are several times faster than
-    batched ones on CPU, and the parallel rounds of every class share each pass.
-    """
-    k, size = p.shape
-    index = _index_dtype(k * size)
-    # One integer sort key per row (XLA's CPU sort is several times faster on
-    # one integer operand than on floats or several operands): a probability
-    # in [0, 1] has a non-negative bit pattern below 2**(bits - 2), ordered as
-    # the value, so twice it plus the label fits. Padding sorts last.
+    """Pool adjacent violators on each class (row) of ``p``: sorted thresholds and fitted values."""
+    # One integer sort key per row (a sort is several times faster on one
+    # integer operand than on floats or several operands): a probability in
+    # [0, 1] has a non-negative bit pattern below 2**(bits - 2), ordered as the
+    # value, so twice it plus the label fits. Padding sorts last.
     bits = lax.bitcast_convert_type(p, jnp.dtype(f"int{8 * p.dtype.itemsize}"))
     key = jnp.where(
         where & ~jnp.isnan(p), 2 * bits + hit.astype(bits.dtype), jnp.iinfo(bits.dtype).max
     )
-    key = _cpu.sort_rows(key)
+    return _cpu.isotonic(key, n, functools.partial(_pooled_classes, dtype=p.dtype))
+
+
+def _pooled_classes(key, n, dtype):
+    """:func:`_isotonic` from each class's sort keys, the kept rows' count ``n`` and ``p``'s dtype.
+
+    The classes run as one flat problem of ``K * N`` rows whose every class
+    opens a block of its own, so that the parallel rounds of every class share each pass.
+    """
+    k, size = key.shape
+    index = _index_dtype(k * size)
+    key = jnp.sort(key, axis=1)
     kept = jnp.arange(size, dtype=jnp.int32) < n
-    xs = jnp.where(kept, lax.bitcast_convert_type(key >> 1, p.dtype), jnp.inf)
+    xs = jnp.where(kept, lax.bitcast_convert_type(key >> 1, dtype), jnp.inf)
     total = k * size
     # The labels are 0/1 and every kept row weighs 1: block sums are
     # differences of exact integer prefix sums, the kept rows before flat
@@ -1072,36 +1076,51 @@ def _isotonic(p, hit, where, n):
         ends = jnp.append(bounds, total)
         before = (ends // size) * n + jnp.minimum(ends % size, n)
         weight = before[1:] - before[:-1]
-        sums = (hits[ends[1:]] - hits[ends[:-1]]).astype(p.dtype)
-        return jnp.where(weight > 0, sums / jnp.maximum(weight, 1).astype(p.dtype), jnp.inf)
+        sums = (hits[ends[1:]] - hits[ends[:-1]]).astype(dtype)
+        return jnp.where(weight > 0, sums / jnp.maximum(weight, 1).astype(dtype), jnp.inf)
 
-    def violations(bounds, count):
-        """The blocks whose mean does not exceed the one before (in a class): each pools into it."""
-        mean, block = means(bounds), jnp.arange(bounds.shape[0], dtype=index)
-        first = bounds % size == 0
-        return (block < count) & ~first & (jnp.roll(mean, 1) >= mean)
+    position = jnp.arange(total, dtype=index)
+    opens = _resolution_groups(xs)
+    group = jnp.cumsum(opens, dtype=index) - 1
+    # The groups' first rows, front-packed and padded with ``total``.
+    starts = _packed(position, opens, total)
+    solution = _pooled(starts, jnp.sum(opens, dtype=index), size, means)
+    block = jnp.cumsum(jnp.zeros(total + 1, bool).at[solution].set(True)[:total]) - 1
+    # scikit-learn interpolates between the groups' first rows: each row's threshold.
+    thresholds = xs.ravel()[starts[group]].reshape(k, size)
+    return thresholds, means(solution)[block].reshape(k, size)
+
+
+def _packed(bounds, keep, fill):
+    """The entries of ``bounds`` that ``keep`` marks, front-packed and padded with ``fill``."""
+    slot = jnp.where(keep, jnp.cumsum(keep, dtype=bounds.dtype) - 1, bounds.shape[0])
+    return jnp.full_like(bounds, fill).at[slot].set(bounds, mode="drop")
+
+
+def _pooled(starts, count, size, means):
+    """The first rows of the blocks that pooling adjacent violators leaves, front-packed.
+
+    ``starts`` holds the groups' first rows (``count`` of them, then padding),
+    in classes of ``size`` rows; ``means`` gives each block's mean from its
+    first rows. Each round, every maximal run of blocks in a class whose means
+    do not increase becomes one.
+    """
+    total = starts.shape[0]
+    index = starts.dtype
 
     def pool(state):
-        """One round: every maximal run of blocks whose means do not increase becomes one."""
         bounds, count, _ = state
-        violated = violations(bounds, count)
-        keep = ~violated & (jnp.arange(bounds.shape[0], dtype=index) < count)
-        slot = jnp.where(keep, jnp.cumsum(keep, dtype=index) - 1, bounds.shape[0])
-        bounds = jnp.full_like(bounds, total).at[slot].set(bounds, mode="drop")
-        return bounds, jnp.sum(keep, dtype=index), jnp.any(violated)
+        mean, block = means(bounds), jnp.arange(bounds.shape[0], dtype=index)
+        # The blocks whose mean does not exceed the one before (in a class) pool into it.
+        violated = (block < count) & (bounds % size != 0) & (jnp.roll(mean, 1) >= mean)
+        keep = ~violated & (block < count)
+        return _packed(bounds, keep, total), jnp.sum(keep, dtype=index), jnp.any(violated)
 
-    # The blocks' first rows, front-packed and padded with ``total``. Once the
-    # blocks fit in a quarter of the array the rounds go on in a smaller one,
-    # so the many late rounds of few blocks cost little.
-    position = jnp.arange(total, dtype=index)
-    opens = _cpu.resolution_groups(xs)
-    group = jnp.cumsum(opens, dtype=index) - 1
-    starts = jnp.full(total, total, index)
-    starts = starts.at[jnp.where(opens, group, total)].set(position, mode="drop")
-    bounds, count = starts, jnp.sum(opens, dtype=index)
-    solution = jnp.full(total, total, index)
+    # Once the blocks fit in a quarter of the array the rounds go on in a
+    # smaller one, so the many late rounds of few blocks cost little.
     # ``pooled``: the last round pooled blocks, so another may; a stage whose
     # blocks already fit in the next one is skipped without a round.
+    bounds, solution = starts, jnp.full(total, total, index)
     pooled, finished = jnp.asarray(total > 0), jnp.asarray(False)
     while True:
         smaller = bounds.shape[0] // 4
@@ -1114,12 +1133,8 @@ def _isotonic(p, hit, where, n):
         solution = jnp.where(done, solution.at[: bounds.shape[0]].set(bounds), solution)
         finished = finished | done
         if last:
-            break
+            return solution
         bounds = bounds[:smaller]
-    block = jnp.cumsum(jnp.zeros(total + 1, bool).at[solution].set(True)[:total]) - 1
-    # scikit-learn interpolates between the groups' first rows: each row's threshold.
-    thresholds = xs.ravel()[starts[group]].reshape(k, size)
-    return thresholds, means(solution)[block].reshape(k, size)
 
 
 def _index_dtype(size):

@@ -1,6 +1,7 @@
 """Schedules for XLA's CPU backend, each chosen with ``jax.lax.platform_dependent``
 where it measured faster there, or where jax 0.10's CPU backend (its YNNPACK
-fusions) would drop a NaN that GPUs keep; GPUs and TPUs run the plain core.
+fusions) would drop a NaN that GPUs keep; GPUs and TPUs run the plain core. The
+isotonic fit's (sorts and sequential chains) runs in NumPy and SciPy on the host.
 
 Each computes what its core counterpart computes on a GPU, to rounding; the
 tests compare the two on CPU, and check NaN at sizes that take YNNPACK's fusions. The
@@ -11,12 +12,15 @@ own terms (:func:`focal_terms`), so that no import order matters.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
-import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
 from jax import lax
 
 from jsoftmax import _softmax
@@ -281,190 +285,111 @@ def focal_terms(terms, q, gamma, spelling, finite=None):
     )
 
 
-def sort_rows(keys: jax.Array) -> jax.Array:
-    """``jnp.sort(keys, axis=1)``; on CPU as four independent sorts of a quarter of the rows.
+def isotonic(keys: jax.Array, n: jax.Array, core) -> tuple[jax.Array, jax.Array]:
+    """``core(keys, n)``: each class's isotonic thresholds and fitted values from its row of
+    sort keys (twice a probability's bits plus the label) and the kept rows' count ``n``;
+    on CPU by NumPy and SciPy on the host, a class per core.
 
-    XLA's CPU sort runs a batch's rows one after another; independent sorts
-    run side by side on the cores. int32 keys on 2 cores: 438 -> 322 ms at
-    [10, 1,000,000], 1723 -> 1368 ms at [1,000, 50,000] (two parts gained
-    nothing, eight less than four).
+    The core runs every class at once in parallel rounds: XLA's sort, scans
+    marking scikit-learn's groups by pointer doubling, and pooling rounds of
+    gathers and scatters over every block left (1.3 s at [10, 1,000,000] on 2
+    cores with a CPU schedule for the sort and the grouping, 7.8 s at [1,000,
+    50,000]). Here each class is NumPy's sort, one search for every row's
+    successor, SciPy's breadth-first walk along the successors from the first
+    row, and SciPy's sequential PAVA over the groups: 0.7-0.8 and 3.3-3.5 s there.
     """
+    # Float32 only: JAX hands a callback its arguments through ``device_put`` in
+    # the callback's thread, where x64 enabled by ``jax.enable_x64`` in the caller's
+    # does not hold (64-bit keys would arrive cut to 32 bits), and NumPy has no bfloat16.
+    if keys.dtype != jnp.int32:
+        return core(keys, n)
 
-    def parts(keys):
-        pieces = jnp.array_split(keys, max(min(keys.shape[0], 4), 1))
-        return jnp.concatenate([jnp.sort(piece, axis=1) for piece in pieces])
+    def host(keys, n):
+        out = jax.ShapeDtypeStruct(keys.shape, jnp.float32)
+        return jax.pure_callback(
+            _host_isotonic, (out, out), keys, n.astype(jnp.int32), vmap_method="sequential"
+        )
 
-    return lax.platform_dependent(keys, cpu=parts, default=lambda keys: jnp.sort(keys, axis=1))
+    return lax.platform_dependent(keys, n, cpu=host, default=core)
 
 
-def resolution_groups(xs: jax.Array) -> jax.Array:
-    """:func:`jsoftmax._calibrators._resolution_groups`; on CPU along blocks of entries.
+def _host_isotonic(keys, n):
+    keys, n = np.asarray(keys), int(n)
+    thresholds, values = np.empty(keys.shape, np.float32), np.empty(keys.shape, np.float32)
+    with concurrent.futures.ThreadPoolExecutor(_cores()) as pool:
+        list(pool.map(functools.partial(_fit_class, n=n), keys, thresholds, values))
+    return thresholds, values
 
-    The core marks the chains of group openers by pointer doubling: a scatter
-    and a gather over every entry per round, 15 rounds on the data of
-    ``benchmarks/bench_calibration.py`` at [10, 1,000,000] (775 of the 1,300
-    ms the grouping took on 2 cores). Here each block of about ``sqrt(N)``
-    entries tabulates where a chain entering it at each entry leaves it, a
-    short scan over the blocks follows the chains from block to block, and
-    one pass marks the openers inside each block; most entries' successors
-    come from counting windows rather than bisecting each. 410-490 against
-    1,170-1,430 ms there, 1.6-2.7 against 6.4-7.1 s at [1,000, 50,000].
-    """
-    # Imported here: at the top it would close a cycle through jsoftmax._calibration.
-    from jsoftmax import _calibrators
 
-    if xs.size < _BLOCKED_FROM:
-        return _calibrators._resolution_groups(xs)
-    return lax.platform_dependent(
-        xs, cpu=_blocked_resolution_groups, default=_calibrators._resolution_groups
+def _cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _fit_class(key, thresholds, values, *, n):
+    """One class of :func:`isotonic` on the host, written into ``thresholds`` and ``values``;
+    the same numbers as the core's, to the pooling of blocks whose float32 means tie."""
+    from scipy.optimize import isotonic_regression
+
+    key = np.sort(key)
+    xs = (key >> 1).view(np.float32)
+    xs[n:] = np.inf
+    opens = _group_openers(xs)
+    starts = np.flatnonzero(opens)
+    group = np.cumsum(opens) - 1
+    # Each group's kept rows (those before n) and hits, from prefix sums.
+    bounds = np.minimum(np.append(starts, key.shape[0]), n)
+    hits = np.append(0, np.cumsum(key[:n] & 1))
+    weight = np.diff(bounds)
+    kept = np.count_nonzero(weight)  # the groups of kept rows come first, padding's last
+    blocks = np.append(
+        isotonic_regression(
+            (hits[bounds[1 : kept + 1]] - hits[bounds[:kept]]) / weight[:kept],
+            weights=weight[:kept],
+        ).blocks[:-1],
+        np.arange(kept, starts.shape[0] + 1),  # padding's group alone
     )
+    rows = bounds[blocks]
+    weight = np.diff(rows)
+    sums = (hits[rows[1:]] - hits[rows[:-1]]).astype(np.float32)
+    mean = np.where(weight > 0, sums / np.maximum(weight, 1).astype(np.float32), np.inf)
+    values[:] = np.repeat(mean, np.diff(blocks))[group]
+    thresholds[:] = xs[starts][group]
 
 
-# Below about a million entries the core's rounds take under 100 ms (75-90 at
-# [10, 100,000]); the blocked schedule's loops take XLA about 1.5 s more to compile.
-_BLOCKED_FROM = 2**20
+def _group_openers(xs):
+    """scikit-learn's grouping of the sorted ``xs`` (NumPy): the entries that open a group.
 
-# Entries per window of :func:`_successors`: XLA's CPU backend unrolls and
-# vectorises a sum of up to 32 terms, and no longer past that.
-_WINDOW = 32
-# Windows counted before bisecting: two (64 entries) hold the successors of all
-# but a few groups on the benchmark's data; more cost more than they save.
-_CHUNKS = 2
-
-
-def _blocked_resolution_groups(xs):
-    """:func:`resolution_groups` on CPU; blocks of a power of two near ``sqrt(N)``, at least 32."""
-    from jsoftmax import _calibrators
-
-    k, size = xs.shape
-    block = max(_WINDOW, 1 << math.ceil(math.log2(math.sqrt(size))))
-    width = -(-size // block) * block
-    if k * width > np.iinfo(jax.dtypes.canonicalize_dtype(jnp.int64)).max:
-        # Padded past int32 positions without x64: the core pads nothing.
-        return _calibrators._resolution_groups(xs)
-    # Entries past the end change no group before them: pad to whole blocks.
-    xs = jnp.pad(xs, ((0, 0), (0, width - size)), constant_values=jnp.inf)
-    return _openers(_successors(xs), block)[:, :size].ravel()
+    The first entry opens one, and so does ``next(j)`` of an opener ``j``, the
+    first entry at least the dtype's resolution above it (as
+    :func:`jsoftmax._calibrators._resolution_groups` reads it): the path from
+    the first entry along ``next``.
+    """
+    size = xs.shape[0]
+    graph = scipy.sparse.csr_array(
+        (np.ones(size, np.int8), _successors(xs), np.append(np.arange(size + 1), size)),
+        shape=(size + 1, size + 1),
+    )
+    path = scipy.sparse.csgraph.breadth_first_order(graph, 0, return_predecessors=False)
+    opens = np.zeros(size + 1, bool)
+    opens[path] = True
+    return opens[:size]
 
 
 def _successors(xs):
-    """``next(j)`` in each sorted row of ``xs``: the first entry at least the resolution above
-    entry ``j`` (the row's width for none), for a width that is a multiple of ``_WINDOW``.
-
-    The successor of every ``_WINDOW``-th entry comes by bisection over the row;
-    it starts the windows (``_CHUNKS`` of them) in which each entry of its
-    group counts the entries not that far above it: they come first, the row
-    being sorted, and the window's entries up to ``j`` itself count too, so
-    the successor is the window's start plus the count. The few groups with a
-    successor past the windows bisect from there, in pages of a sixteenth of
-    the groups.
-    """
-    from jsoftmax import _calibrators
-
-    k, width = xs.shape
-    resolution = jnp.finfo(xs.dtype).resolution
-    local, index = _calibrators._index_dtype(width), _calibrators._index_dtype(xs.size)
-    flat = xs.ravel()
-    row_start = jnp.arange(k, dtype=index)[:, None] * width
-    heads = row_start + jnp.arange(0, width, _WINDOW, dtype=index)
-    ends = jnp.broadcast_to(row_start + width, heads.shape).ravel()
-    first = _calibrators._first_far(flat, flat[heads.ravel()], heads.ravel() + 1, ends, ends)
-    first = (first.reshape(heads.shape) - row_start).astype(local)
-
-    rows = jnp.pad(xs, ((0, 0), (0, _WINDOW)), constant_values=jnp.inf)
-    window = jax.vmap(jax.vmap(lambda row, s: lax.dynamic_slice(row, (s,), (_WINDOW,)), (None, 0)))
-    x = xs.reshape(k, -1, _WINDOW, 1)
-    count = 0
-    for i in range(_CHUNKS):
-        w = window(rows, jnp.minimum(first + i * _WINDOW, width))[:, :, None, :]
-        # Not "w - x < resolution": a NaN difference (both infinite) is near, as in bisection.
-        count = count + jnp.sum(~(w - x >= resolution), -1, dtype=local)
-    finite = x[..., 0] < jnp.inf
-    found = jnp.where(finite, first[..., None] + count, width).ravel()
-
-    # The rest bisect between the windows' end and the next group's successor,
-    # a page of groups at a time.
-    pending = finite & (count == _CHUNKS * _WINDOW)
-    unfinished = jnp.any(pending, -1).ravel()
-    pending = pending.ravel()
-    low = (first + _CHUNKS * _WINDOW + row_start).ravel()
-    high = jnp.append(first[:, 1:], jnp.full((k, 1), width, local), 1) + row_start
-    high = high.ravel()
-    groups, total = unfinished.shape[0], xs.size
-    page = max(groups // 16, 1)
-    rank = jnp.cumsum(unfinished, dtype=index) - 1
-
-    def bisect(state):
-        found, p = state
-        slot = jnp.where(unfinished & (rank // page == p), rank % page, page)
-        chosen = jnp.full(page, groups, index)
-        chosen = chosen.at[slot].set(jnp.arange(groups, dtype=index), mode="drop")
-        live = chosen[:, None] < groups  # the page's unused slots write nowhere
-        group = jnp.minimum(chosen, groups - 1)[:, None]
-        entries = group * _WINDOW + jnp.arange(_WINDOW, dtype=index)
-        start = entries // width * width
-        now = found[entries] + start  # an entry found already has an empty bracket
-        todo = live & pending[entries]
-        got = _calibrators._first_far(
-            flat,
-            flat[entries],
-            jnp.where(todo, low[group], now),
-            jnp.where(todo, high[group], now),
-            start + width,
-        )
-        got = (got - start).astype(local)
-        return found.at[jnp.where(live, entries, total)].set(got, mode="drop"), p + 1
-
-    found, _ = lax.while_loop(
-        lambda state: state[1] * page < rank[-1] + 1, bisect, (found, jnp.zeros((), index))
-    )
-    return found.reshape(k, width)
-
-
-def _openers(successors, block):
-    """The entries that open a group, from each entry's successor (row-local), by blocks.
-
-    A chain entering a block at entry ``j`` leaves it at ``exit(j)``, its last
-    entry there: ``j`` if ``next(j)`` lies past the block, else
-    ``exit(next(j))``, filled from the block's end. A scan over each row's
-    blocks then enters each block at the successor of the last exit (the
-    row's first entry opens the first block; a block that the successor skips
-    opens nothing), and a last pass follows each block's chain from there.
-    """
-    k, width = successors.shape
-    local = successors.dtype
-    blocks = width // block
-    lanes = k * blocks
-    offset = jnp.arange(blocks, dtype=local)[:, None] * block
-    # [entry in block, block]: each step reads and writes one contiguous row.
-    step = (successors.reshape(k, blocks, block) - offset).reshape(lanes, block).T
-    lane = jnp.arange(lanes)
-
-    def leave(exits, j):
-        row = jnp.where(step[j] >= block, j, exits[jnp.minimum(step[j], block - 1), lane])
-        return exits.at[j].set(row), None
-
-    exits, _ = lax.scan(
-        leave, jnp.zeros((block, lanes), local), jnp.arange(block, dtype=local), reverse=True
-    )
-    exits = exits.T.reshape(k, blocks, block)
-    row = jnp.arange(k)
-
-    def enter(last, b):
-        """``last``: the exit of the blocks before ``b`` (-1 before the row's first block)."""
-        j = jnp.where(last < 0, 0, successors[row, jnp.maximum(last, 0)] - b * block)
-        entered = j < block
-        last = jnp.where(entered, b * block + exits[row, b, jnp.minimum(j, block - 1)], last)
-        return last, jnp.where(entered, j, block)
-
-    _, entry = lax.scan(enter, jnp.full(k, -1, local), jnp.arange(blocks, dtype=local))
-
-    def follow(chain, j):
-        opens = chain == j
-        return jnp.where(opens, step[j], chain), opens
-
-    _, opens = lax.scan(follow, entry.T.ravel(), jnp.arange(block, dtype=local))
-    return opens.T.reshape(k, width)
+    """``next(j)`` of each entry of the sorted ``xs`` (NumPy); its length for none."""
+    resolution = np.finfo(xs.dtype).resolution
+    finite = np.isfinite(xs)
+    with np.errstate(invalid="ignore", over="ignore"):
+        # The least float ``t`` with ``t - x >= resolution`` (as the test rounds), from
+        # ``x + resolution`` rounded: an ulp or so away.
+        t = np.where(finite, xs + resolution, np.inf).astype(xs.dtype)
+        while np.any(down := finite & (np.nextafter(t, -np.inf) - xs >= resolution)):
+            t = np.where(down, np.nextafter(t, -np.inf), t)
+        while np.any(up := finite & ~(t - xs >= resolution)):
+            t = np.where(up, np.nextafter(t, np.inf), t)
+    found = np.searchsorted(xs, t)
+    found[~finite] = xs.shape[0]
+    return found
 
 
 def top(p: jax.Array) -> tuple[jax.Array, jax.Array]:

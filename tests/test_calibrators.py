@@ -14,7 +14,7 @@ from sklearn.isotonic import IsotonicRegression
 
 import jsoftmax
 from jsoftmax import _calibrators, _cpu
-from tests.conftest import TRANSFORMS, core_schedules, saved_residuals
+from tests.conftest import TRANSFORMS, core_schedules, lowered_for, saved_residuals
 
 
 def miscalibrated(n, k, seed, scale=3.0, shift=0.5):
@@ -351,13 +351,15 @@ def test_histogram_binning_equals_the_per_class_bin_frequencies(x64):
     np.testing.assert_allclose(got, q / q.sum(1, keepdims=True), rtol=1e-12)
 
 
+@pytest.mark.parametrize("schedule", [contextlib.nullcontext, core_schedules], ids=["cpu", "core"])
 @pytest.mark.parametrize("ties", [False, True])
-def test_isotonic_equals_scikit_learn_per_class(ties, x64):
+def test_isotonic_equals_scikit_learn_per_class(ties, schedule, x64):
     logits, labels = miscalibrated(3000, 4, seed=7)
     if ties:  # many rows share a probability (bit for bit): scikit-learn pools them first
         logits = np.round(logits)
         logits -= logits.max(1, keepdims=True)
-    fitted = jsoftmax.fit_isotonic(logits, labels)
+    with schedule():  # SciPy's PAVA and NumPy's sort on the host, or the core's rounds
+        fitted = jsoftmax.fit_isotonic(logits, labels)
     p = softmax(logits, axis=1)
     fresh = softmax(miscalibrated(1000, 4, seed=8, scale=4.0)[0], axis=1)
     q = np.empty_like(fresh)
@@ -374,10 +376,19 @@ def test_isotonic_equals_scikit_learn_per_class(ties, x64):
     np.testing.assert_allclose(got, want, atol=1e-12)
 
 
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
+def test_isotonic_runs_on_the_host_on_cpu_only(platform):
+    logits, labels = miscalibrated(50, 3, seed=1)
+    program = lowered_for(jsoftmax.fit_isotonic, platform, logits.astype(np.float32), labels)
+    assert ("callback" in program) == (platform == "cpu")
+
+
+def host_groups(xs):
+    return np.concatenate([_cpu._group_openers(row) for row in np.asarray(xs)])
+
+
 @pytest.mark.parametrize(
-    "groups",
-    [_calibrators._resolution_groups, _cpu._blocked_resolution_groups],
-    ids=["core", "cpu"],
+    "groups", [_calibrators._resolution_groups, host_groups], ids=["core", "cpu"]
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_isotonic_groups_rows_as_scikit_learn_does(groups, dtype, x64):
@@ -392,12 +403,11 @@ def test_isotonic_groups_rows_as_scikit_learn_does(groups, dtype, x64):
         return opens
 
     rng = np.random.default_rng(10)
-    # Runs shorter and longer than 32, and over many of the CPU schedule's blocks.
+    # Runs shorter and longer than the core's coarse brackets (32 entries).
     for size, k in [(1, 3), (7, 2), (100, 4), (257, 3), (5000, 2)]:
         # Ties, steps below the resolution and steps above it, so that
         # chains of openers cross whole stretches of rows; stretches of 200
-        # rows with a hundredth of those steps put successors past the CPU
-        # schedule's counted windows.
+        # rows with a hundredth of those steps put successors far away.
         step = rng.choice([0.0, 0.3, 0.7, 1.0, 3.0], (k, size))
         step *= np.repeat(rng.choice([0.01, 1.0], (k, size // 200 + 1)), 200, axis=1)[:, :size]
         xs = np.cumsum(np.finfo(dtype).resolution * step, axis=1).astype(dtype)
@@ -406,6 +416,8 @@ def test_isotonic_groups_rows_as_scikit_learn_does(groups, dtype, x64):
         got = groups(jnp.asarray(xs))
         want = np.concatenate([sequential(run) for run in xs])
         np.testing.assert_array_equal(got, want)
+    if groups is host_groups:
+        return
     # Batched, as a vmapped fit runs it: classes in another order.
     got = jax.vmap(groups)(jnp.asarray(np.stack([xs, xs[::-1]])))
     np.testing.assert_array_equal(got[0], want)
@@ -430,7 +442,8 @@ def test_isotonic_interpolates_between_groups_as_scikit_learn_does():
 
 
 def test_isotonic_is_exact_past_two_to_the_24_rows_and_classes():
-    """The classes run as one flat problem of ``N * K`` rows, counted exactly past 2**24."""
+    """The core's classes run as one flat problem of ``N * K`` rows, counted exactly past 2**24
+    (on CPU each class runs on its own, counted in int64)."""
     rng = np.random.default_rng(12)
     n = 5_600_001  # 3 n is odd and above 2**24: a float32 count rounds there
     z = rng.standard_normal(n).astype(np.float32)
@@ -438,8 +451,9 @@ def test_isotonic_is_exact_past_two_to_the_24_rows_and_classes():
     labels = rng.integers(0, 3, n).astype(np.int32)
     swapped = np.where(labels == 1, 1, 2 - labels)
     # Classes 0 and 2 have the same probabilities: swapping their labels swaps their fits.
-    last = jsoftmax.fit_isotonic(logits, labels).values[2]
-    first = jsoftmax.fit_isotonic(logits, swapped).values[0]
+    with core_schedules():
+        last = jsoftmax.fit_isotonic(logits, labels).values[2]
+        first = jsoftmax.fit_isotonic(logits, swapped).values[0]
     np.testing.assert_array_equal(last, first)
     # The rows are counted exactly past 2**24 too (a float32 sum stops at 2**24), in the
     # rows every fit reads (isotonic's count among them).
