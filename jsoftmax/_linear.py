@@ -623,9 +623,9 @@ def _merged(config, collective, x):
 
 
 def _normalized(config, z, temperature=None):
-    """Of ``x = z / T`` (``z`` where no temperature is given): the row max ``m``, the
-    shifted logits ``d = x - m``, ``exp(d)``, its row sum ``s`` and whether the row
-    holds ``+inf``.
+    """Of ``x = z / T`` (``z`` where no temperature is given): the row max ``m`` of
+    ``z`` (the shift before the division), the shifted logits ``d = (z - m) / T``
+    (:func:`_shifted`), ``exp(d)``, its row sum ``s`` and whether the row holds ``+inf``.
 
     Over the global vocabulary (``m`` is the max over every shard): the row's
     logsumexp is ``m + log s`` and ``log softmax(x) = d - log s``, which keeps
@@ -644,13 +644,17 @@ def _normalized(config, z, temperature=None):
     # (The max only shifts: no derivative, which ``pmax`` lacks, reaches it.)
     top = _merged(config, lax.pmax, lax.stop_gradient(jnp.max(z, axis=1)))
     m = jnp.clip(top, -big, big)
-    z = _cpu.clamped(z, m[:, None])
-    if temperature is None:
-        d = z - m[:, None]
-    else:
-        m, d = m / temperature, 2 * ((0.5 * z - 0.5 * m[:, None]) / temperature)
+    d = _shifted(z, m[:, None], temperature)
     e = jnp.exp(d)
     return m, d, e, _merged(config, lax.psum, jnp.sum(e, axis=1)), top == jnp.inf
+
+
+def _shifted(z, m, temperature):
+    """``d`` of :func:`_normalized` for logits ``z`` of rows shifted by ``m``."""
+    z = _cpu.clamped(z, m)
+    if temperature is None:
+        return z - m
+    return 2 * ((0.5 * z - 0.5 * m) / temperature)
 
 
 def _weighted(w, a):
@@ -701,7 +705,7 @@ def _cross_entropy_head(config, z, t, labels, counts, hyper, cts):
     m, d, e, s, _ = _normalized(config, z)
     log_s = jnp.log(s)
     index, z_label, bad = _label_terms(config, z, labels, counts)
-    d_label = _cpu.clamped(z_label, m) - m  # d at the label, as _normalized shifts z
+    d_label = _shifted(z_label, m, None)
     loss = log_s - d_label  # shifted: no logsumexp of large logits less one of them
     if config.smooth:
         kept = z != -jnp.inf
@@ -742,9 +746,10 @@ def _log_probs_head(config, z, t, labels, counts, hyper, cts):
     ``d_k`` is not ``x_k - m`` (``+inf`` sits at ``d = 0``): there it takes ``x_k``."""
     del t
     temperature = hyper.temperature
-    _, d, e, s, certain = _normalized(config, z, temperature)
+    m, d, e, s, certain = _normalized(config, z, temperature)
     log_s = jnp.log(s)
-    index, d_label, bad = _label_terms(config, d, labels, counts)
+    index, z_label, bad = _label_terms(config, z, labels, counts)
+    d_label = _shifted(z_label, m, temperature)
     outputs = [d_label - log_s]
     p = e / s[:, None]
     finite = jnp.where(d == -jnp.inf, 0.0, d)  # a -inf logit has p = 0: 0 * d counts as 0
@@ -757,7 +762,7 @@ def _log_probs_head(config, z, t, labels, counts, hyper, cts):
     g = [c * bad for c in cts]
     # A label on a -inf logit has log p = -inf whatever the others: no gradient. (Not from
     # d_label, which is -inf too for a finite label in a +inf row at a small temperature.)
-    g[0] = jnp.where(_label_terms(config, z, labels, counts)[1] == -jnp.inf, 0.0, g[0])
+    g[0] = jnp.where(z_label == -jnp.inf, 0.0, g[0])
     dx = _at_label(index, g[0], d) - g[0][:, None] * p
     if config.entropy:
         dx = dx - g[1][:, None] * p * (finite - mean[:, None])
