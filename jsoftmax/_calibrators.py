@@ -995,9 +995,14 @@ def fit_isotonic(
     :func:`calibrate` then renormalises ``g_k(p_k)`` over the classes (uniform
     where every class gets 0).
 
-    The pool-adjacent-violators algorithm runs in parallel rounds: each round
-    pools every maximal run of adjacent blocks whose means do not increase
-    (such blocks share a value in the solution), until none is left.
+    On GPUs and TPUs (and on CPU below 2,048 rows) the pool-adjacent-violators
+    algorithm runs in parallel rounds: each round pools every maximal run of
+    adjacent blocks whose means do not increase (such blocks share a value in
+    the solution), until none is left. On CPU from 2,048 rows each class is
+    fitted on the host by NumPy and SciPy (sequential PAVA), a class per core,
+    through ``jax.pure_callback``: it runs under ``jit`` and ``vmap`` as
+    ever, but ``jax.export`` cannot serialise it there (export
+    :func:`calibrate`, or the fit for GPUs and TPUs only).
 
     Args:
       logits: floating ``[N, K]``; ``-inf`` marks an impossible class.

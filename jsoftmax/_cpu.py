@@ -19,8 +19,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.sparse
-import scipy.sparse.csgraph
 from jax import lax
 
 from jsoftmax import _softmax
@@ -288,37 +286,50 @@ def focal_terms(terms, q, gamma, spelling, finite=None):
 def isotonic(keys: jax.Array, n: jax.Array, core) -> tuple[jax.Array, jax.Array]:
     """``core(keys, n)``: each class's isotonic thresholds and fitted values from its row of
     sort keys (twice a probability's bits plus the label) and the kept rows' count ``n``;
-    on CPU by NumPy and SciPy on the host, a class per core.
+    on CPU, from 2,048 rows, by NumPy and SciPy on the host, a class per core.
 
     The core runs every class at once in parallel rounds: XLA's sort, scans
     marking scikit-learn's groups by pointer doubling, and pooling rounds of
     gathers and scatters over every block left (1.3 s at [10, 1,000,000] on 2
-    cores with a CPU schedule for the sort and the grouping, 7.8 s at [1,000,
+    cores with CPU schedules for the sort and the grouping, 7.8 s at [1,000,
     50,000]). Here each class is NumPy's sort, one search for every row's
     successor, SciPy's breadth-first walk along the successors from the first
-    row, and SciPy's sequential PAVA over the groups: 0.7-0.8 and 3.3-3.5 s there.
+    row, and SciPy's sequential PAVA over the groups: 0.7-0.8 and 3.3-3.5 s
+    there. Each class costs the host about half a millisecond more, which
+    the core's rounds beat below 1,000-2,000 rows (65 against 2,300 ms at
+    [5,000, 20]). ``jax.export`` cannot serialise a host callback.
     """
-    # Float32 only: JAX hands a callback its arguments through ``device_put`` in
-    # the callback's thread, where x64 enabled by ``jax.enable_x64`` in the caller's
-    # does not hold (64-bit keys would arrive cut to 32 bits), and NumPy has no bfloat16.
-    if keys.dtype != jnp.int32:
+    size = keys.shape[-1]
+    if keys.dtype.itemsize < 4 or size < _HOST_FROM or size > np.iinfo(np.int32).max:
         return core(keys, n)
 
     def host(keys, n):
-        out = jax.ShapeDtypeStruct(keys.shape, jnp.float32)
-        return jax.pure_callback(
-            _host_isotonic, (out, out), keys, n.astype(jnp.int32), vmap_method="sequential"
+        # In 32-bit words: JAX hands a callback its arguments through ``device_put``
+        # in the callback's thread, where x64 enabled by ``jax.enable_x64`` in the
+        # caller's does not hold, and would cut 64-bit ones to 32 bits.
+        words = lax.bitcast_convert_type(keys, jnp.int32)
+        out = jax.ShapeDtypeStruct(words.shape, jnp.float32)
+        thresholds, values = jax.pure_callback(
+            _host_isotonic, (out, out), words, n.astype(jnp.int32), vmap_method="sequential"
         )
+        dtype = jnp.dtype(f"float{8 * keys.dtype.itemsize}")
+        return lax.bitcast_convert_type(thresholds, dtype), lax.bitcast_convert_type(values, dtype)
 
     return lax.platform_dependent(keys, n, cpu=host, default=core)
 
 
-def _host_isotonic(keys, n):
-    keys, n = np.asarray(keys), int(n)
-    thresholds, values = np.empty(keys.shape, np.float32), np.empty(keys.shape, np.float32)
+_HOST_FROM = 2**11
+
+
+def _host_isotonic(words, n):
+    """:func:`isotonic` of int32 keys ``[K, N]``, or int64 ones as ``[K, N, 2]`` words."""
+    words, n = np.asarray(words), int(n)
+    keys = words.view(np.int64)[..., 0] if words.ndim == 3 else words
+    dtype = np.dtype(f"float{8 * keys.dtype.itemsize}")
+    thresholds, values = np.empty(keys.shape, dtype), np.empty(keys.shape, dtype)
     with concurrent.futures.ThreadPoolExecutor(_cores()) as pool:
         list(pool.map(functools.partial(_fit_class, n=n), keys, thresholds, values))
-    return thresholds, values
+    return tuple(a.view(np.float32).reshape(words.shape) for a in (thresholds, values))
 
 
 def _cores():
@@ -326,12 +337,14 @@ def _cores():
 
 
 def _fit_class(key, thresholds, values, *, n):
-    """One class of :func:`isotonic` on the host, written into ``thresholds`` and ``values``;
-    the same numbers as the core's, to the pooling of blocks whose float32 means tie."""
+    """One class of :func:`isotonic` on the host, written into ``thresholds`` and ``values``
+    (of the probabilities' dtype); the same numbers as the core's, to the pooling of
+    blocks whose means tie in that dtype."""
     from scipy.optimize import isotonic_regression
 
+    dtype = values.dtype
     key = np.sort(key)
-    xs = (key >> 1).view(np.float32)
+    xs = (key >> 1).view(dtype)
     xs[n:] = np.inf
     opens = _group_openers(xs)
     starts = np.flatnonzero(opens)
@@ -350,8 +363,8 @@ def _fit_class(key, thresholds, values, *, n):
     )
     rows = bounds[blocks]
     weight = np.diff(rows)
-    sums = (hits[rows[1:]] - hits[rows[:-1]]).astype(np.float32)
-    mean = np.where(weight > 0, sums / np.maximum(weight, 1).astype(np.float32), np.inf)
+    sums = (hits[rows[1:]] - hits[rows[:-1]]).astype(dtype)
+    mean = np.where(weight > 0, sums / np.maximum(weight, 1).astype(dtype), np.inf)
     values[:] = np.repeat(mean, np.diff(blocks))[group]
     thresholds[:] = xs[starts][group]
 
@@ -364,6 +377,9 @@ def _group_openers(xs):
     :func:`jsoftmax._calibrators._resolution_groups` reads it): the path from
     the first entry along ``next``.
     """
+    import scipy.sparse
+    import scipy.sparse.csgraph
+
     size = xs.shape[0]
     graph = scipy.sparse.csr_array(
         (np.ones(size, np.int8), _successors(xs), np.append(np.arange(size + 1), size)),
