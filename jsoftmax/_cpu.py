@@ -294,7 +294,7 @@ def isotonic(keys: jax.Array, n: jax.Array, core) -> tuple[jax.Array, jax.Array]
     cores with CPU schedules for the sort and the grouping, 7.8 s at [1,000,
     50,000]). Here each class is NumPy's sort, one search for every row's
     successor, SciPy's breadth-first walk along the successors from the first
-    row, and SciPy's sequential PAVA over the groups: 0.7-0.8 and 3.3-3.5 s
+    row, and SciPy's sequential PAVA over the groups: 0.67-0.84 and 3.3-3.9 s
     there. Each class costs the host about half a millisecond more, which
     the core's rounds beat below 1,000-2,000 rows (65 against 2,300 ms at
     [5,000, 20]). ``jax.export`` cannot serialise a host callback.
