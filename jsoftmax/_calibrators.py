@@ -1040,12 +1040,13 @@ def _fit_isotonic(logits, labels, where):
     x, possible, where, n, nan_if_bad, _ = _prepared(logits, labels, where)
     p = jnp.exp(_log_softmax(x, possible)).T
     hit = labels == jnp.arange(x.shape[1], dtype=jnp.int32)[:, None]
-    thresholds, values = _isotonic(p, hit, where, n)
-    return thresholds, values * nan_if_bad, n
+    thresholds, values = _isotonic(p, hit, where, n, nan_if_bad)
+    return thresholds, values, n
 
 
-def _isotonic(p, hit, where, n):
-    """Pool adjacent violators on each class (row) of ``p``: sorted thresholds and fitted values."""
+def _isotonic(p, hit, where, n, scale):
+    """Pool adjacent violators on each class (row) of ``p``: sorted thresholds and fitted
+    values, these times ``scale`` (1 or NaN)."""
     # One integer sort key per row (a sort is several times faster on one
     # integer operand than on floats or several operands): a probability in
     # [0, 1] has a non-negative bit pattern below 2**(bits - 2), ordered as the
@@ -1054,11 +1055,13 @@ def _isotonic(p, hit, where, n):
     key = jnp.where(
         where & ~jnp.isnan(p), 2 * bits + hit.astype(bits.dtype), jnp.iinfo(bits.dtype).max
     )
-    return _cpu.isotonic(key, n, functools.partial(_pooled_classes, dtype=p.dtype))
+    scale = scale.astype(p.dtype)
+    return _cpu.isotonic(key, n, scale, functools.partial(_pooled_classes, dtype=p.dtype))
 
 
-def _pooled_classes(key, n, dtype):
-    """:func:`_isotonic` from each class's sort keys, the kept rows' count ``n`` and ``p``'s dtype.
+def _pooled_classes(key, n, scale, dtype):
+    """:func:`_isotonic` from each class's sort keys, the kept rows' count ``n``, ``scale``
+    and ``p``'s dtype.
 
     The classes run as one flat problem of ``K * N`` rows whose every class
     opens a block of its own, so that the parallel rounds of every class share each pass.
@@ -1093,7 +1096,7 @@ def _pooled_classes(key, n, dtype):
     block = jnp.cumsum(jnp.zeros(total + 1, bool).at[solution].set(True)[:total]) - 1
     # scikit-learn interpolates between the groups' first rows: each row's threshold.
     thresholds = xs.ravel()[starts[group]].reshape(k, size)
-    return thresholds, means(solution)[block].reshape(k, size)
+    return thresholds, (means(solution) * scale)[block].reshape(k, size)
 
 
 def _packed(bounds, keep, fill):

@@ -283,52 +283,59 @@ def focal_terms(terms, q, gamma, spelling, finite=None):
     )
 
 
-def isotonic(keys: jax.Array, n: jax.Array, core) -> tuple[jax.Array, jax.Array]:
-    """``core(keys, n)``: each class's isotonic thresholds and fitted values from its row of
-    sort keys (twice a probability's bits plus the label) and the kept rows' count ``n``;
-    on CPU, from 2,048 rows, by NumPy and SciPy on the host, a class per core.
+def isotonic(keys: jax.Array, n: jax.Array, scale: jax.Array, core) -> tuple[jax.Array, jax.Array]:
+    """``core(keys, n, scale)``: each class's isotonic thresholds and fitted values (times
+    ``scale``, 1 or NaN) from its row of sort keys (twice a probability's bits plus the
+    label) and the kept rows' count ``n``; on CPU, from 2,048 rows, by NumPy and SciPy on
+    the host, a class per core.
 
     The core runs every class at once in parallel rounds: XLA's sort, scans
     marking scikit-learn's groups by pointer doubling, and pooling rounds of
     gathers and scatters over every block left (1.3 s at [10, 1,000,000] on 2
     cores with CPU schedules for the sort and the grouping, 7.8 s at [1,000,
-    50,000]). Here each class is NumPy's sort, one search for every row's
-    successor, SciPy's breadth-first walk along the successors from the first
-    row, and SciPy's sequential PAVA over the groups: 0.67-0.84 and 3.3-3.9 s
-    there. Each class costs the host about half a millisecond more, which
-    the core's rounds beat below 1,000-2,000 rows (65 against 2,300 ms at
-    [5,000, 20]). ``jax.export`` cannot serialise a host callback.
+    50,000]). Here each class is NumPy's sort, every row's successor from a
+    merge of the rows with their thresholds, SciPy's breadth-first walk along
+    the successors from the first row, and SciPy's sequential PAVA over the
+    groups: 0.49-0.53 and 2.8-2.9 s there. Each class costs the host about
+    half a millisecond more, which the core's rounds beat below 1,000-2,000
+    rows (65 against 2,300 ms at [5,000, 20]). ``jax.export`` cannot
+    serialise a host callback.
     """
     size = keys.shape[-1]
     if keys.dtype.itemsize < 4 or size < _HOST_FROM or size > np.iinfo(np.int32).max:
-        return core(keys, n)
+        return core(keys, n, scale)
 
-    def host(keys, n):
+    def host(keys, n, scale):
         # In 32-bit words: JAX hands a callback its arguments through ``device_put``
         # in the callback's thread, where x64 enabled by ``jax.enable_x64`` in the
         # caller's does not hold, and would cut 64-bit ones to 32 bits.
         words = lax.bitcast_convert_type(keys, jnp.int32)
         out = jax.ShapeDtypeStruct(words.shape, jnp.float32)
         thresholds, values = jax.pure_callback(
-            _host_isotonic, (out, out), words, n.astype(jnp.int32), vmap_method="sequential"
+            _host_isotonic,
+            (out, out),
+            words,
+            n.astype(jnp.int32),
+            scale.astype(jnp.float32),  # NaN stays NaN
+            vmap_method="sequential",
         )
         dtype = jnp.dtype(f"float{8 * keys.dtype.itemsize}")
         return lax.bitcast_convert_type(thresholds, dtype), lax.bitcast_convert_type(values, dtype)
 
-    return lax.platform_dependent(keys, n, cpu=host, default=core)
+    return lax.platform_dependent(keys, n, scale, cpu=host, default=core)
 
 
 _HOST_FROM = 2**11
 
 
-def _host_isotonic(words, n):
+def _host_isotonic(words, n, scale):
     """:func:`isotonic` of int32 keys ``[K, N]``, or int64 ones as ``[K, N, 2]`` words."""
-    words, n = np.asarray(words), int(n)
+    words, n, scale = np.asarray(words), int(n), float(scale)
     keys = words.view(np.int64)[..., 0] if words.ndim == 3 else words
     dtype = np.dtype(f"float{8 * keys.dtype.itemsize}")
     thresholds, values = np.empty(keys.shape, dtype), np.empty(keys.shape, dtype)
     with concurrent.futures.ThreadPoolExecutor(_cores()) as pool:
-        list(pool.map(functools.partial(_fit_class, n=n), keys, thresholds, values))
+        list(pool.map(functools.partial(_fit_class, n=n, scale=scale), keys, thresholds, values))
     return tuple(a.view(np.float32).reshape(words.shape) for a in (thresholds, values))
 
 
@@ -336,76 +343,88 @@ def _cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _fit_class(key, thresholds, values, *, n):
+def _fit_class(key, thresholds, values, *, n, scale):
     """One class of :func:`isotonic` on the host, written into ``thresholds`` and ``values``
-    (of the probabilities' dtype); the same numbers as the core's, to the pooling of
-    blocks whose means tie in that dtype."""
+    (of the probabilities' dtype, these times ``scale``); the same numbers as the core's,
+    to the pooling of blocks whose means tie in that dtype."""
     from scipy.optimize import isotonic_regression
 
-    dtype = values.dtype
+    dtype, size = values.dtype, key.shape[0]
     key = np.sort(key)
-    xs = (key >> 1).view(dtype)
-    xs[n:] = np.inf
-    opens = _group_openers(xs)
-    starts = np.flatnonzero(opens)
-    group = np.cumsum(opens) - 1
-    # Each group's kept rows (those before n) and hits, from prefix sums.
-    bounds = np.minimum(np.append(starts, key.shape[0]), n)
-    hits = np.append(0, np.cumsum(key[:n] & 1))
-    weight = np.diff(bounds)
-    kept = np.count_nonzero(weight)  # the groups of kept rows come first, padding's last
+    xs = (key >> 1).view(dtype)  # the kept rows' probabilities, then padding's
+    starts = _group_starts(xs[:n])
+    if n < size:
+        starts = np.append(starts, n)  # padding's group
+    # Each group's kept rows and hits, from prefix sums.
+    ends = np.append(starts, size)
+    kept = np.minimum(ends, n)
+    hits = np.zeros(n + 1, key.dtype)
+    np.cumsum(key[:n] & 1, out=hits[1:])
+    count = np.diff(kept)
+    groups = np.count_nonzero(count)  # the groups of kept rows come first, padding's last
     blocks = np.append(
         isotonic_regression(
-            (hits[bounds[1 : kept + 1]] - hits[bounds[:kept]]) / weight[:kept],
-            weights=weight[:kept],
+            (hits[kept[1 : groups + 1]] - hits[kept[:groups]]) / count[:groups],
+            weights=count[:groups],
         ).blocks[:-1],
-        np.arange(kept, starts.shape[0] + 1),  # padding's group alone
+        np.arange(groups, starts.shape[0] + 1),  # padding's group alone
     )
-    rows = bounds[blocks]
-    weight = np.diff(rows)
+    rows = kept[blocks]
+    count = np.diff(rows)
     sums = (hits[rows[1:]] - hits[rows[:-1]]).astype(dtype)
-    mean = np.where(weight > 0, sums / np.maximum(weight, 1).astype(dtype), np.inf)
-    values[:] = np.repeat(mean, np.diff(blocks))[group]
-    thresholds[:] = xs[starts][group]
+    mean = np.where(count > 0, sums / np.maximum(count, 1).astype(dtype), np.inf)
+    values[:] = np.repeat(mean * dtype.type(scale), np.diff(ends[blocks]))
+    thresholds[:n] = np.repeat(xs[starts[:groups]], np.diff(kept[: groups + 1]))
+    thresholds[n:] = np.inf
 
 
-def _group_openers(xs):
-    """scikit-learn's grouping of the sorted ``xs`` (NumPy): the entries that open a group.
+def _group_starts(xs):
+    """scikit-learn's grouping of the sorted ``xs`` in [0, 1] (NumPy): the entries that open
+    a group, in order.
 
     The first entry opens one, and so does ``next(j)`` of an opener ``j``, the
     first entry at least the dtype's resolution above it (as
     :func:`jsoftmax._calibrators._resolution_groups` reads it): the path from
-    the first entry along ``next``.
+    the first entry along ``next``, a graph's breadth-first order, ending at
+    ``len(xs)`` (no entry).
     """
     import scipy.sparse
     import scipy.sparse.csgraph
 
     size = xs.shape[0]
+    # SciPy's traversal reads float64 weights and int32 indices, converting others.
     graph = scipy.sparse.csr_array(
-        (np.ones(size, np.int8), _successors(xs), np.append(np.arange(size + 1), size)),
+        (np.ones(size), _successors(xs), np.minimum(np.arange(size + 2, dtype=np.int32), size)),
         shape=(size + 1, size + 1),
     )
-    path = scipy.sparse.csgraph.breadth_first_order(graph, 0, return_predecessors=False)
-    opens = np.zeros(size + 1, bool)
-    opens[path] = True
-    return opens[:size]
+    return scipy.sparse.csgraph.breadth_first_order(graph, 0, return_predecessors=False)[:-1]
 
 
 def _successors(xs):
-    """``next(j)`` of each entry of the sorted ``xs`` (NumPy); its length for none."""
+    """``next(j)`` of each entry of the sorted ``xs`` in [0, 1] (NumPy, int32); their number
+    for none.
+
+    The least float ``t`` with ``t - x >= resolution`` (as the test rounds)
+    is ``x + resolution`` rounded, or an ulp or so away. ``t`` grows with
+    ``x``, so a stable sort of the two sorted runs merges them (NumPy's
+    timsort: one pass), each tagged in its last bit so that ``t`` goes before
+    an equal ``x``: ``t``'s place in the merge is ``j + next(j)`` (12 ms for
+    a million, against 31-37 ms for ``np.searchsorted``). Non-negative floats
+    order as their bits, and below 2 these fit twice over.
+    """
     resolution = np.finfo(xs.dtype).resolution
-    finite = np.isfinite(xs)
-    with np.errstate(invalid="ignore", over="ignore"):
-        # The least float ``t`` with ``t - x >= resolution`` (as the test rounds), from
-        # ``x + resolution`` rounded: an ulp or so away.
-        t = np.where(finite, xs + resolution, np.inf).astype(xs.dtype)
-        while np.any(down := finite & (np.nextafter(t, -np.inf) - xs >= resolution)):
-            t = np.where(down, np.nextafter(t, -np.inf), t)
-        while np.any(up := finite & ~(t - xs >= resolution)):
-            t = np.where(up, np.nextafter(t, np.inf), t)
-    found = np.searchsorted(xs, t)
-    found[~finite] = xs.shape[0]
-    return found
+    t = xs + resolution
+    while np.any(down := np.nextafter(t, -np.inf) - xs >= resolution):
+        t = np.where(down, np.nextafter(t, -np.inf), t)
+    while np.any(up := ~(t - xs >= resolution)):
+        t = np.where(up, np.nextafter(t, np.inf), t)
+    size, bits = xs.shape[0], f"i{xs.dtype.itemsize}"
+    merged = np.empty(2 * size, bits)
+    np.left_shift(t.view(bits), 1, out=merged[:size])
+    np.left_shift(xs.view(bits), 1, out=merged[size:])
+    merged[size:] |= 1
+    merged.sort(kind="stable")
+    return (np.flatnonzero(merged & 1 == 0) - np.arange(size)).astype(np.int32)
 
 
 def top(p: jax.Array) -> tuple[jax.Array, jax.Array]:

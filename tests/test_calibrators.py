@@ -384,8 +384,22 @@ def test_isotonic_runs_on_the_host_on_cpu_only_from_2048_rows(platform, rows):
     assert ("callback" in program) == (platform == "cpu" and rows == 2048)
 
 
+def test_isotonic_on_the_host_is_nan_for_a_traced_bad_label():
+    logits, labels = miscalibrated(2048, 3, seed=2)
+    labels = np.where(np.arange(2048) == 7, -1, labels)
+    fitted = jax.jit(jsoftmax.fit_isotonic)(logits.astype(np.float32), labels)
+    assert np.all(np.isnan(fitted.values))
+    assert not np.any(np.isnan(fitted.thresholds))
+
+
 def host_groups(xs):
-    return np.concatenate([_cpu._group_openers(row) for row in np.asarray(xs)])
+    def openers(row):  # with padding's group after the kept rows, as the fit adds it
+        n = np.count_nonzero(np.isfinite(row))
+        opens = np.arange(len(row)) == n
+        opens[_cpu._group_starts(row[:n])] = True
+        return opens
+
+    return np.concatenate([openers(row) for row in np.asarray(xs)])
 
 
 @pytest.mark.parametrize(
@@ -434,7 +448,7 @@ def test_isotonic_interpolates_between_groups_as_scikit_learn_does():
     hit = rng.random(300) < (p - 0.5) / (p[-1] - 0.5)
     n = jnp.asarray(300, jnp.int32)
     thresholds, values = _calibrators._isotonic(
-        jnp.asarray(p)[None], jnp.asarray(hit)[None], True, n
+        jnp.asarray(p)[None], jnp.asarray(hit)[None], True, n, jnp.ones(())
     )
     fresh = np.concatenate([p, rng.uniform(p[0] - 1e-6, p[-1] + 1e-6, 300).astype(np.float32)])
     got = _calibrators._interpolate(thresholds[0], values[0], n, jnp.asarray(fresh))
