@@ -296,7 +296,7 @@ def isotonic(keys: jax.Array, n: jax.Array, scale: jax.Array, core) -> tuple[jax
     50,000]). Here each class is NumPy's sort, every row's successor from a
     merge of the rows with their thresholds, SciPy's breadth-first walk along
     the successors from the first row, and SciPy's sequential PAVA over the
-    groups: 0.49-0.53 and 2.8-2.9 s there. Each class costs the host about
+    groups: 0.44 and 2.5-2.8 s there. Each class costs the host about
     half a millisecond more, which the core's rounds beat below 1,000-2,000
     rows (65 against 2,300 ms at [5,000, 20]). ``jax.export`` cannot
     serialise a host callback.
@@ -413,18 +413,22 @@ def _successors(xs):
     order as their bits, and below 2 these fit twice over.
     """
     resolution = np.finfo(xs.dtype).resolution
-    t = xs + resolution
-    while np.any(down := np.nextafter(t, -np.inf) - xs >= resolution):
-        t = np.where(down, np.nextafter(t, -np.inf), t)
-    while np.any(up := ~(t - xs >= resolution)):
-        t = np.where(up, np.nextafter(t, np.inf), t)
     size, bits = xs.shape[0], f"i{xs.dtype.itemsize}"
+
+    def step(t, ulps):  # the float ``ulps`` after each positive ``t``, as ``np.nextafter``
+        return (t.view(bits) + ulps).view(t.dtype)  # (40x faster: libm's runs entry by entry)
+
+    t = xs + resolution
+    while np.any(down := step(t, -1) - xs >= resolution):
+        t = np.where(down, step(t, -1), t)
+    while np.any(up := ~(t - xs >= resolution)):
+        t = np.where(up, step(t, 1), t)
     merged = np.empty(2 * size, bits)
     np.left_shift(t.view(bits), 1, out=merged[:size])
     np.left_shift(xs.view(bits), 1, out=merged[size:])
     merged[size:] |= 1
     merged.sort(kind="stable")
-    return (np.flatnonzero(merged & 1 == 0) - np.arange(size)).astype(np.int32)
+    return np.flatnonzero(merged & 1 == 0).astype(np.int32) - np.arange(size, dtype=np.int32)
 
 
 def top(p: jax.Array) -> tuple[jax.Array, jax.Array]:
