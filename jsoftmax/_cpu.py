@@ -351,7 +351,9 @@ def _fit_class(key, thresholds, values, *, n, scale):
 
     dtype, size = values.dtype, key.shape[0]
     key = np.sort(key)
-    xs = (key >> 1).view(dtype)  # the kept rows' probabilities, then padding's
+    # The kept rows' probabilities (a kept row whose probabilities are NaN reads as
+    # padding's key, just under 2, and is counted: its values are NaN anyway), then padding's.
+    xs = (key >> 1).view(dtype)
     starts = _group_starts(xs[:n])
     if n < size:
         starts = np.append(starts, n)  # padding's group
@@ -370,23 +372,23 @@ def _fit_class(key, thresholds, values, *, n, scale):
         np.arange(groups, starts.shape[0] + 1),  # padding's group alone
     )
     rows = kept[blocks]
-    count = np.diff(rows)
+    block_count = np.diff(rows)
     sums = (hits[rows[1:]] - hits[rows[:-1]]).astype(dtype)
-    mean = np.where(count > 0, sums / np.maximum(count, 1).astype(dtype), np.inf)
+    mean = np.where(block_count > 0, sums / np.maximum(block_count, 1).astype(dtype), np.inf)
     values[:] = np.repeat(mean * dtype.type(scale), np.diff(ends[blocks]))
     thresholds[:n] = np.repeat(xs[starts[:groups]], np.diff(kept[: groups + 1]))
     thresholds[n:] = np.inf
 
 
 def _group_starts(xs):
-    """scikit-learn's grouping of the sorted ``xs`` in [0, 1] (NumPy): the entries that open
+    """scikit-learn's grouping of the sorted ``xs`` in [0, 2) (NumPy): the entries that open
     a group, in order.
 
     The first entry opens one, and so does ``next(j)`` of an opener ``j``, the
     first entry at least the dtype's resolution above it (as
     :func:`jsoftmax._calibrators._resolution_groups` reads it): the path from
-    the first entry along ``next``, a graph's breadth-first order, ending at
-    ``len(xs)`` (no entry).
+    the first entry along ``next``, a graph's breadth-first order, less its
+    end ``len(xs)`` (no entry).
     """
     import scipy.sparse
     import scipy.sparse.csgraph
@@ -401,16 +403,16 @@ def _group_starts(xs):
 
 
 def _successors(xs):
-    """``next(j)`` of each entry of the sorted ``xs`` in [0, 1] (NumPy, int32); their number
+    """``next(j)`` of each entry of the sorted ``xs`` in [0, 2) (NumPy, int32); their number
     for none.
 
     The least float ``t`` with ``t - x >= resolution`` (as the test rounds)
     is ``x + resolution`` rounded, or an ulp or so away. ``t`` grows with
-    ``x``, so a stable sort of the two sorted runs merges them (NumPy's
-    timsort: one pass), each tagged in its last bit so that ``t`` goes before
-    an equal ``x``: ``t``'s place in the merge is ``j + next(j)`` (12 ms for
-    a million, against 31-37 ms for ``np.searchsorted``). Non-negative floats
-    order as their bits, and below 2 these fit twice over.
+    ``x``: the two sorted runs, each tagged in its last bit so that ``t``
+    goes before an equal ``x``, merge in one pass of NumPy's timsort, and
+    ``t``'s place in the merge is ``j + next(j)`` (12 ms for a million,
+    against 31-37 ms for ``np.searchsorted``). Non-negative floats order as
+    their bits, which below 4 fit twice over in the unsigned integers.
     """
     resolution = np.finfo(xs.dtype).resolution
     size, bits = xs.shape[0], f"i{xs.dtype.itemsize}"
@@ -423,11 +425,11 @@ def _successors(xs):
         t = np.where(down, step(t, -1), t)
     while np.any(up := ~(t - xs >= resolution)):
         t = np.where(up, step(t, 1), t)
-    merged = np.empty(2 * size, bits)
-    np.left_shift(t.view(bits), 1, out=merged[:size])
-    np.left_shift(xs.view(bits), 1, out=merged[size:])
+    merged = np.empty(2 * size, f"u{xs.dtype.itemsize}")
+    np.left_shift(t.view(merged.dtype), 1, out=merged[:size])
+    np.left_shift(xs.view(merged.dtype), 1, out=merged[size:])
     merged[size:] |= 1
-    merged.sort(kind="stable")
+    merged.sort(kind="stable")  # timsort, which finds the two runs
     return np.flatnonzero(merged & 1 == 0).astype(np.int32) - np.arange(size, dtype=np.int32)
 
 

@@ -384,12 +384,20 @@ def test_isotonic_runs_on_the_host_on_cpu_only_from_2048_rows(platform, rows):
     assert ("callback" in program) == (platform == "cpu" and rows == 2048)
 
 
-def test_isotonic_on_the_host_is_nan_for_a_traced_bad_label():
+@pytest.mark.parametrize("bad", ["label", "NaN logit"])
+def test_isotonic_on_the_host_is_nan_for_bad_input(bad, x64):
+    """A traced bad label, or a NaN logit in a kept row (its probabilities NaN, read as
+    padding's key just under 2 but counted), gives NaN values, as the core does."""
     logits, labels = miscalibrated(2048, 3, seed=2)
-    labels = np.where(np.arange(2048) == 7, -1, labels)
-    fitted = jax.jit(jsoftmax.fit_isotonic)(logits.astype(np.float32), labels)
+    if bad == "label":
+        labels = np.where(np.arange(2048) == 7, -1, labels)
+    else:
+        logits[7, 1] = np.nan
+    fitted = jax.jit(jsoftmax.fit_isotonic)(logits, labels)
     assert np.all(np.isnan(fitted.values))
-    assert not np.any(np.isnan(fitted.thresholds))
+    with core_schedules():
+        core = jax.jit(jsoftmax.fit_isotonic)(logits, labels)
+    np.testing.assert_array_equal(fitted.thresholds, core.thresholds)
 
 
 def host_groups(xs):
