@@ -162,12 +162,15 @@ def _bounds(fname, bounds, dtype):
     return low, high
 
 
-def _power_of_two_above(x: jax.Array) -> jax.Array:
-    """A power of two ``c`` about ``max |x|`` over the finite entries (1 if all are 0):
-    ``x / c`` is exact and within [-2, 2], and sums of it do not overflow."""
-    amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), initial=0.0)
-    exponent = jnp.minimum(jnp.ceil(jnp.log2(amax)), jnp.finfo(x.dtype).maxexp - 1)
-    return jnp.where(amax > 0, jnp.exp2(exponent), 1.0).astype(x.dtype)
+def _power_of_two_above(x: jax.Array, axis: int | None = None) -> jax.Array:
+    """A power of two ``c`` about ``max |x|`` over the finite entries (1 if all are 0), or
+    one along ``axis``: ``x / c`` is exact and within [-4, 4], and sums of it do not
+    overflow."""
+    amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), axis=axis, initial=0.0)
+    # frexp and ldexp: XLA's exp2 of an integer is not exactly the power of two. At most
+    # 2**(maxexp - 2): XLA's CPU divides by the reciprocal, subnormal (flushed to 0) above.
+    exponent = jnp.minimum(jnp.frexp(amax)[1], jnp.finfo(x.dtype).maxexp - 2)
+    return jnp.where(amax > 0, jnp.ldexp(jnp.ones_like(amax), exponent), 1.0)
 
 
 @jax.jit

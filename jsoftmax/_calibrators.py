@@ -53,6 +53,7 @@ from jsoftmax._calibration import _num_bins as _checked_num_bins
 _MAX_ITERATIONS = 500
 _HISTORY = 10
 _START_SPREAD = 16.0
+_CONSTANT_ULPS = 64
 # The affine fits on 4 times as many rows as the larger of these start on a sample of
 # that many rows (_fit_affine), never fewer than 32 per parameter (a smaller sample
 # may be separable: its optimum at infinity).
@@ -497,33 +498,48 @@ def _fit_affine(logits, labels, where, kind, penalties):
     # in N, and nothing else of it enters.
     scored = where & ~certain
     m = jnp.sum(scored, dtype=n.dtype)
-    # The moments in units of a power of two bounding the features (no sum overflows at
-    # 1e19), about a scored row's (a constant feature's variance is exactly 0, not the
-    # rounding of its mean: 1e4 in float64 read as spread 1e-13 and stalled the fit).
-    unit = _power_of_two_above(jnp.where(scored[:, None], features, 0.0))
+    # The moments in units of a power of two bounding each feature (no sum overflows at
+    # 1e19; one bound for all read the others as 0 beside a class masked by finfo.min),
+    # about a scored row's (a constant feature's variance is exactly 0, not the rounding
+    # of its mean: 1e4 in float64 read as spread 1e-13 and stalled the fit).
+    unit = _power_of_two_above(jnp.where(scored[:, None], features, 0.0), axis=0)
     ref = features[jnp.argmax(scored)] / unit if x.shape[0] else jnp.zeros(k, x.dtype)
+    ref = jnp.where(m > 0, ref, 0.0)  # (no scored row: the fit is the identity)
     scaled = features / unit - ref
     mean = _mean(jnp.sum(jnp.where(scored[:, None], scaled, 0.0), axis=0), m)
     deviation = jnp.where(scored[:, None], (scaled - mean) ** 2, 0.0)
-    variance = _mean(jnp.sum(deviation, axis=0), m)
-    # A constant feature keeps its scale (spread 1).
-    spread = jnp.where(variance > 0, jnp.sqrt(variance) * unit, 1.0)
-    standard = (scaled - mean) * (unit / spread)
+    spread = jnp.sqrt(_mean(jnp.sum(deviation, axis=0), m)) * unit
+    standard = scaled - mean
     mean = (mean + ref) * unit
+    # A feature that varies by less than _CONSTANT_ULPS of its mean (not at all, or by a
+    # finite mask's rounding: finfo.min, or Dirichlet's log-probability of a class masked
+    # by -1e8 in float32) is constant, its spread its size: its weights stay at the start
+    # (moved by a penalty, they fell below the normal range beside finfo.min and flushed
+    # to 0). With spread 1, w x + b cancelled such a mask in rounding and lost the
+    # fitted bias (mean NLL 1.10, uniform, for 0.69).
+    constant = spread <= _CONSTANT_ULPS * jnp.finfo(x.dtype).eps * jnp.abs(mean)
+    spread = jnp.where(constant, jnp.maximum(jnp.abs(mean), 1.0), spread)
+    # (XLA's CPU divides by the reciprocal, subnormal and flushed to 0 above 1 / tiny.)
+    spread = jnp.minimum(spread, 1 / jnp.finfo(x.dtype).tiny)
+    standard = jnp.where(constant, 0.0, standard * (unit / spread))
     by_row = spread if kind == "vector" else spread[:, None]
-    # From the identity, with each feature's spread and each class's offset from their
-    # mean cut to _START_SPREAD: at the identity itself, logits of about 1000, or one
-    # class's 1000 above the others, make every row's float32 NLL linear, and L-BFGS
-    # found no curvature there (mean NLL 74 for 0.45).
-    start = jnp.minimum(1.0, _START_SPREAD / spread)
+    # From the identity, with each weight times its feature's spread or mean, and each
+    # class's offset from their mean, cut to _START_SPREAD: at the identity itself,
+    # logits of about 1000, or one class's 1000 above the others, make every row's
+    # float32 NLL linear, and L-BFGS found no curvature there (mean NLL 74 for 0.45); a
+    # class masked by -1e5 (float32) or -1e8 (float64) started Dirichlet's intercept
+    # penalty at the mask's square, and the fit stopped far off (NLL 0.65 for 0.50).
+    start = jnp.minimum(1.0, _START_SPREAD / jnp.maximum(spread, jnp.abs(mean)))
     start = start if kind == "vector" else eye * start[:, None]
     offset = linear(start, mean)
     centre = jnp.mean(offset)
     offset = centre + jnp.clip(offset - centre, -_START_SPREAD, _START_SPREAD)
-    flat0, unflatten = ravel_pytree((start * by_row, offset))
+    v0 = start * by_row
+    pinned = constant if kind == "vector" else constant[:, None]
+    flat0, unflatten = ravel_pytree((v0, offset))
 
     def weight_and_bias(v, c):
-        w = v / by_row
+        w = jnp.where(pinned, v0, v) / by_row
         return w, c - linear(w, mean)
 
     def objective(flat, rows):
@@ -555,7 +571,8 @@ def _fit_affine(logits, labels, where, kind, penalties):
         sample = [a[drawn] for a in rows[:4]] + [jnp.sum(where[drawn], dtype=n.dtype)]
         flat0, memory = _minimize(functools.partial(objective, rows=sample), flat0)
     flat, _ = _minimize(functools.partial(objective, rows=rows), flat0, memory)
-    return weight_and_bias(*unflatten(flat * nan_if_bad))
+    w, b = weight_and_bias(*unflatten(flat))
+    return w * nan_if_bad, b * nan_if_bad
 
 
 def _penalised(strength, term):
