@@ -760,9 +760,10 @@ def _log_probs_head(config, z, t, labels, counts, hyper, cts):
     if cts is None:
         return outputs, None, None
     g = [c * bad for c in cts]
-    # A label on a -inf logit has log p = -inf whatever the others: no gradient. (Not from
+    # A label whose x = z / T is -inf (a -inf logit, or one whose quotient overflows) has
+    # log p = -inf whatever the others: no gradient, as in log_softmax. (Not from
     # d_label, which is -inf too for a finite label in a +inf row at a small temperature.)
-    g[0] = jnp.where(z_label == -jnp.inf, 0.0, g[0])
+    g[0] = jnp.where(z_label / temperature == -jnp.inf, 0.0, g[0])
     dx = _at_label(index, g[0], d) - g[0][:, None] * p
     if config.entropy:
         dx = dx - g[1][:, None] * p * (finite - mean[:, None])

@@ -337,12 +337,15 @@ def test_log_probs_padded_vocabulary_confident_rows_and_masked_padding_labels(x6
             np.testing.assert_allclose(a, np.asarray(b, np.float32), rtol=1e-4, atol=1e-5)
 
 
-def test_log_probs_of_a_label_on_a_padded_class_are_minus_inf_and_constant():
-    """A kept token whose label sits on a -inf class: log p = -inf whatever the other
-    logits and the temperature, so no gradient, as jsoftmax.log_softmax gives (it gave the
-    -inf class's bias and weights the label's gradient); its entropy's gradient is kept."""
+@pytest.mark.parametrize("padding", [-np.inf, -3e38])
+def test_log_probs_of_a_label_on_a_padded_class_are_minus_inf_and_constant(padding):
+    """A kept token whose label sits on a -inf class (or one whose z / T overflows to
+    -inf: -3e38 at T = 0.7): log p = -inf whatever the other logits and the temperature,
+    so no gradient, as jsoftmax.log_softmax gives (it gave the -inf class's bias and
+    weights the label's gradient, and at -3e38 the temperature a finite one); its
+    entropy's gradient is kept."""
     hidden, weight, bias, labels, _ = problem(12, 8, 40, seed=8)
-    bias[-5:] = -np.inf
+    bias[-5:] = padding
     labels[::3] = 37
 
     def fused(h, w, b, t):
