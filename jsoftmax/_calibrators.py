@@ -53,7 +53,6 @@ from jsoftmax._calibration import _num_bins as _checked_num_bins
 _MAX_ITERATIONS = 500
 _HISTORY = 10
 _START_SPREAD = 16.0
-_CONSTANT_ULPS = 64
 # The affine fits on 4 times as many rows as the larger of these start on a sample of
 # that many rows (_fit_affine), never fewer than 32 per parameter (a smaller sample
 # may be separable: its optimum at infinity).
@@ -511,31 +510,38 @@ def _fit_affine(logits, labels, where, kind, penalties):
     spread = jnp.sqrt(_mean(jnp.sum(deviation, axis=0), m)) * unit
     standard = scaled - mean
     mean = (mean + ref) * unit
-    # A feature that varies by less than _CONSTANT_ULPS of its mean (not at all, or by a
-    # finite mask's rounding: finfo.min, or Dirichlet's log-probability of a class masked
-    # by -1e8 in float32) is constant, its spread its size: its weights stay at the start
-    # (moved by a penalty, they fell below the normal range beside finfo.min and flushed
-    # to 0). With spread 1, w x + b cancelled such a mask in rounding and lost the
-    # fitted bias (mean NLL 1.10, uniform, for 0.69).
-    constant = spread <= _CONSTANT_ULPS * jnp.finfo(x.dtype).eps * jnp.abs(mean)
+    # A feature that varies by at most an ulp of its mean (not at all, or by a finite
+    # mask's rounding: finfo.min, or Dirichlet's log-probability of a class masked by
+    # -1e8 in float32) is constant: its spread is its size, for the weight's scale (with
+    # spread 1, w x + b cancelled such a mask in rounding and lost the fitted bias: mean
+    # NLL 1.10, uniform, for 0.69). Beside a mask past sqrt(finfo.max) a penalty's pull
+    # would leave its weights below the normal range (flushed to 0): they stay pinned.
+    eps = jnp.finfo(x.dtype).eps
+    constant = spread <= eps * jnp.abs(mean)
+    far = jnp.sqrt(eps) * jnp.abs(mean) > spread
+    pinned = constant & (jnp.abs(mean) > jnp.sqrt(jnp.finfo(x.dtype).max))
     spread = jnp.where(constant, jnp.maximum(jnp.abs(mean), 1.0), spread)
     # (XLA's CPU divides by the reciprocal, subnormal and flushed to 0 above 1 / tiny.)
     spread = jnp.minimum(spread, 1 / jnp.finfo(x.dtype).tiny)
     standard = jnp.where(constant, 0.0, standard * (unit / spread))
     by_row = spread if kind == "vector" else spread[:, None]
-    # From the identity, with each weight times its feature's spread or mean, and each
-    # class's offset from their mean, cut to _START_SPREAD: at the identity itself,
-    # logits of about 1000, or one class's 1000 above the others, make every row's
-    # float32 NLL linear, and L-BFGS found no curvature there (mean NLL 74 for 0.45); a
-    # class masked by -1e5 (float32) or -1e8 (float64) started Dirichlet's intercept
-    # penalty at the mask's square, and the fit stopped far off (NLL 0.65 for 0.50).
-    start = jnp.minimum(1.0, _START_SPREAD / jnp.maximum(spread, jnp.abs(mean)))
+    # From the identity, with each feature's spread, and each class's offset below the
+    # largest, cut to _START_SPREAD: at the identity itself, logits of about 1000, or one
+    # class's 1000 above the others, make every row's float32 NLL linear, and L-BFGS
+    # found no curvature there (mean NLL 74 for 0.45). A feature whose mean is past
+    # 1 / sqrt(eps) spreads (a class masked by -1e5 in float32, Dirichlet's -1e8 in
+    # float64) starts with weight times mean cut so (the intercept penalty started at
+    # the mask's square and the fit stopped far off: NLL 0.65 for 0.50), a constant one
+    # at 1 / sqrt(eps) times that (the bias keeps its rounding). (Below their mean, a
+    # mask's offset moved the others' biases to its third, and their rounding.)
+    size = jnp.where(constant, jnp.sqrt(eps) * jnp.abs(mean), jnp.where(far, jnp.abs(mean), spread))
+    start = jnp.minimum(1.0, _START_SPREAD / size)
     start = start if kind == "vector" else eye * start[:, None]
     offset = linear(start, mean)
-    centre = jnp.mean(offset)
+    centre = jnp.max(offset) if k else 0.0
     offset = centre + jnp.clip(offset - centre, -_START_SPREAD, _START_SPREAD)
     v0 = start * by_row
-    pinned = constant if kind == "vector" else constant[:, None]
+    pinned = pinned if kind == "vector" else pinned[:, None]
     flat0, unflatten = ravel_pytree((v0, offset))
 
     def weight_and_bias(v, c):

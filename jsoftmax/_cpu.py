@@ -421,8 +421,8 @@ def _successors(xs):
         return (t.view(bits) + ulps).view(t.dtype)  # (40x faster: libm's runs entry by entry)
 
     t = xs + resolution
-    while np.any(down := step(t, -1) - xs >= resolution):
-        t = np.where(down, step(t, -1), t)
+    while np.any(down := (lower := step(t, -1)) - xs >= resolution):
+        t = np.where(down, lower, t)
     while np.any(up := ~(t - xs >= resolution)):
         t = np.where(up, step(t, 1), t)
     merged = np.empty(2 * size, f"u{xs.dtype.itemsize}")

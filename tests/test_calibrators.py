@@ -136,7 +136,8 @@ def test_affine_fits_in_float32_are_near_the_float64_optimum(kind):
 
 @pytest.mark.parametrize(
     "scale, offset, constant",
-    [(1e4, 0, None), (1e19, 0, None), (1e-30, 0, None), (1, 1e3, None)] + [(1, 0, 1e4)],
+    [(1e4, 0, None), (1e19, 0, None), (1e-30, 0, None), (1, 1e3, None), (1, 1e6, None)]
+    + [(1, 0, 1e4)],
 )
 @pytest.mark.parametrize("kind", ["vector", "matrix"])
 def test_affine_fits_do_not_depend_on_the_logits_scale_or_offsets(kind, scale, offset, constant):
@@ -159,6 +160,22 @@ def test_affine_fits_do_not_depend_on_the_logits_scale_or_offsets(kind, scale, o
         with jax.enable_x64(dtype == np.float64):
             ours = fit((scale * shifted).astype(dtype), labels)
         assert objective(kind, scale * shifted, labels, flat(ours)) - best < 1e-4
+
+
+@pytest.mark.parametrize("constant", [5.0, 1e3, -1e4])
+def test_penalised_matrix_scaling_with_a_constant_class_is_at_its_optimum(constant):
+    # The penalty's optimum moves the intercepts into the constant feature's weights
+    # (pinned, they ended 1.5e-2 to 0.17 above it).
+    two, labels = miscalibrated(500, 2, seed=5)
+    logits = np.stack([two[:, 0], np.full(500, constant), two[:, 1]], axis=1)
+    f = functools.partial(objective, "matrix", logits, 2 * labels, l2=1e-3)
+    best = scipy.optimize.minimize(
+        f, _identity("matrix", 3), method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12}
+    ).fun
+    for dtype, tolerance in ((np.float32, 3e-4), (np.float64, 1e-8)):
+        with jax.enable_x64(dtype == np.float64):
+            ours = jsoftmax.fit_matrix_scaling(logits.astype(dtype), 2 * labels, l2=1e-3)
+        assert f(flat(ours)) - best < tolerance
 
 
 @pytest.mark.parametrize(
