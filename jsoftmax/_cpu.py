@@ -435,22 +435,26 @@ def _successors(xs):
 
 def top(p: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The first maximum of each row of ``p`` and its index, ``jnp.argmax(p, axis=-1)``
-    (NaN counts as the largest); on CPU, for 64 classes or more, through blocks of 25 to
-    32 classes.
+    (NaN counts as the largest); on CPU, for 18 to 32 classes, the first of each row's
+    largest :func:`_ranks`, and past that through blocks of 25 to 32 classes.
 
-    XLA's CPU argmax, a reduction of two operands, runs one entry at a time:
-    109 ms at float32 [50,000, 1,000] on 2 cores, where the maximum alone takes
-    8-11 ms. The maxima of the blocks (of :func:`_ranks`, which keep a NaN), the
-    argmax among them and the argmax inside the winning block take 16 ms there.
-    XLA's CPU backend vectorises a maximum over 25 to 32 entries, and not past
-    that: on one core, 29.5 against 116 ms for XLA's argmax there, 17 against
+    XLA's CPU argmax, a reduction of two operands, runs one entry at a time in
+    rows of 18 entries or more: 41-44 ms for 20,000,000 float32 entries in rows
+    of 18 to 33 (3.5-7 ms in rows of 8 to 17) on 2 cores, and 109 ms at
+    [50,000, 1,000], where the maximum alone takes 7-11 ms. XLA's CPU backend
+    vectorises a maximum over up to 32 entries, and not past that: the first
+    entry of a row's largest rank, a maximum and a minimum over the row, takes
+    11-17 ms in rows of 19 to 32 (29 at 18; 56 at 33). Past 32, the maxima of
+    the ranks of blocks of 25 to 32 entries, the argmax among those, and the
+    same first largest rank inside the winning block take 8.5 ms at [50,000,
+    1,000] (13.8 with XLA's argmax inside the block), 35 against 48 at
+    [500,000, 100], 53 against 102 at [1,000,000, 50]. With XLA's argmax inside
+    the block, on one core: 29.5 against 116 ms at [50,000, 1,000], 17 against
     127 at [12,000, 4096], 12 against 96 at [1,500, 32,000], 14 against 116 at
-    [400, 128,256], 91 against 124 at [500,000, 100]; blocks of 33 to 50 took
-    190-250 ms, of 8 to 24 55-100. With fewer classes XLA's own is as fast or
-    faster (55-61 ms both at [1,000,000, 32], 2.8 at [1,000,000, 16]); so is it
-    where no block size divides ``K``, since slicing off a remainder costs a
-    copy (most class and vocabulary counts have one: 100, 1,000, 21,843,
-    32,000, 50,257, 128,256).
+    [400, 128,256]; blocks of 33 to 50 took 190-250 ms, of 8 to 24 55-100.
+    Where no block size divides ``K``, XLA's own, since slicing off a remainder
+    costs a copy (most class and vocabulary counts have one: 100, 1,000,
+    21,843, 32,000, 50,257, 128,256).
     """
     size = _block_size(p.shape[-1])
     if size is None:
@@ -486,17 +490,24 @@ def _top_jvp(primals, tangents):
 
 
 def _block_size(k):
-    """The largest divisor of ``k >= 64`` from 25 to 32, if there is one."""
-    if k < 64:
-        return None
+    """``k`` from 18 to 32, else its largest divisor from 25 to 32, if it has one."""
+    if 18 <= k <= 32:
+        return k
     return max((d for d in range(25, 33) if k % d == 0), default=None)
 
 
 def _blocked_top(p, size):
-    blocks = p.reshape(*p.shape[:-1], p.shape[-1] // size, size)
-    block = jnp.argmax(jnp.max(_ranks(blocks), -1), -1).astype(jnp.int32)
-    value, index = _top(jnp.take_along_axis(blocks, block[..., None, None], -2)[..., 0, :])
-    return value, block * size + index
+    k = p.shape[-1]
+    offset = 0
+    if size < k:  # the block holding the first maximum
+        blocks = p.reshape(*p.shape[:-1], k // size, size)
+        block = jnp.argmax(jnp.max(_ranks(blocks), -1), -1).astype(jnp.int32)
+        p = jnp.take_along_axis(blocks, block[..., None, None], -2)[..., 0, :]
+        offset = block * size
+    ranks = _ranks(p)
+    first = lax.broadcasted_iota(jnp.int32, ranks.shape, ranks.ndim - 1)
+    index = jnp.min(jnp.where(ranks == jnp.max(ranks, -1, keepdims=True), first, size), -1)
+    return jnp.take_along_axis(p, index[..., None], -1)[..., 0], offset + index
 
 
 def _ranks(p):
