@@ -209,6 +209,24 @@ def test_affine_fits_with_a_class_masked_by_a_large_finite_logit(kind, penalised
         np.testing.assert_allclose(got[:, ::2], want, atol=1e-4)
 
 
+@pytest.mark.parametrize("n", [500, 3000])  # isotonic: the XLA core, then the host's
+@pytest.mark.parametrize("fit", [jsoftmax.fit_temperature, jsoftmax.fit_isotonic])
+def test_temperature_and_isotonic_read_a_finfo_min_mask_as_minus_inf(fit, n):
+    # docs/calibration.md: a class masked by finfo.min in half the rows (never their
+    # label) has the probabilities of one masked by -inf; to the ensemble's uniform member and to
+    # histogram binning a finite mask is a possible class, which they give mass.
+    logits, labels = miscalibrated(n, 3, seed=7)
+    half = np.arange(n) % 2 == 0
+    labels = np.where(half & (labels == 1), 0, labels)
+    calibrated = []
+    for mask in (-np.inf, np.finfo(np.float32).min):
+        x = logits.astype(np.float32)
+        x[half, 1] = mask
+        calibrated.append(np.exp(jsoftmax.calibrate(fit(x, labels), x)))
+    np.testing.assert_allclose(*calibrated, rtol=1e-6)
+    assert np.all(calibrated[1][half, 1] == 0)
+
+
 @pytest.mark.parametrize("tx", TRANSFORMS)
 @pytest.mark.parametrize("kind", FITS)
 def test_calibrate_applies_the_affine_map(tx, kind):
