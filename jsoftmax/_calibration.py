@@ -687,7 +687,10 @@ def _brier_rows(probs, labels, where):
     p_label = jnp.take_along_axis(p, labels[:, None], axis=1, mode="clip")[:, 0]
     # Absolute precision (~eps per row): a confident row's 1e-8 rounds away. Leaving the
     # label's p**2 out of the row sum keeps it, but took 3x the time on CPU.
-    return jnp.where(where, jnp.sum(p * p, axis=1) - 2 * p_label + 1, 0.0), flag
+    squares = jnp.sum(p * p, axis=1)
+    # A label's p of +inf: (inf - 1)**2 is inf (or the row's NaN), not inf - inf.
+    per_row = jnp.where(p_label == jnp.inf, squares, squares - 2 * p_label + 1)
+    return jnp.where(where, per_row, 0.0), flag
 
 
 def _per_row_mean(per_row, weights, *options):

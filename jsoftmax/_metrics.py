@@ -171,7 +171,7 @@ def _debiased_squared(key, values, outcomes, order, weights, num_bins):
 
 def _debiased_reduce(statistics, weights, num_bins, mode):
     key, values, outcomes, order = statistics
-    if key.shape[1] == 0:
+    if 0 in key.shape[:2]:  # no row, or (marginal) no class
         return jnp.zeros((), values.dtype)
     squared = jax.vmap(_debiased_squared, in_axes=(0, 0, 0, 0, None, None))(
         key, values, outcomes, order, weights, num_bins
@@ -198,8 +198,11 @@ def debiased_calibration_error(
     prediction is right", or in ``"marginal"`` mode ``p_ik`` with outcome
     ``y_i = k``) are split into ``B = min(M, N)`` equal-mass bins: the sorted
     values are cut as ``np.array_split`` cuts them and each edge is the
-    midpoint of the two values either side of a cut; bin ``b`` holds
-    ``e_{b-1} < q <= e_b``. Then
+    midpoint of the two values either side of a cut, in their dtype as
+    uncertainty-calibration computes it; bin ``b`` holds ``e_{b-1} < q <= e_b``
+    (so where the two are adjacent floats, float32 0.99999994 and 1.0, the
+    midpoint may round onto the upper one, whose rows then join the bin below,
+    as in that package; float64 input keeps the cut). Then
 
     .. math::
         \widehat{\mathrm{CE}}^2 = \sum_{b:\ n_b \ge 2} \frac{n_b}{N}

@@ -92,6 +92,15 @@ def test_textbook_values():
     np.testing.assert_allclose(brier, (2 * 0.1**2 + 2 * 0.8**2 + 2 * 0.3**2) / 3, rtol=1e-6)
 
 
+def test_brier_score_of_an_infinite_entry_is_infinite():
+    # sum p**2 - 2 p_y + 1 read a label's +inf as inf - inf (a review found NaN).
+    probs = np.array([[np.inf, 0.5], [0.5, 0.5]], np.float32)
+    for labels in ([0, 0], [1, 0]):
+        assert jsoftmax.brier_score(probs, np.array(labels)) == np.inf
+    probs[0, 1] = np.nan
+    assert np.isnan(jsoftmax.brier_score(probs, np.array([0, 0])))
+
+
 @pytest.mark.parametrize("k", [10, 17, 20, 32, 36, 50, 100, 1000, 1009, 4096])
 def test_top_label_is_jnp_argmax_and_its_entry_on_every_schedule(k):
     """The top label (jsoftmax._cpu.top, by blocks on CPU) is jnp.argmax's: the first
@@ -244,6 +253,7 @@ def test_probabilities_without_a_class_keep_no_row():
         jsoftmax.brier_score,
         jsoftmax.smooth_calibration_error,
         jsoftmax.debiased_calibration_error,
+        functools.partial(jsoftmax.debiased_calibration_error, mode="marginal"),
         jsoftmax.negative_log_likelihood,
     ):
         assert metric(probs, labels, where=where) == 0
