@@ -369,10 +369,11 @@ def _top1(probs, labels, where):
     return confidence, hit, flag
 
 
-def _poisoned(flag, confidence):
-    """``flag``, and NaN if a kept row's confidence is NaN (padding rows' are 0): a
-    diagram's bins are all NaN then, as the metrics are, not only the bin it lands in."""
-    return flag * jnp.where(jnp.any(jnp.isnan(confidence)), jnp.nan, 1.0).astype(flag.dtype)
+def _poisoned(flag, confidence, poison=jnp.isnan):
+    """``flag``, and NaN if a kept row's confidence is ``poison`` (padding rows' are 0,
+    neither): a diagram's bins are all NaN then, as the metrics are, not only the bin
+    it lands in."""
+    return flag * jnp.where(jnp.any(poison(confidence)), jnp.nan, 1.0).astype(flag.dtype)
 
 
 def _count(p, labels, where):

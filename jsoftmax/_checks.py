@@ -30,6 +30,8 @@ def array(fname: str, name: str, x: ArrayLike) -> jax.Array:
         return jnp.asarray(x)
     except (TypeError, ValueError) as error:
         raise TypeError(f"{fname}: {name} must be an array, got {x!r:.40}: {error}") from None
+    except OverflowError:  # a Python int past int64
+        raise ValueError(f"{fname}: {name} holds an integer past int64, got {x!r:.40}") from None
 
 
 def floating(fname: str, name: str, x: ArrayLike) -> jax.Array:
@@ -197,7 +199,8 @@ def integer_labels(
             values = None
     labels = array(fname, "labels", labels if values is None else values)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(f"{fname}: labels must be integers, got dtype {labels.dtype}")
+        dtype = labels.dtype if values is None else values.dtype  # as given, not JAX's
+        raise TypeError(f"{fname}: labels must be integers, got dtype {dtype}")
     if labels.shape != tuple(shape):
         raise ValueError(
             f"{fname}: labels has shape {labels.shape} but {what} needs {tuple(shape)}"

@@ -530,7 +530,8 @@ def _curve(confidence, hit, weights, sigma, num_points):
 @functools.partial(jax.jit, static_argnames=("num_points",))
 def _smooth_diagram(probs, labels, where, num_points):
     (confidence, hit), flag = _smooth_rows(probs, labels, where)
-    flag = _cal._poisoned(flag, confidence)
+    # An infinite confidence too: the smooth error is NaN, not infinite as binned.
+    flag = _cal._poisoned(flag, confidence, lambda c: ~jnp.isfinite(c))
     weights = where.astype(jnp.int32)
     sigma, error = _bandwidth(confidence, confidence - hit, weights)
     grid, accuracy, density = _curve(confidence, hit, weights, sigma, num_points)
@@ -552,8 +553,10 @@ def smooth_reliability_diagram(
         \widehat{\mathrm{acc}}(t) = \frac{\sum_i K_{\sigma^\star}(t, c_i)\, \mathrm{hit}_i}
         {\sum_i K_{\sigma^\star}(t, c_i) + 10^{-4}}
 
-    with the reflected Gaussian kernel and bandwidth of the smooth ECE, as
-    ``relplot.prepare_rel_diagram`` draws it.
+    with the reflected Gaussian kernel and bandwidth of the smooth ECE: the fit
+    on all the rows of ``relplot.prepare_rel_diagram``, which relplot draws
+    with ``plot_confidence_band=False`` (by default it draws the mean of its
+    bootstrap fits).
 
     Args:
       probs: floating ``[N, K]`` predicted probabilities.
@@ -562,8 +565,8 @@ def smooth_reliability_diagram(
       num_points: ``P >= 2`` evenly spaced points of [0, 1] (static).
 
     Returns:
-      A :class:`SmoothReliabilityDiagram` (all NaN but the grid for a NaN
-      probability in a kept row or a traced bad label). Plot it with
+      A :class:`SmoothReliabilityDiagram` (all NaN but the grid for a NaN or
+      infinite probability in a kept row or a traced bad label). Plot it with
       :func:`jsoftmax.plot.smooth_reliability_diagram`.
 
     Examples:

@@ -8,7 +8,6 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jsoftmax import _calibration, _checks, _metrics
-from jsoftmax._calibration import reliability_diagram as _statistics
 
 
 def reliability_diagram(
@@ -40,14 +39,16 @@ def reliability_diagram(
     """
     import matplotlib.pyplot as plt
 
-    stats = _statistics(probs, labels, num_bins=num_bins, where=where)
+    fname = "plot.reliability_diagram"
+    p, y, w = _calibration._rows(fname, probs, labels, where, "probs")
+    stats = _calibration._diagram(p, y, w, _calibration._num_bins(fname, num_bins))
     confidence, accuracy, count, edges = (np.asarray(a, dtype=np.float64) for a in stats)
     if axes is None:
         _, (top, bottom) = plt.subplots(
             2, 1, figsize=(4, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
         )
     else:
-        top, bottom = _axes("plot.reliability_diagram", axes, 2)
+        top, bottom = _axes(fname, axes, 2)
     left, width = edges[:-1], np.diff(edges)
     full = count > 0
     top.bar(

@@ -238,6 +238,12 @@ def test_diagrams_of_a_nan_probability_are_nan(nan_at):
     assert not np.isnan(jsoftmax.reliability_diagram(probs, labels, where=padding).count).any()
     smooth = jsoftmax.smooth_reliability_diagram(probs, labels, where=padding)
     assert not np.isnan(smooth.calibration_error)
+    # An infinite probability: the smooth error is NaN, and so is every field (the
+    # bandwidth read 2**-9, where its bisection had stopped against NaN).
+    probs[3, nan_at] = np.inf
+    smooth = jsoftmax.smooth_reliability_diagram(probs, labels)
+    for field in (smooth.accuracy, smooth.density, smooth.bandwidth, smooth.calibration_error):
+        assert np.isnan(field).all()
 
 
 def test_probabilities_without_a_class_keep_no_row():
@@ -325,6 +331,12 @@ def test_errors(name):
         call(name, probs.round().astype(int), labels)
     with pytest.raises(TypeError, match="labels must be integers"):
         call(name, probs, labels.astype(float))
+    # Python integers past int64: NumPy's float64, or an error naming them (JAX's
+    # OverflowError named nothing; the error read float32, JAX's conversion).
+    with pytest.raises(TypeError, match="labels must be integers, got dtype float64"):
+        call(name, probs, [2**63, *labels[1:]])
+    with pytest.raises(ValueError, match=f"^{name}: labels holds an integer past int64"):
+        call(name, probs, [2**70, *labels[1:]])
     with pytest.raises(ValueError, match=r"probs must have shape \[N, K\], got \(6,\)"):
         call(name, probs[:, 0], labels)
     with pytest.raises(
@@ -588,6 +600,10 @@ def test_plot_draws_accuracy_gaps_and_counts():
     assert [p.get_height() for p in bottom.patches] == list(np.asarray(diagram.count))
     assert top.get_title() == "model"
     # Axes of one's own: plt.subplots' array will do; anything else is named.
+    for bad in (dict(num_bins=0), dict(where=np.ones(3, bool)), dict(labels=labels + 10)):
+        # (the errors named reliability_diagram, the statistics, not the plot)
+        with pytest.raises(ValueError, match=r"^plot\.reliability_diagram: "):
+            jsoftmax.plot.reliability_diagram(probs, **{"labels": labels, **bad})
     _, given = matplotlib.pyplot.subplots(2, 1)
     assert jsoftmax.plot.reliability_diagram(probs, labels, axes=given) == tuple(given)
     for bad in ((1, 2), given[0], given[:1]):
