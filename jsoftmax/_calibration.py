@@ -478,8 +478,12 @@ def _adaptive_reduce(statistics, weights, num_bins):
     gap = hit - confidence
     _, ties, copies, below, equal = _select.select(key, weights, ranks, gap, order)
     partial = below + ties.astype(hit.dtype) * equal / jnp.maximum(copies, 1).astype(hit.dtype)
-    partial = jnp.where(starts >= n, jnp.sum(_weighted(weights, gap)), partial)
-    return _mean(jnp.sum(jnp.abs(jnp.diff(partial))), n.astype(hit.dtype))
+    total = jnp.sum(_weighted(weights, gap))
+    partial = jnp.where(starts >= n, total, partial)
+    error = _mean(jnp.sum(jnp.abs(jnp.diff(partial))), n.astype(hit.dtype))
+    # An infinite confidence: NaN, as the sums over a sort give it (inf - inf), also
+    # where it only reaches the total.
+    return jnp.where(jnp.isfinite(total), error, jnp.nan)
 
 
 _ADAPTIVE = _Metric(_adaptive_rows, _adaptive_reduce, prepare=_with_order)

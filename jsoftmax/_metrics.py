@@ -165,8 +165,9 @@ def _debiased_squared(key, values, outcomes, order, weights, num_bins):
     frequency = (gap + total) / size
     error = (gap / size) ** 2 - frequency * (1 - frequency) / jnp.maximum(count - 1, 1)
     squared = _cal._mean(jnp.sum(jnp.where(count >= 2, count * error, 0.0)), n.astype(values.dtype))
-    # A NaN value counts even in a bin of one row, which the sum above leaves out.
-    return jnp.where(jnp.isnan(jnp.sum(total)), jnp.nan, squared)
+    # A NaN or infinite value counts even in a bin of one row, which the sum above
+    # leaves out (-inf sits alone in its bin: its edge with the next is -inf).
+    return jnp.where(jnp.isfinite(jnp.sum(total)), squared, jnp.nan)
 
 
 def _debiased_reduce(statistics, weights, num_bins, mode):

@@ -101,6 +101,24 @@ def test_brier_score_of_an_infinite_entry_is_infinite():
     assert np.isnan(jsoftmax.brier_score(probs, np.array([0, 0])))
 
 
+@pytest.mark.parametrize("num_bins", [1, 2, 3, 4, 5000])
+@pytest.mark.parametrize("entry", [np.inf, -np.inf])
+def test_sorted_errors_of_an_infinite_entry_are_nan(num_bins, entry):
+    """As documented: NaN in the adaptive, smooth and debiased errors. A review found
+    the adaptive error inf where no bin started at the +inf row (only the total held
+    it), and the debiased error finite where -inf sat alone in its bin."""
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.7, 0.3]], np.float32)
+    probs[2] = [entry, 0.0] if entry > 0 else entry  # (the top label's confidence)
+    labels = np.array([0, 1, 0, 0])
+    for metric in (
+        jsoftmax.adaptive_calibration_error,
+        jsoftmax.debiased_calibration_error,
+        functools.partial(jsoftmax.debiased_calibration_error, mode="marginal"),
+    ):
+        assert np.isnan(metric(probs, labels, num_bins=num_bins))
+    assert np.isnan(jsoftmax.smooth_calibration_error(probs, labels))
+
+
 @pytest.mark.parametrize("k", [10, 17, 20, 32, 36, 50, 100, 1000, 1009, 4096])
 def test_top_label_is_jnp_argmax_and_its_entry_on_every_schedule(k):
     """The top label (jsoftmax._cpu.top, by blocks on CPU) is jnp.argmax's: the first
