@@ -176,23 +176,39 @@ def _power_of_two_above(x: jax.Array, axis: int | None = None) -> jax.Array:
 @jax.jit
 def _fit(logits, labels, where, low, high):
     dtype = _checks.compute_dtype(logits.dtype)
-    # A certain row's likelihood is the same at every temperature: it adds nothing.
-    x, where, n, nan_if_bad, certain = _fit_rows(logits.astype(dtype), labels, where, True)
+    x = logits.astype(dtype)
+    # The rows as _fit_rows reads them, from row vectors: on CPU each [N, K] array
+    # written out costs more than a pass that reads one (~100 ms per 200 MB). A
+    # certain row (+inf) has the same likelihood at every temperature: it adds nothing.
+    top = jnp.max(x, axis=1, initial=-jnp.inf)
+    x_label = jnp.take_along_axis(x, labels[:, None], axis=1, mode="clip")[:, 0]
+    kept, certain = where & (top > -jnp.inf), top == jnp.inf
+    n, nan_if_bad = _count(x, labels, kept)
     n = n.astype(dtype)
+    impossible = kept & ((x_label == -jnp.inf) | (certain & (x_label < jnp.inf)))
+    # (against ``where``: the max may drop a NaN on CPU, see _cpu.top)
+    bad = jnp.any(impossible) | jnp.any(where & jnp.any(jnp.isnan(x), axis=1))
+    nan_if_bad = jnp.where(bad, jnp.nan, nan_if_bad)
+    bad = jnp.isnan(nan_if_bad)
+    rows = kept & ~certain
+    top = jnp.where(rows, top, 0.0)
     # The NLL reads each logit's gap below its row's max, scaled by a power of two
     # ``c`` about the largest gap that matters, so that ``beta * d`` and its moments
     # stay finite: the labels' and those of the logits a temperature in the bounds
     # keeps above exp(-128) (below it ``e`` is 0 in float32 and negligible in
     # float64). Not the logits themselves: a class masked with finfo.min (or rows
     # at 3e38) made ``c`` 2**127, and every other logit a flushed subnormal.
-    half_gap = 0.5 * jnp.max(x, axis=1, keepdims=True) - 0.5 * x  # halves: no overflow
+    half_gap = 0.5 * top[:, None] - 0.5 * x  # halves: no overflow
     # (Not -inf entries, impossible classes: their gap is inf, and 64 * high may be too.)
     seen = jnp.isfinite(half_gap) & (half_gap <= 64 * high)
     label = jnp.arange(x.shape[1], dtype=jnp.int32) == labels[:, None]
-    c = _power_of_two_above(jnp.where(where[:, None] & (seen | label), half_gap, 0.0))
+    c = _power_of_two_above(jnp.where(rows[:, None] & (seen | label), half_gap, 0.0))
     d = -2 * (half_gap / c)  # (x_k - max) / c: in [-2, 0] where seen, -inf if impossible
-    d_label = jnp.take_along_axis(d, labels[:, None], axis=1, mode="clip")[:, 0]
-    finite = jnp.where(seen, d, 0.0)  # 0 where p_k = 0 at every temperature in the bounds
+    d_label = -2 * ((0.5 * top - 0.5 * x_label) / c)
+    # d where seen; past it, where p_k = 0 at every temperature in the bounds, any
+    # finite value will do (times p_k = 0): a maximum, not a select, so that on CPU
+    # it joins the row sums' fusions rather than a second [N, K] array.
+    floor = -jnp.minimum(128 * (high / c), jnp.finfo(dtype).max)
 
     def derivatives(beta):
         """First and second derivative of the mean NLL with respect to beta = c / T.
@@ -203,50 +219,62 @@ def _fit(logits, labels, where, low, high):
         there the second moment is small and its variance loses little to
         cancellation (it only shapes Newton's steps: the root is ``g = 0``).
         """
-        e = jnp.exp(beta * d)
-        s, s1, s2 = _cpu.row_sums_apart((e, e * finite, e * finite**2))
+
+        def terms(beta, d, floor):
+            e = jnp.exp(beta * d)
+            e_d = e * jnp.maximum(d, floor)  # (0, not NaN, where d = -inf)
+            return e, e_d, e_d * jnp.maximum(d, floor)
+
+        s, s1, s2 = _cpu.row_sums_apart(terms, beta, d, floor)
         mean = s1 / s
         var = jnp.maximum(s2 / s - mean**2, 0.0)
-        g = jnp.sum(jnp.where(where, mean - d_label, 0.0)) / n
-        return g, jnp.sum(jnp.where(where, var, 0.0)) / n
+        g = jnp.sum(jnp.where(rows, mean - d_label, 0.0)) / n
+        return g, jnp.sum(jnp.where(rows, var, 0.0)) / n
 
     # Fit beta = c / T, d's inverse temperature; the bounds move with it.
     beta_lo, beta_hi = c / high, jnp.minimum(c / low, jnp.finfo(dtype).max)
-    g_lo, h_lo = derivatives(beta_lo)
-    g_hi, _ = derivatives(beta_hi)
     tol = 8 * jnp.finfo(dtype).eps
-
-    def evaluated(x, a, b):
-        g, h = derivatives(x)
-        return x, g, h, jnp.where(g < 0, x, a), jnp.where(g > 0, x, b)
 
     def step(state):
         # Numerical Recipes' rtsafe with geometric bisection: Newton unless it
         # leaves the bracket or its step exceeds half the step before last.
         # A Newton step within the tolerance ends the search: below x's
         # resolution it rounds to x, which sits on the bracket's edge and would
-        # read as leaving it (1,000,000 x 10: 21 bisections back to that x).
-        i, x, g, h, a, b, dx, dx_before, _ = state
+        # read as leaving it (1,000,000 x 10: 21 bisections back to that x). The
+        # search ends at its last step, not evaluated there.
+        i, x, a, b, dx, dx_before, _ = state
+        g, h = derivatives(x)
+        a, b = jnp.where(g < 0, x, a), jnp.where(g > 0, x, b)
         newton = x - g / h
         converged = jnp.abs(newton - x) <= tol * x
         bisect = ~((newton > a) & (newton < b)) | (jnp.abs(2 * g) > jnp.abs(dx_before * h))
         x_next = jnp.where(bisect & ~converged, jnp.sqrt(a * b), newton)
         done = converged | (jnp.abs(x_next - x) <= tol * x) | (g == 0)
         x_next = jnp.where(g == 0, x, x_next)
-        return i + 1, *evaluated(x_next, a, b), x - x_next, dx, done
+        return i + 1, x_next, a, b, x - x_next, dx, done
 
     def running(state):
         return (state[0] < _MAX_NEWTON_STEPS) & ~state[-1]
 
     width = beta_hi - beta_lo
-    start = evaluated(jnp.clip(c, beta_lo, beta_hi), beta_lo, beta_hi)
-    beta = lax.while_loop(running, step, (0, *start, width, width, False))[1]
+    # (Bad input gives NaN: no evaluation.)
+    start = (0, jnp.clip(c, beta_lo, beta_hi), beta_lo, beta_hi, width, width, bad)
+    _, beta, a, b, *_ = lax.while_loop(running, step, start)
+
+    def at_bound(bound, moved, sign):
+        """g and h at a bound; where the bracket moved off it, g had ``sign`` in between,
+        and (increasing: the NLL is convex) has it at the bound too."""
+        known = jnp.array(sign, dtype), jnp.array(1, dtype)
+        return lax.cond(moved, lambda: known, lambda: derivatives(bound))
+
+    g_lo, h_lo = at_bound(beta_lo, (a > beta_lo) | bad, -1)
+    g_hi, _ = at_bound(beta_hi, (b < beta_hi) | bad, 1)
     t = jnp.clip(c / beta, low, high)
     t = jnp.where(g_lo >= 0, high, jnp.where(g_hi <= 0, low, t))
     # Without a kept row that is not certain, or with a NLL flat in T (one class, or
     # every kept row's logits equal: no slope nor curvature even at the largest T), no T
     # is better.
-    informative = jnp.any(where & ~certain) & ((g_lo != 0) | (h_lo > 0))
+    informative = jnp.any(rows) & ((g_lo != 0) | (h_lo > 0))
     t = jnp.where(informative, t, jnp.clip(1.0, low, high))
     return (t * nan_if_bad).astype(dtype)
 

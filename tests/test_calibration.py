@@ -428,6 +428,24 @@ def test_fit_temperature_in_float64(x64):
     np.testing.assert_allclose(t, reference.fit_temperature(2.5 * logits, labels), rtol=1e-7)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU buffers")
+@pytest.mark.parametrize("shape", [(2000, 1000), (4000, 300)])
+def test_fit_temperature_writes_out_one_logits_sized_array_on_cpu(shape):
+    """On CPU each [N, K] array written out costs more than a pass that reads one (~100
+    ms per 200 MB): the fit keeps one, the scaled gaps (five before, 1 GB at [50,000,
+    1,000]: a mapped copy of the logits, their gaps, a select for the scale, the
+    exponentials of each evaluation and the gaps zeroed past the bounds)."""
+    from jsoftmax import _calibration
+
+    logits, labels, where = (
+        jnp.zeros(shape),
+        jnp.zeros(shape[0], jnp.int32),
+        jnp.ones(shape[0], bool),
+    )
+    compiled = _calibration._fit.lower(logits, labels, where, 0.01, 100.0).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes <= 1.1 * logits.nbytes
+
+
 def test_fit_temperature_returns_the_bound_beyond_it():
     logits, labels = calibrated(1000, 5, seed=9)
     assert jsoftmax.fit_temperature(3 * logits, labels, bounds=(0.1, 2.0)) == 2.0

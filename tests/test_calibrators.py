@@ -333,7 +333,7 @@ def test_cpu_row_sums_are_the_sums(num_classes):
         np.testing.assert_allclose(f(terms), want, rtol=1e-5, atol=1e-5)
 
     def apart(terms):
-        return _cpu.row_sums_apart((terms, -2 * terms))
+        return _cpu.row_sums_apart(lambda t: (t, -2 * t), terms)
 
     for schedule in (contextlib.nullcontext, core_schedules):  # CPU's, and GPUs' and TPUs'
         with schedule():
