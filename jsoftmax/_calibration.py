@@ -205,9 +205,10 @@ def _fit(logits, labels, where, low, high):
     c = _power_of_two_above(jnp.where(rows[:, None] & (seen | label), half_gap, 0.0))
     d = -2 * (half_gap / c)  # (x_k - max) / c: in [-2, 0] where seen, -inf if impossible
     d_label = -2 * ((0.5 * top - 0.5 * x_label) / c)
-    # d where seen; past it, where p_k = 0 at every temperature in the bounds, any
-    # finite value will do (times p_k = 0): a maximum, not a select, so that on CPU
-    # it joins the row sums' fusions rather than a second [N, K] array.
+    # d where seen; past it, where p_k = 0 at every temperature in the bounds (exactly
+    # in float32, below exp(-128) in float64), any finite value will do: a maximum, not
+    # a select, so that on CPU it joins the row sums' fusions rather than a second
+    # [N, K] array.
     floor = -jnp.minimum(128 * (high / c), jnp.finfo(dtype).max)
 
     def derivatives(beta):
@@ -232,7 +233,10 @@ def _fit(logits, labels, where, low, high):
         return g, jnp.sum(jnp.where(rows, var, 0.0)) / n
 
     # Fit beta = c / T, d's inverse temperature; the bounds move with it.
-    beta_lo, beta_hi = c / high, jnp.minimum(c / low, jnp.finfo(dtype).max)
+    # (Normal numbers: past them c / T overflows where the logits reach 1e38, or
+    # flushes to 0 and exp(0 * -inf) is NaN.)
+    finfo = jnp.finfo(dtype)
+    beta_lo, beta_hi = (jnp.clip(c / bound, finfo.tiny, finfo.max) for bound in (high, low))
     tol = 8 * jnp.finfo(dtype).eps
 
     def step(state):

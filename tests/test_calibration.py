@@ -453,6 +453,15 @@ def test_fit_temperature_returns_the_bound_beyond_it():
     # A perfect, separable classifier wants T -> 0; a useless one T -> inf.
     assert jsoftmax.fit_temperature(np.eye(4, dtype=np.float32), np.arange(4)) == 0.01
     assert jsoftmax.fit_temperature(np.eye(4, dtype=np.float32), [1, 2, 3, 0]) == 100.0
+    # Gaps of 1e38 against small bounds: 1 / T times the scale overflowed, and the
+    # lower bound came back for an NLL of 2e38 / T (found by a review).
+    wide = np.array([[1e38, -1e38]], np.float32)
+    assert jsoftmax.fit_temperature(wide, [1], bounds=(0.01, 0.1)) == np.float32(0.1)
+    assert jsoftmax.fit_temperature(wide / 20, [1], bounds=(0.001, 0.01)) == np.float32(0.01)
+    # ... and flushed to 0 against huge bounds: exp(0 * -inf) made a flat NLL informative.
+    flat = np.array([[0.0, 0.0, -np.inf], [1.0, 1.0, 1.0]], np.float32)
+    for bounds in ((0.5, 3e38), (1.2e-38, 3.4e38)):
+        assert jsoftmax.fit_temperature(flat, [0, 2], bounds=bounds) == 1.0
 
 
 def test_fit_temperature_scales_with_the_logits_and_never_overflows():
