@@ -247,6 +247,16 @@ def _check_shapes(fname, calibrator, shape):
                 f"{fname}: {type(calibrator).__name__}.{field} has shape {got} but logits "
                 f"{shape} need {str(need).replace('None', 'n')}"
             )
+    # What no fit returns, and calibrate would read as NaN or the identity.
+    if isinstance(calibrator, HistogramBinning) and jnp.shape(calibrator.values)[-1] == 0:
+        raise ValueError(f"{fname}: HistogramBinning.values has no bin, got shape {got}")
+    if isinstance(calibrator, IsotonicCalibration) and not _checks.is_traced(calibrator.count):
+        size = jnp.shape(calibrator.thresholds)[-1]
+        if not 0 <= int(calibrator.count) <= size:
+            raise ValueError(
+                f"{fname}: IsotonicCalibration.count must be in [0, {size}] (the "
+                f"thresholds' length), got {calibrator.count}"
+            )
 
 
 @jax.jit

@@ -968,6 +968,17 @@ def test_bad_input_messages():
     ]:
         with pytest.raises(TypeError, match=message):
             jsoftmax.calibrate(bad, logits)
+    # ... and what no fit returns: it read as NaN rows or the identity (found by a review).
+    for bad, message in [
+        (jsoftmax.HistogramBinning(np.zeros((3, 0))), "HistogramBinning.values has no bin"),
+        (
+            jsoftmax.IsotonicCalibration(np.zeros((3, 4)), np.zeros((3, 4)), 5),
+            r"IsotonicCalibration.count must be in \[0, 4\] \(the thresholds' length\), got 5",
+        ),
+        (jsoftmax.IsotonicCalibration(np.zeros((3, 4)), np.zeros((3, 4)), -1), "got -1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            jsoftmax.calibrate(bad, logits)
     # Leading axes are kept; the ensemble applies to any number of classes.
     ensemble = jsoftmax.fit_ensemble_temperature(logits, labels)
     assert jsoftmax.calibrate(ensemble, np.zeros((2, 5, 7))).shape == (2, 5, 7)
