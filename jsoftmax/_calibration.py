@@ -187,9 +187,9 @@ def _fit(logits, labels, where, low, high):
     n = n.astype(dtype)
     impossible = kept & ((x_label == -jnp.inf) | (certain & (x_label < jnp.inf)))
     # (against ``where``: the max may drop a NaN on CPU, see _cpu.top)
-    bad = jnp.any(impossible) | jnp.any(where & jnp.any(jnp.isnan(x), axis=1))
-    nan_if_bad = jnp.where(bad, jnp.nan, nan_if_bad)
-    bad = jnp.isnan(nan_if_bad)
+    flagged = jnp.any(impossible) | jnp.any(where & jnp.any(jnp.isnan(x), axis=1))
+    nan_if_bad = jnp.where(flagged, jnp.nan, nan_if_bad)
+    bad = jnp.isnan(nan_if_bad)  # (or a label out of range)
     rows = kept & ~certain
     top = jnp.where(rows, top, 0.0)
     # The NLL reads each logit's gap below its row's max, scaled by a power of two
@@ -237,7 +237,7 @@ def _fit(logits, labels, where, low, high):
     # flushes to 0 and exp(0 * -inf) is NaN.)
     finfo = jnp.finfo(dtype)
     beta_lo, beta_hi = (jnp.clip(c / bound, finfo.tiny, finfo.max) for bound in (high, low))
-    tol = 8 * jnp.finfo(dtype).eps
+    tol = 8 * finfo.eps
 
     def step(state):
         # Numerical Recipes' rtsafe with geometric bisection: Newton unless it
