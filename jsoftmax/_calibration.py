@@ -177,19 +177,13 @@ def _power_of_two_above(x: jax.Array, axis: int | None = None) -> jax.Array:
 def _fit(logits, labels, where, low, high):
     dtype = _checks.compute_dtype(logits.dtype)
     x = logits.astype(dtype)
-    # The rows as _fit_rows reads them, from row vectors: on CPU each [N, K] array
-    # written out costs more than a pass that reads one (~100 ms per 200 MB). A
-    # certain row (+inf) has the same likelihood at every temperature: it adds nothing.
-    top = jnp.max(x, axis=1, initial=-jnp.inf)
-    x_label = jnp.take_along_axis(x, labels[:, None], axis=1, mode="clip")[:, 0]
-    kept, certain = where & (top > -jnp.inf), top == jnp.inf
-    n, nan_if_bad = _count(x, labels, kept)
+    # The rows as the fits read them, without the [N, K] mapped copy: on CPU each [N,
+    # K] array written out costs more than a pass that reads one (~100 ms per 200 MB).
+    # A certain row (+inf) has the same likelihood at every temperature: it adds nothing.
+    top, kept, n, nan_if_bad, certain = _row_flags(x, labels, where, True)
     n = n.astype(dtype)
-    impossible = kept & ((x_label == -jnp.inf) | (certain & (x_label < jnp.inf)))
-    # (against ``where``: the max may drop a NaN on CPU, see _cpu.top)
-    flagged = jnp.any(impossible) | jnp.any(where & jnp.any(jnp.isnan(x), axis=1))
-    nan_if_bad = jnp.where(flagged, jnp.nan, nan_if_bad)
-    bad = jnp.isnan(nan_if_bad)  # (or a label out of range)
+    x_label = jnp.take_along_axis(x, labels[:, None], axis=1, mode="clip")[:, 0]
+    bad = jnp.isnan(nan_if_bad)
     rows = kept & ~certain
     top = jnp.where(rows, top, 0.0)
     # The NLL reads each logit's gap below its row's max, scaled by a power of two
@@ -427,27 +421,33 @@ def _certain(x):
     return jnp.where(top == jnp.inf, jnp.where(x == jnp.inf, 0.0, x - jnp.inf), x), top
 
 
-def _fit_rows(x, labels, where, likelihood):
-    """The rows as every fit reads them: ``x`` (:func:`_certain`), ``where``, ``N``,
-    the bad-input factor and the certain rows.
+def _row_flags(x, labels, where, likelihood):
+    """Per row of ``x``: its max (``+inf`` for a certain row, ``-inf`` for one without a
+    possible class), whether it is kept, ``N``, the bad-input factor and whether it is
+    certain.
 
     A row with every class ``-inf`` predicts nothing and is padding, as the
     losses give it cost 0 and do not count it. The factor is NaN when a kept
     row has a bad label or a NaN logit and, for a ``likelihood`` fit, when a
-    kept row's label is impossible: its likelihood is then 0 under every
-    calibrator, so the fit has no optimum.
+    kept row's label is impossible (``-inf``, or not ``+inf`` in a certain row):
+    its likelihood is then 0 under every calibrator, so the fit has no optimum.
     """
-    mapped, top = _certain(x)
-    kept = where & (top[:, 0] > -jnp.inf)
-    bad = jnp.isnan(x)  # (against ``where``: the max may drop a NaN on CPU, see _cpu.top)
-    if likelihood:
-        # Found in the same reduction as NaN: a gather of the label's logit costs as much
-        # again on CPU.
-        label = jnp.arange(x.shape[1], dtype=jnp.int32) == labels[:, None]
-        bad = bad | (label & (mapped == -jnp.inf) & kept[:, None])
+    top = jnp.max(x, axis=-1, initial=-jnp.inf)
+    kept, certain = where & (top > -jnp.inf), top == jnp.inf
     n, nan_if_bad = _count(x, labels, kept)
-    nan_if_bad = jnp.where(jnp.any(bad & where[:, None]), jnp.nan, nan_if_bad)
-    return mapped, kept, n, nan_if_bad, top[:, 0] == jnp.inf
+    # (against ``where``: the max may drop a NaN on CPU, see _cpu.top)
+    bad = jnp.any(where & jnp.any(jnp.isnan(x), axis=-1))
+    if likelihood:
+        x_label = jnp.take_along_axis(x, labels[:, None], axis=1, mode="clip")[:, 0]
+        bad |= jnp.any(kept & ((x_label == -jnp.inf) | (certain & (x_label < jnp.inf))))
+    return top, kept, n, jnp.where(bad, jnp.nan, nan_if_bad), certain
+
+
+def _fit_rows(x, labels, where, likelihood):
+    """The rows as every fit reads them: ``x`` (:func:`_certain`) and
+    :func:`_row_flags`' ``where``, ``N``, bad-input factor and certain rows."""
+    _, kept, n, nan_if_bad, certain = _row_flags(x, labels, where, likelihood)
+    return _certain(x)[0], kept, n, nan_if_bad, certain
 
 
 def _mean(total, n):
