@@ -220,9 +220,11 @@ def integer_labels(
             )
     # Class indices and ignore_index in a signed type that holds them: an int8 label of 3
     # against 200 classes would compare with a wrapped class count, and a uint32 one
-    # with ignore_index=-100 wrapped to 2**32 - 100. A label past int32 is out of range.
+    # with ignore_index=-100 wrapped to 2**32 - 100. A label past int32 is out of range:
+    # a negative one that is not ignore_index (int32's max may be).
     if jnp.issubdtype(labels.dtype, jnp.unsignedinteger) and labels.dtype.itemsize >= 4:
-        labels = jnp.minimum(labels, np.iinfo(np.int32).max)
+        past = -2 if ignore_index == -1 else -1
+        labels = jnp.where(labels > np.iinfo(np.int32).max, past, labels.astype(jnp.int32))
     if jnp.issubdtype(labels.dtype, jnp.unsignedinteger) or labels.dtype.itemsize < 4:
         labels = labels.astype(jnp.int32)
     return labels

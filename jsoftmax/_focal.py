@@ -13,9 +13,12 @@ masked to ``-inf``), its integer-label rules and its reductions
 and the loss is ``sum_k c_k f(q_k)`` with the cross-entropy's target
 ``c = (1 - alpha) w_y e_y + alpha / K w v``: a gather at the label and, with
 label smoothing, a row sum over the kept classes (one more pass over the row,
-as ``f`` needs ``log s``). ``1 - e^q`` is ``-expm1(q)``, exact for confident
-classes, and ``f'`` is written without the ``(1 - e^q)^(gamma - 1)`` that is
-``0^(gamma - 1)`` at ``p = 1``.
+as ``f`` needs ``log s``). ``1 - e^q`` is ``-expm1(q)``, exact given ``q``, and
+``f'`` is written without the ``(1 - e^q)^(gamma - 1)`` that is
+``0^(gamma - 1)`` at ``p = 1``. ``q`` itself is the cross-entropy's (and
+PyTorch's): for a class within a few ulps of ``p = 1``, ``log s`` is rounded
+(``s = 1 + eps``), so ``1 - p`` and with it the loss, below 1e-12 there in
+float32, carry a relative error up to 1, as the cross-entropy's ``-q`` does.
 
 A ``jax.custom_jvp`` owns the derivative,
 
@@ -24,8 +27,8 @@ A ``jax.custom_jvp`` owns the derivative,
 
 where ``B`` is a per-row vector from the forward pass: reverse mode keeps the
 logits as the caller gave them, the labels and per-row vectors, and recomputes
-the gradient in one elementwise pass (and a scatter for the label), as the
-cross-entropy does.
+the gradient in one elementwise pass (the label's term a select on the class
+index), as the cross-entropy does.
 """
 
 from __future__ import annotations
@@ -277,7 +280,8 @@ def softmax_focal_loss(
       ignore_index: a label value whose rows cost 0 and do not count.
       label_smoothing: ``alpha`` in [0, 1].
       logit_softcap: ``c > 0`` replaces logits by ``c * tanh(logits / c)``
-        first; ``-inf`` logits stay masked.
+        first; ``-inf`` logits stay masked (at most ``sqrt(finfo.max)``, as in
+        the cross-entropy).
       reduction: "none", "sum" or "mean" (the sum divided by the sum of ``w_y``
         over the rows that count, as the cross-entropy).
 
@@ -321,9 +325,9 @@ def softmax_focal_loss(
     z, labels, where, class_weights, ignore_index = _integer_inputs(
         fname, logits, labels, axis, where, class_weights, ignore_index
     )
-    logit_softcap = _check_softcap(fname, logit_softcap)
-    _check_reduction(fname, reduction)
     dtype = _checks.compute_dtype(z.dtype)
+    logit_softcap = _check_softcap(fname, logit_softcap, dtype)
+    _check_reduction(fname, reduction)
     alpha = _hyper(fname, "label_smoothing", label_smoothing, 0.0, 1.0).astype(dtype)
     smooth = not _is_zero(label_smoothing)
     if isinstance(gamma, str):
@@ -371,6 +375,9 @@ def _focal_loss(x, labels, where, weights, alpha, gamma, smooth, flsd, ignore, s
     options = _Options(smooth, flsd, softcap)
 
     def loss_of(safe_labels, weights):
-        return _focal(x, where, safe_labels, weights, alpha, gamma, options)
+        loss, kept = _focal(x, where, safe_labels, weights, alpha, gamma, options)
+        # A traced bad gamma (NaN from _hyper) in every row: the kernel's selects at
+        # p_y = 1 and at a -inf label drop it there (-0 and inf rows with NaN gradients).
+        return loss * jnp.where(jnp.isnan(gamma), jnp.nan, 1.0).astype(loss.dtype), kept
 
     return _per_label(loss_of, labels, where, x.shape[-1], weights, smooth, ignore, reduction)

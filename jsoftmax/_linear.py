@@ -138,7 +138,8 @@ def linear_softmax_cross_entropy(
         classes, those whose logit is not ``-inf`` (a padded vocabulary's ``-inf``
         bias leaves its padding out), as the unfused loss spreads it.
       z_loss: ``lambda >= 0``, adds ``lambda * logsumexp**2`` per token.
-      logit_softcap: ``c > 0`` replaces the logits by ``c * tanh(logits / c)``.
+      logit_softcap: ``c > 0`` replaces the logits by ``c * tanh(logits / c)``
+        (at most ``sqrt(finfo.max)``, as in the cross-entropy).
       reduction: "none" (per token, ``labels``' shape), "sum", or "mean" (over
         the counting tokens; 0 when none counts).
       chunk_size: tokens per chunk (static). Memory is the float32 ``[D, V]``
@@ -197,9 +198,9 @@ def linear_softmax_cross_entropy(
         ignore_index,
         kept=where,
     )
-    logit_softcap = _check_softcap(fname, logit_softcap)
     size = _chunk_size(fname, chunk_size, weight.shape[1], labels.size)
     dtype = _compute_dtype(hidden, (weight, bias), None, None)
+    logit_softcap = _check_softcap(fname, logit_softcap, dtype)
     alpha, z_loss_, smooth, with_z_loss = _options(fname, reduction, label_smoothing, z_loss, dtype)
     config = _Config(
         "cross_entropy",

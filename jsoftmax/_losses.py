@@ -238,11 +238,15 @@ def _check_reduction(fname, reduction):
         raise ValueError(f"{fname}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _check_softcap(fname, logit_softcap):
-    """The soft-cap as the static Python float it is, or None."""
+def _check_softcap(fname, logit_softcap, dtype):
+    """The soft-cap as the static Python float it is, or None; in the compute ``dtype``
+    normal (XLA flushes a subnormal to 0) and at most ``sqrt(finfo.max)``, so that
+    ``logits / c`` flushes only logits below ``tiny * c`` (2e-19 in float32) to 0."""
     if logit_softcap is None:
         return None
     try:
+        if isinstance(logit_softcap, bool | np.bool_):
+            raise TypeError
         value = float(logit_softcap)
     except (TypeError, ValueError, jax.errors.ConcretizationTypeError):  # ("a": ValueError)
         raise TypeError(
@@ -251,6 +255,13 @@ def _check_softcap(fname, logit_softcap):
         ) from None
     if not 0 < value < float("inf"):
         raise ValueError(f"{fname}: logit_softcap must be in (0.0, inf), got {logit_softcap}")
+    info = jnp.finfo(dtype)
+    low, high = float(info.tiny), math.sqrt(float(info.max))
+    if not low <= value <= high:
+        raise ValueError(
+            f"{fname}: logit_softcap must be in [{low:.3g}, {high:.3g}] in {info.dtype}, "
+            f"got {logit_softcap}"
+        )
     return value
 
 
@@ -280,9 +291,8 @@ def _in_range(fname, name, value, low, high=np.inf):
     concrete = None if _checks.is_traced(value) else np.asarray(value, np.float64)
     if concrete is not None and not np.all(inside(concrete, np)):
         bounds = f"[{low}, {high}{']' if high < np.inf else ')'}"
-        raise ValueError(
-            f"{fname}: {name} must be in {bounds}, got {concrete[~inside(concrete, np)].ravel()[0]}"
-        )
+        bad = np.asarray(value)[~inside(concrete, np)].ravel()[0]  # (as given: -0.1, not float64's)
+        raise ValueError(f"{fname}: {name} must be in {bounds}, got {bad!s}")
     return jnp.where(inside(value, jnp), value, jnp.nan)
 
 
@@ -454,7 +464,8 @@ def softmax_cross_entropy_with_integer_labels(
       ignore_index: a label value whose rows cost 0 and do not count.
       z_loss: ``lambda >= 0`` (PaLM's auxiliary loss).
       logit_softcap: ``c > 0`` replaces logits by ``c * tanh(logits / c)``
-        first (Gemma 2); ``-inf`` logits stay masked.
+        first (Gemma 2); ``-inf`` logits stay masked. At most ``sqrt(finfo.max)``
+        of the compute dtype (1.8e19 in float32), past which ``logits / c`` flushes to 0.
       reduction: "none", "sum" or "mean".
 
     Returns:
@@ -490,10 +501,9 @@ def softmax_cross_entropy_with_integer_labels(
     z, labels, where, class_weights, ignore_index = _integer_inputs(
         fname, logits, labels, axis, where, class_weights, ignore_index
     )
-    logit_softcap = _check_softcap(fname, logit_softcap)
-    alpha, z_loss_, smooth, with_z_loss = _options(
-        fname, reduction, label_smoothing, z_loss, _checks.compute_dtype(z.dtype)
-    )
+    dtype = _checks.compute_dtype(z.dtype)
+    logit_softcap = _check_softcap(fname, logit_softcap, dtype)
+    alpha, z_loss_, smooth, with_z_loss = _options(fname, reduction, label_smoothing, z_loss, dtype)
     return _integer_loss(
         z,
         labels,

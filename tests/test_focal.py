@@ -219,6 +219,16 @@ def test_traced_gamma_schedule_matches_concrete():
         close(f(logits, gamma), focal(logits, labels, gamma=gamma, label_smoothing=0.1), rtol=1e-6)
     assert f._cache_size() == 1
     assert np.isnan(np.asarray(f(logits, -1.0))).all()
+    # Also where p_y = 1 and where the label is -inf: the kernel's selects there gave -0
+    # and inf (NaN gradients), a bad schedule that a logged loss would not show.
+    x = np.array([[100.0, 0.0, 0.0], [1.0, 2.0, 0.0], [1.0, -np.inf, 0.0]], np.float32)
+    y = np.array([0, 1, 1])
+    for alpha in (0.0, 0.1):
+        for gamma in (-1.0, np.nan):
+            f = jax.jit(lambda x, g, a=alpha: focal(x, y, gamma=g, label_smoothing=a))
+            assert np.isnan(np.asarray(f(x, gamma))).all(), (alpha, gamma)
+            grad = jax.grad(lambda x, f=f, g=gamma: f(x, g)[:2].sum())(x)
+            assert np.isnan(np.asarray(grad[:2])).all()
 
 
 def test_gamma_is_not_differentiated():

@@ -520,6 +520,12 @@ def test_uint32_labels_past_int32_are_out_of_range_not_ignored():
     wide[3] = 2**32 - 100  # as int32, ignore_index=-100
     loss = jax.jit(lambda y: ce_int(logits, y, ignore_index=-100))(wide)
     assert np.isnan(loss[3]) and np.isfinite(np.delete(loss, 3)).all()
+    # Nor ignored where ignore_index is what a clip or a wrap reads (int32's max, -1).
+    for ignore, label in ((2**31 - 1, 2**32 - 1), (2**31 - 1, 2**31), (-1, 2**32 - 1)):
+        wide[3] = label
+        for fn in (ce_int, jsoftmax.softmax_focal_loss):
+            loss = jax.jit(lambda y, fn=fn, i=ignore: fn(logits, y, ignore_index=i))(wide)
+            assert np.isnan(loss[3]) and np.isfinite(np.delete(loss, 3)).all(), (ignore, label)
 
 
 def test_int64_labels_past_int32_are_out_of_range():
@@ -799,6 +805,16 @@ def test_errors_name_the_argument():
     for cap in (0.0, -2.0, np.inf):
         with pytest.raises(ValueError, match=r"logit_softcap must be in \(0.0, inf\)"):
             ce_int(logits, labels, logit_softcap=cap)
+    # In the compute dtype: inf, a subnormal (flushed to 0), and so large that logits / c
+    # flush to 0 (3e38 capped every logit of 1 to 3 to 0) were NaN or wrong.
+    for cap in (1e39, 1e-40, 3e38):
+        with pytest.raises(ValueError, match=r"logit_softcap must be in \[1.18e-38, 1.84e\+19\]"):
+            ce_int(logits, labels, logit_softcap=cap)
+    with pytest.raises(TypeError, match="logit_softcap must be a concrete number"):
+        ce_int(logits, labels, logit_softcap=True)
+    # The user's value in the message, not float64's reading of float32 (-0.10000000149).
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0.0, 1.0\], got -0.1$"):
+        ce_int(logits, labels, label_smoothing=-0.1)
     # Static: any concrete number, never a traced one.
     np.testing.assert_array_equal(
         ce_int(logits, labels, logit_softcap=jnp.array(2.0)),
