@@ -21,6 +21,12 @@ def _seconds(run) -> float:
     return time.perf_counter() - start
 
 
+def median_ms(run, repeats: int) -> float:
+    """Median milliseconds of ``run()`` over ``repeats`` calls after one warm-up call."""
+    _seconds(run)
+    return 1e3 * float(np.median([_seconds(run) for _ in range(repeats)]))
+
+
 def _pair(run_a, run_b, a_first: bool) -> tuple[float, float]:
     if a_first:
         return _seconds(run_a), _seconds(run_b)
