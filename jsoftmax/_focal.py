@@ -112,7 +112,7 @@ def _focal_terms(q, gamma, spelling="expm1", finite=None):
     q_in = jnp.where(inside, q, -1.0)
     p_in, p_minus_1 = exp_and_expm1(q_in)
     ph = jnp.where(inside, q_in * p_in / p_minus_1, 1.0)  # q p / (p - 1)
-    f = jnp.where(finite, -u_gamma * q, jnp.inf)
+    f = jnp.where(finite, u_gamma * jnp.abs(q), jnp.inf)  # -q, and +0 (not -0) at p = 1
     slope = jnp.where(finite, -u_gamma * (1 + gamma * ph), -1.0)
     return f, slope
 

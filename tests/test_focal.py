@@ -231,6 +231,14 @@ def test_traced_gamma_schedule_matches_concrete():
             assert np.isnan(np.asarray(grad[:2])).all()
 
 
+def test_certain_row_costs_positive_zero():
+    # As the cross-entropy's; -0 before (-(1 - p)**gamma * log p at log p = +0).
+    certain = np.array([[100.0, 0.0, 0.0]], np.float32)
+    for tx in (lambda f: f, jax.jit):
+        loss = tx(lambda x: focal(x, np.array([0]), gamma=2.0))(certain)
+        assert loss == 0 and not np.signbit(loss).any(), loss
+
+
 def test_gamma_is_not_differentiated():
     logits, labels = data()
     assert jax.grad(lambda g: focal(logits, labels, gamma=g).sum())(2.0) == 0
