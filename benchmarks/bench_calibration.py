@@ -18,6 +18,7 @@ gives its objective minus the reference's (negative: ours is lower).
 """
 
 import argparse
+import concurrent.futures
 import functools
 
 import jax
@@ -394,8 +395,6 @@ def read_floor_ms(probs, repeats):
 def sort_floor_ms(logits, repeats):
     """NumPy's sort of each class's probabilities, a class per core: what the isotonic
     fit (ours on the host, scikit-learn's) needs before anything else."""
-    import concurrent.futures
-
     columns = np.ascontiguousarray(softmax(np.asarray(logits), axis=1).T)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         return median_ms(lambda: list(pool.map(np.sort, columns)), repeats)

@@ -180,9 +180,8 @@ def _fit(logits, labels, where, low, high):
     # The rows as the fits read them, without the [N, K] mapped copy: on CPU each [N,
     # K] array written out costs more than a pass that reads one (~100 ms per 200 MB).
     # A certain row (+inf) has the same likelihood at every temperature: it adds nothing.
-    top, kept, n, nan_if_bad, certain = _row_flags(x, labels, where, True)
+    top, x_label, kept, n, nan_if_bad, certain = _row_flags(x, labels, where, True)
     n = n.astype(dtype)
-    x_label = jnp.take_along_axis(x, labels[:, None], axis=1, mode="clip")[:, 0]
     bad = jnp.isnan(nan_if_bad)
     rows = kept & ~certain
     top = jnp.where(rows, top, 0.0)
@@ -423,8 +422,8 @@ def _certain(x):
 
 def _row_flags(x, labels, where, likelihood):
     """Per row of ``x``: its max (``+inf`` for a certain row, ``-inf`` for one without a
-    possible class), whether it is kept, ``N``, the bad-input factor and whether it is
-    certain.
+    possible class), the label's logit, whether it is kept, ``N``, the bad-input factor
+    and whether it is certain.
 
     A row with every class ``-inf`` predicts nothing and is padding, as the
     losses give it cost 0 and do not count it. The factor is NaN when a kept
@@ -437,16 +436,16 @@ def _row_flags(x, labels, where, likelihood):
     n, nan_if_bad = _count(x, labels, kept)
     # (against ``where``: the max may drop a NaN on CPU, see _cpu.top)
     bad = jnp.any(where & jnp.any(jnp.isnan(x), axis=-1))
+    x_label = jnp.take_along_axis(x, labels[:, None], axis=1, mode="clip")[:, 0]
     if likelihood:
-        x_label = jnp.take_along_axis(x, labels[:, None], axis=1, mode="clip")[:, 0]
         bad |= jnp.any(kept & ((x_label == -jnp.inf) | (certain & (x_label < jnp.inf))))
-    return top, kept, n, jnp.where(bad, jnp.nan, nan_if_bad), certain
+    return top, x_label, kept, n, jnp.where(bad, jnp.nan, nan_if_bad), certain
 
 
 def _fit_rows(x, labels, where, likelihood):
     """The rows as every fit reads them: ``x`` (:func:`_certain`) and
     :func:`_row_flags`' ``where``, ``N``, bad-input factor and certain rows."""
-    _, kept, n, nan_if_bad, certain = _row_flags(x, labels, where, likelihood)
+    _, _, kept, n, nan_if_bad, certain = _row_flags(x, labels, where, likelihood)
     return _certain(x)[0], kept, n, nan_if_bad, certain
 
 
