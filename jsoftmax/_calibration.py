@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _cpu, _select
+from jsoftmax import _checks, _cpu, _select, _sharding
 
 _MAX_NEWTON_STEPS = 100
 
@@ -75,6 +75,7 @@ def _scale(x: jax.Array, temperature: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(temperature), jnp.nan, scaled)  # a traced bad one: NaN rows
 
 
+@_sharding.auto_axes()
 def fit_temperature(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -520,6 +521,7 @@ def _adaptive_reduce(statistics, weights, num_bins):
 _ADAPTIVE = _Metric(_adaptive_rows, _adaptive_reduce, prepare=_with_order)
 
 
+@_sharding.auto_axes()
 def expected_calibration_error(
     probs: ArrayLike, labels: ArrayLike, *, num_bins: int = 15, where: ArrayLike | None = None
 ) -> jax.Array:
@@ -559,6 +561,7 @@ def expected_calibration_error(
     return _evaluate(_BINNED, (_num_bins(fname, num_bins), "sum"), probs, labels, where)
 
 
+@_sharding.auto_axes()
 def maximum_calibration_error(
     probs: ArrayLike, labels: ArrayLike, *, num_bins: int = 15, where: ArrayLike | None = None
 ) -> jax.Array:
@@ -590,6 +593,7 @@ def maximum_calibration_error(
     return _evaluate(_BINNED, (_num_bins(fname, num_bins), "max"), probs, labels, where)
 
 
+@_sharding.auto_axes()
 def adaptive_calibration_error(
     probs: ArrayLike, labels: ArrayLike, *, num_bins: int = 15, where: ArrayLike | None = None
 ) -> jax.Array:
@@ -629,6 +633,7 @@ def adaptive_calibration_error(
     return _evaluate(_ADAPTIVE, (_num_bins(fname, num_bins),), probs, labels, where)
 
 
+@_sharding.auto_axes()
 def classwise_calibration_error(
     probs: ArrayLike, labels: ArrayLike, *, num_bins: int = 15, where: ArrayLike | None = None
 ) -> jax.Array:
@@ -686,6 +691,7 @@ def _classwise_reduce(statistics, weights, num_bins):
 _CLASSWISE = _Metric(_classwise_rows, _classwise_reduce)
 
 
+@_sharding.auto_axes()
 def brier_score(
     probs: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None
 ) -> jax.Array:
@@ -783,6 +789,7 @@ def reliability_diagram(
     return _diagram(probs, labels, where, _num_bins(fname, num_bins))
 
 
+@_sharding.auto_axes()  # (here, where plot.reliability_diagram comes too)
 @functools.partial(jax.jit, static_argnames=("num_bins",))
 def _diagram(probs, labels, where, num_bins):
     (index, confidence, hit), flag = _binned_rows(probs, labels, where, num_bins, "sum")

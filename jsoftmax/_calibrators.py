@@ -37,7 +37,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _cpu, _losses
+from jsoftmax import _checks, _cpu, _losses, _sharding
 from jsoftmax._calibration import (
     _bin_index,
     _bounds,
@@ -149,6 +149,7 @@ Calibrator = (
 )
 
 
+@_sharding.auto_axes(_sharding.sharded_like("logits"))
 def calibrate(calibrator: Calibrator | ArrayLike, logits: ArrayLike) -> jax.Array:
     """Applies a fitted calibrator to logits and returns log-probabilities.
 
@@ -607,6 +608,7 @@ def _penalty(fname, name, value):
     return jnp.where((value >= 0) & jnp.isfinite(value), value, jnp.nan)
 
 
+@_sharding.auto_axes()
 def fit_vector_scaling(
     logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None
 ) -> VectorScaling:
@@ -650,6 +652,7 @@ def fit_vector_scaling(
     return VectorScaling(*_fit_affine(logits, labels, where, "vector", ()))
 
 
+@_sharding.auto_axes()
 def fit_matrix_scaling(
     logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None, l2: float = 0.0
 ) -> MatrixScaling:
@@ -693,6 +696,7 @@ def fit_matrix_scaling(
     return MatrixScaling(*_fit_affine(logits, labels, where, "matrix", penalties))
 
 
+@_sharding.auto_axes()
 def fit_dirichlet_calibration(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -747,6 +751,7 @@ def fit_dirichlet_calibration(
     return DirichletCalibration(*_fit_affine(logits, labels, where, "dirichlet", penalties))
 
 
+@_sharding.auto_axes()
 def fit_ensemble_temperature(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -944,6 +949,7 @@ def _fit_ensemble(logits, labels, where, low, high):
     return t * nan_if_bad, w / jnp.sum(w) * nan_if_bad
 
 
+@_sharding.auto_axes()
 def fit_histogram_binning(
     logits: ArrayLike, labels: ArrayLike, *, num_bins: int = 15, where: ArrayLike | None = None
 ) -> HistogramBinning:
@@ -1014,6 +1020,7 @@ def _fit_histogram(logits, labels, where, num_bins):
     return values.reshape(k, num_bins) * nan_if_bad
 
 
+@_sharding.auto_axes()
 def fit_isotonic(
     logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None
 ) -> IsotonicCalibration:

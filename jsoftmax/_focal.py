@@ -42,7 +42,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _cpu
+from jsoftmax import _checks, _cpu, _sharding
 from jsoftmax._checks import Axis
 from jsoftmax._losses import (
     _at_label,
@@ -236,6 +236,7 @@ def _focal_jvp(options, primals, tangents):
 _focal.defjvp(_focal_jvp, symbolic_zeros=True)
 
 
+@_sharding.auto_axes(_sharding.sharded_like("logits", drop="axis"))
 def softmax_focal_loss(
     logits: ArrayLike,
     labels: ArrayLike,

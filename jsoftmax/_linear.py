@@ -36,7 +36,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from jsoftmax import _checks, _cpu
+from jsoftmax import _checks, _cpu, _sharding
 from jsoftmax._losses import (
     _at_label,
     _check_reduction,
@@ -102,6 +102,7 @@ class _Hyper(NamedTuple):
 # ---------------------------------------------------------------- the public heads
 
 
+@_sharding.auto_axes(_sharding.sharded_like("hidden", drop=-1))
 def linear_softmax_cross_entropy(
     hidden: ArrayLike,
     weight: ArrayLike,
@@ -216,6 +217,7 @@ def linear_softmax_cross_entropy(
     return out[0] if reduction == "none" else out
 
 
+@_sharding.auto_axes(_sharding.sharded_like("hidden", drop=-1))
 def linear_log_probs(
     hidden: ArrayLike,
     weight: ArrayLike,
@@ -291,6 +293,7 @@ def linear_log_probs(
     return out if return_entropy else out[0]
 
 
+@_sharding.auto_axes(_sharding.sharded_like("hidden", drop=-1))
 def linear_log_probs_loss(
     hidden: ArrayLike,
     weight: ArrayLike,
@@ -389,6 +392,7 @@ def linear_log_probs_loss(
 _DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
+@_sharding.auto_axes(_sharding.sharded_like("student_hidden", drop=-1))
 def linear_distillation_loss(
     student_hidden: ArrayLike,
     student_weight: ArrayLike,
@@ -803,7 +807,8 @@ def _distillation_head(config, z, t, labels, counts, hyper, cts):
         log_m = jnp.logaddexp(jnp.log(beta) + log_p, jnp.log1p(-beta) + log_q)
         kl_qm = total(_weighted(q, log_q - log_m))
         kl = beta * total(_weighted(p, log_p - log_m)) + (1 - beta) * kl_qm
-    loss = jnp.where(counts, temperature**2 * kl * poison, 0.0)
+    # (T * (T * kl): T**2 overflows past sqrt(finfo.max), where the divergence is about 0)
+    loss = jnp.where(counts, temperature * (temperature * kl) * poison, 0.0)
     if cts is None:
         return (loss,), None, None
     r = cts[0] * temperature * poison  # T**2 from the loss, 1 / T from x

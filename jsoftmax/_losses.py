@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _cpu
+from jsoftmax import _checks, _cpu, _sharding
 from jsoftmax._checks import Axis
 from jsoftmax._softmax import _capped_slope, _logits, _nonzero, _normalizer, _shifted
 
@@ -423,6 +423,7 @@ def _dense_loss(x, labels, where, alpha, z_loss, smooth, with_z_loss, reduction)
     return _reduce(loss, counts, 1.0, reduction)
 
 
+@_sharding.auto_axes(_sharding.sharded_like("logits", drop="axis"))
 def softmax_cross_entropy_with_integer_labels(
     logits: ArrayLike,
     labels: ArrayLike,

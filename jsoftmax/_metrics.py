@@ -22,7 +22,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax import _calibration as _cal
-from jsoftmax import _checks, _select
+from jsoftmax import _checks, _select, _sharding
 
 # relplot's smECE: bisection from 1 over 10 halvings, so the smallest bandwidth
 # it can evaluate is 2**-10; below 0.001 the fixed-point test always passes.
@@ -57,6 +57,7 @@ def _nll_rows(probs, labels, where, log_input):
 _NLL = _cal._Metric(_nll_rows, _cal._per_row_mean)
 
 
+@_sharding.auto_axes()
 def negative_log_likelihood(
     probs: ArrayLike,
     labels: ArrayLike,
@@ -185,6 +186,7 @@ def _debiased_reduce(statistics, weights, num_bins, mode):
 _DEBIASED = _cal._Metric(_debiased_rows, _debiased_reduce, prepare=_cal._with_order)
 
 
+@_sharding.auto_axes()
 def debiased_calibration_error(
     probs: ArrayLike,
     labels: ArrayLike,
@@ -203,7 +205,10 @@ def debiased_calibration_error(
     uncertainty-calibration computes it; bin ``b`` holds ``e_{b-1} < q <= e_b``
     (so where the two are adjacent floats, float32 0.99999994 and 1.0, the
     midpoint may round onto the upper one, whose rows then join the bin below,
-    as in that package; float64 input keeps the cut). Then
+    as in that package; float64 input under ``jax_enable_x64`` keeps the cut).
+    float16 and bfloat16 probabilities are computed in float32, midpoints
+    included, where that package rounds them in float16 and may move a cut
+    (about 1e-4 relative on float16 softmax outputs). Then
 
     .. math::
         \widehat{\mathrm{CE}}^2 = \sum_{b:\ n_b \ge 2} \frac{n_b}{N}
@@ -436,6 +441,7 @@ def _smooth_reduce(statistics, weights):
 _SMOOTH = _cal._Metric(_smooth_rows, _smooth_reduce, batched=False)
 
 
+@_sharding.auto_axes()
 def smooth_calibration_error(
     probs: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None
 ) -> jax.Array:
@@ -541,6 +547,7 @@ def _smooth_diagram(probs, labels, where, num_points):
     )
 
 
+@_sharding.auto_axes()
 def smooth_reliability_diagram(
     probs: ArrayLike,
     labels: ArrayLike,
@@ -729,6 +736,7 @@ def _resamples(fname, num_resamples, level):
     return num_resamples, float(level)
 
 
+@_sharding.auto_axes()
 def bootstrap(
     metric: Callable[..., jax.Array],
     probs: ArrayLike,
@@ -804,6 +812,7 @@ def bootstrap(
     return _bootstrap(spec, options, num_resamples, level, probs, labels, where, key)
 
 
+@_sharding.auto_axes()  # (plot.smooth_reliability_diagram)
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _smooth_band(num_resamples, level, num_points, probs, labels, where, key):
     """A smoothed diagram and the percentile band of its curve at the same bandwidth."""

@@ -223,6 +223,23 @@ def test_log_probs_traced_out_of_range_label_makes_its_token_nan():
         assert np.isnan(out[2]) and np.isfinite(np.delete(out, 2)).all()
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_distillation_stays_finite_where_the_temperature_squared_overflows(divergence):
+    """Past sqrt(finfo.max) (1.8e19 in float32) ``T**2`` is inf while the divergence of
+    the scaled logits is about 0: the loss is ``T * (T * kl)``, finite (inf * 0 was NaN)."""
+    rng = np.random.default_rng(0)
+    hidden, teacher = (rng.standard_normal((6, 4)).astype(np.float32) for _ in range(2))
+    weight = rng.standard_normal((4, 9)).astype(np.float32)
+
+    def loss(h):
+        return jsoftmax.linear_distillation_loss(
+            h, weight, teacher, weight, temperature=1e20, divergence=divergence
+        )
+
+    value, grad = loss(hidden), jax.grad(lambda h: loss(h).sum())(hidden)
+    assert np.isfinite(value).all() and np.isfinite(grad).all()
+
+
 def test_heads_keep_huge_logits_under_a_temperature():
     """Logits near 2e10 (a tie) and spread near 1e9, divided by a temperature: the heads'
     values and gradients are the float64 limit. They shift before dividing: ``z / T - m``
