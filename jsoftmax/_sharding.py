@@ -18,38 +18,40 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, cast
 
 import jax
-import numpy as np
 from jax.sharding import PartitionSpec
+
+from jsoftmax import _checks
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def replicated(arguments: dict[str, Any]) -> PartitionSpec:
+def replicated(fname: str, arguments: dict[str, Any]) -> PartitionSpec:
     """Outputs that sum over the rows (a metric, a fit): on every device."""
-    del arguments
+    del fname, arguments
     return PartitionSpec()
 
 
 def sharded_like(
     name: str, drop: int | str | None = None
-) -> Callable[[dict[str, Any]], PartitionSpec]:
+) -> Callable[[str, dict[str, Any]], PartitionSpec]:
     """Outputs with the axes of argument ``name`` but ``drop`` (an axis, or the name of the
-    argument that holds the axes), sharded as those.
+    argument that holds the axes, checked as the function checks it), sharded as those.
 
     With a ``reduction`` other than "none" the outputs sum over the rows: replicated.
     """
 
-    def spec(arguments: dict[str, Any]) -> PartitionSpec:
+    def spec(fname: str, arguments: dict[str, Any]) -> PartitionSpec:
         x = arguments[name]
         if arguments.get("reduction", "none") != "none" or not isinstance(x, jax.Array):
             return PartitionSpec()
         axes = jax.typeof(x).sharding.spec
-        gone = set()
-        if drop is not None:
-            axis = arguments[drop] if isinstance(drop, str) else drop
-            every = range(len(axes))  # (a loss's ``axis=None`` reduces every axis)
-            gone = set(every) if axis is None else {every[a] for a in np.atleast_1d(axis)}
+        if isinstance(drop, str):
+            gone = _checks.axes(fname, arguments[drop], x.shape)
+        elif drop is not None and axes:  # (no axes: the function raises its own error)
+            gone = (drop % len(axes),)
+        else:
+            gone = ()
         return PartitionSpec(*(a for i, a in enumerate(axes) if i not in gone))
 
     return spec
@@ -66,12 +68,12 @@ def _explicit_mesh(values) -> jax.sharding.AbstractMesh | None:
 
 
 def auto_axes(
-    out_spec: Callable[[dict[str, Any]], Any] = replicated,
+    out_spec: Callable[[str, dict[str, Any]], Any] = replicated,
 ) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
     """Runs the decorated function with Explicit mesh axes made Auto.
 
-    ``out_spec`` maps the bound arguments (defaults applied) to the outputs'
-    ``PartitionSpec`` (or a pytree prefix of them).
+    ``out_spec`` maps the function's name and its bound arguments (defaults applied) to
+    the outputs' ``PartitionSpec`` (or a pytree prefix of them).
     """
 
     def decorate(fun: Callable[_P, _R]) -> Callable[_P, _R]:
@@ -99,7 +101,7 @@ def auto_axes(
             # Only the Explicit axes: inside a shard_map, Manual ones stay Manual.
             explicit = tuple(mesh.explicit_axes)
             auto = jax.sharding.auto_axes(
-                body, axes=explicit, out_sharding=out_spec(bound.arguments)
+                body, axes=explicit, out_sharding=out_spec(fun.__name__, bound.arguments)
             )
             with jax.sharding.use_abstract_mesh(mesh):
                 return cast(_R, auto(*(leaves[i] for i in arrays)))

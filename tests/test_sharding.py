@@ -161,6 +161,25 @@ with jax.set_mesh(mesh):
     )
     got = jax.jit(brier)(rows(probs), rows(labels))
 np.testing.assert_allclose(got, jsoftmax.brier_score(probs, labels), rtol=2e-5)
+
+# Bad input raises the error it raises without a mesh.
+bad = {
+    "axis 5 is out of range": lambda: jsoftmax.softmax_cross_entropy_with_integer_labels(
+        rows(logits), rows(labels), axis=5, class_weights=np.ones(k, np.float32)
+    ),
+    "repeats an axis": lambda: jsoftmax.softmax_focal_loss(rows(logits), rows(labels), axis=(1, 1)),
+    "hidden has shape ()": lambda: jsoftmax.linear_log_probs(
+        jnp.float32(1.0), weight, jnp.int32(0)
+    ),
+}
+for message, call in bad.items():
+    with jax.set_mesh(mesh):
+        try:
+            call()
+        except ValueError as error:
+            assert message in str(error), error
+        else:
+            raise AssertionError(message)
 print("sharded ok")
 """
 
