@@ -395,7 +395,9 @@ def softmax_cross_entropy(
       masked row costs 0 with zero gradient and does not count in "mean"; if
       no row counts, "mean" is 0 (PyTorch gives NaN). The gradient with
       respect to ``labels`` is ``-log_softmax`` on kept classes and 0 on
-      masked ones.
+      masked ones, a convention where the limit is ``+inf``: the logits'
+      gradient counts a masked class's mass, as the loss does, so the mixed
+      second derivatives there (``jax.hessian`` over both) are not symmetric.
 
     References:
       Müller et al., `When does label smoothing help?
