@@ -10,7 +10,8 @@ log-probabilities.
 
 The parametric calibrators (vector, matrix and Dirichlet scaling) minimise a
 convex objective, the mean negative log-likelihood plus their penalty, by
-L-BFGS (:func:`_minimize`) from the identity map, until the gradient's largest
+L-BFGS (:func:`_minimize`) from the identity map (scaled down where the logits
+spread past ``_START_SPREAD``; see :func:`_fit_affine`), until the gradient's largest
 entry is below ``_GRADIENT_TOL`` times the objective's scale or no step
 decreases it (the dtype's precision is reached). They run on standardised
 features (the weights absorb the spread, the bias the mean), which changes the
@@ -52,6 +53,7 @@ from jsoftmax._calibration import _num_bins as _checked_num_bins
 
 _MAX_ITERATIONS = 500
 _HISTORY = 10
+_HALVINGS = 50  # of a step, before the line search gives up: no step decreases the objective
 _START_SPREAD = 16.0
 # The affine fits on 4 times as many rows as the larger of these start on a sample of
 # that many rows (_fit_affine), never fewer than 32 per parameter (a smaller sample
@@ -202,7 +204,9 @@ def _temperature_scaling(fname, temperature, shape, dtype):
             f"{fname}: calibrator must be one of the fit_* functions' results (a scalar "
             f"temperature for fit_temperature), got {type(temperature).__name__}"
         )
-    t = _checks.temperature(fname, t, shape, (len(shape) - 1,), dtype)
+    t = _checks.temperature(
+        fname, temperature, shape, (len(shape) - 1,), dtype, name="calibrator (a temperature)"
+    )
     return EnsembleTemperature(t, jnp.array([1.0, 0.0, 0.0], dtype))
 
 
@@ -250,7 +254,9 @@ def _check_shapes(fname, calibrator, shape):
             )
     # What no fit returns, and calibrate would read as NaN or the identity.
     if isinstance(calibrator, HistogramBinning) and jnp.shape(calibrator.values)[-1] == 0:
-        raise ValueError(f"{fname}: HistogramBinning.values has no bin, got shape {got}")
+        raise ValueError(
+            f"{fname}: HistogramBinning.values has no bin, got shape {jnp.shape(calibrator.values)}"
+        )
     if isinstance(calibrator, IsotonicCalibration) and not _checks.is_traced(calibrator.count):
         size = jnp.shape(calibrator.thresholds)[-1]
         if not 0 <= int(calibrator.count) <= size:
@@ -422,7 +428,7 @@ def _minimize(fun, x0, memory=None):
 
         def shrinking(state):
             t, f_new, _, tries = state
-            return (tries < 50) & ~(f_new <= f + 1e-4 * t * slope + slack)
+            return (tries < _HALVINGS) & ~(f_new <= f + 1e-4 * t * slope + slack)
 
         def shrink(state):
             t, _, _, tries = state
@@ -441,7 +447,7 @@ def _minimize(fun, x0, memory=None):
         d = direction(g, s, y, rho, k)
         d = jnp.where(jnp.dot(g, d) < 0, d, -g)  # a lost descent direction restarts
         t, f_new, g_new, tries = line_search(x, f, g, d)
-        decreased = tries < 50
+        decreased = tries < _HALVINGS  # (a step of 2**-50 that decreased counts as none)
         sk, yk = t * d, g_new - g
         sy = jnp.dot(sk, yk)
         keep = decreased & (sy > 0)
@@ -516,11 +522,11 @@ def _fit_affine(logits, labels, where, kind, penalties):
     ref = features[jnp.argmax(scored)] / unit if x.shape[0] else jnp.zeros(k, x.dtype)
     ref = jnp.where(m > 0, ref, 0.0)  # (no scored row: the fit is the identity)
     scaled = features / unit - ref
-    mean = _mean(jnp.sum(jnp.where(scored[:, None], scaled, 0.0), axis=0), m)
-    deviation = jnp.where(scored[:, None], (scaled - mean) ** 2, 0.0)
+    scaled_mean = _mean(jnp.sum(jnp.where(scored[:, None], scaled, 0.0), axis=0), m)
+    deviation = jnp.where(scored[:, None], (scaled - scaled_mean) ** 2, 0.0)
     spread = jnp.sqrt(_mean(jnp.sum(deviation, axis=0), m)) * unit
-    standard = scaled - mean
-    mean = (mean + ref) * unit
+    standard = scaled - scaled_mean
+    mean = (scaled_mean + ref) * unit
     # A feature that varies by at most an ulp of its mean (not at all, or by a finite
     # mask's rounding: finfo.min, or Dirichlet's log-probability of a class masked by
     # -1e8 in float32) is constant: its spread is its size, for the weight's scale (with
@@ -545,8 +551,10 @@ def _fit_affine(logits, labels, where, kind, penalties):
     # the mask's square and the fit stopped far off: NLL 0.65 for 0.50), a constant one
     # at 1 / sqrt(eps) times that (the bias keeps its rounding). (Below their mean, a
     # mask's offset moved the others' biases to its third, and their rounding.)
-    size = jnp.where(constant, jnp.sqrt(eps) * jnp.abs(mean), jnp.where(far, jnp.abs(mean), spread))
-    start = jnp.minimum(1.0, _START_SPREAD / size)
+    start_size = jnp.where(
+        constant, jnp.sqrt(eps) * jnp.abs(mean), jnp.where(far, jnp.abs(mean), spread)
+    )
+    start = jnp.minimum(1.0, _START_SPREAD / start_size)
     start = start if kind == "vector" else eye * start[:, None]
     offset = linear(start, mean)
     centre = jnp.max(offset) if k else 0.0
@@ -577,14 +585,14 @@ def _fit_affine(logits, labels, where, kind, penalties):
     nan_if_bad = nan_if_bad * jnp.where(jnp.isnan(sum(penalties, 0.0)), jnp.nan, 1.0)
     rows = (standard, possible, labels, scored, n)
     memory = None
-    size = max(_SAMPLE_ROWS, _SAMPLE_PER_PARAMETER * flat0.size)
-    if x.shape[0] >= 4 * size:
+    sample_rows = max(_SAMPLE_ROWS, _SAMPLE_PER_PARAMETER * flat0.size)
+    if x.shape[0] >= 4 * sample_rows:
         # First on rows drawn at random: the mean NLL there has about the full one's
         # optimum and curvature, so the full fit starts near its optimum with L-BFGS's
         # memory of that curvature (1,000,000 x 10: 13-14 full evaluations -> 7). (A
         # fixed key: the fit is deterministic. A stride aliased with rows in class order,
         # 15 full evaluations -> 57.)
-        drawn = jax.random.randint(jax.random.key(0), (size,), 0, x.shape[0], jnp.int32)
+        drawn = jax.random.randint(jax.random.key(0), (sample_rows,), 0, x.shape[0], jnp.int32)
         sample = [a[drawn] for a in rows[:4]] + [jnp.sum(where[drawn], dtype=n.dtype)]
         flat0, memory = _minimize(functools.partial(objective, rows=sample), flat0)
     flat, _ = _minimize(functools.partial(objective, rows=rows), flat0, memory)
@@ -618,8 +626,9 @@ def fit_vector_scaling(
         (a^\star, b^\star) = \arg\min_{a, b \in \mathbb{R}^K} \frac{1}{N} \sum_i
         -\log \mathrm{softmax}(a \odot x_i + b)_{y_i}
 
-    a convex problem, solved by L-BFGS from ``a = 1, b = 0`` (the identity)
-    until the gradient's largest entry (in the scale and bias of the
+    a convex problem, solved by L-BFGS from ``a = 1, b = 0`` (the identity;
+    scaled down where the logits spread past 16, where float32's NLL has no
+    curvature) until the gradient's largest entry (in the scale and bias of the
     standardised logits) is below 1e-5 (1e-9 for float64) or the objective
     stops decreasing.
 
@@ -664,7 +673,8 @@ def fit_matrix_scaling(
         + \lambda \big(\lVert W - I \rVert_F^2 + \lVert b \rVert^2\big)
 
     a convex problem, solved by L-BFGS from ``W = I, b = 0`` (the identity,
-    which is also where a large ``l2`` pulls it) to the tolerance of
+    which is also where a large ``l2`` pulls it; scaled down as vector
+    scaling's start) to the tolerance of
     :func:`fit_vector_scaling`. With ``K^2 + K`` parameters it overfits small
     validation sets; ``l2`` or :func:`fit_dirichlet_calibration`'s ODIR
     penalty is the remedy.
@@ -715,7 +725,8 @@ def fit_dirichlet_calibration(
         + \frac{\mu}{K} \sum_k b_k^2
 
     (Off-Diagonal and Intercept Regularisation), convex, solved by L-BFGS from
-    ``W = I, b = 0`` (the identity) to the tolerance of
+    ``W = I, b = 0`` (the identity, scaled down as vector scaling's start) to
+    the tolerance of
     :func:`fit_vector_scaling`.
 
     Args:

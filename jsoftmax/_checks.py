@@ -271,24 +271,30 @@ def ignore_index(fname: str, value) -> int | None:
 
 
 def temperature(
-    fname: str, value: ArrayLike, shape: tuple[int, ...], reduced: tuple[int, ...], dtype
+    fname: str,
+    value: ArrayLike,
+    shape: tuple[int, ...],
+    reduced: tuple[int, ...],
+    dtype,
+    *,
+    name: str = "temperature",
 ) -> jax.Array:
-    """Validates a temperature for an array of ``shape`` reduced over ``reduced``, and
-    returns it in the compute ``dtype``.
+    """Validates a temperature (the argument ``name``) for an array of ``shape`` reduced
+    over ``reduced``, and returns it in the compute ``dtype``.
 
     It must broadcast to ``shape`` with size 1 along the reduced axes (one
     temperature per row). Concrete values must be positive and finite, also in
     ``dtype`` (1e-50 is 0 in float32, and so is a subnormal); traced ones that
     are not become NaN, so the affected rows come out NaN.
     """
-    t = real(fname, "temperature", value)
+    t = real(fname, name, value)
     if t.ndim > len(shape):
-        raise ValueError(f"{fname}: temperature has shape {t.shape}, more axes than x {shape}")
+        raise ValueError(f"{fname}: {name} has shape {t.shape}, more axes than x {shape}")
     padded = (1,) * (len(shape) - t.ndim) + t.shape
     bad_broadcast = any(p not in (1, s) for p, s in zip(padded, shape, strict=True))
     if bad_broadcast or any(padded[a] != 1 for a in reduced):
         raise ValueError(
-            f"{fname}: temperature has shape {t.shape}; it must broadcast to x's shape "
+            f"{fname}: {name} has shape {t.shape}; it must broadcast to x's shape "
             f"{shape} with size 1 along the reduced axes {reduced}"
         )
     if not is_traced(value):
@@ -298,9 +304,7 @@ def temperature(
         # (A subnormal is 0 to XLA, which flushes them.)
         if not np.all(np.isfinite(cast) & (cast >= np.finfo(dtype).tiny)):
             within = f" in {dtype}" if np.all(np.isfinite(concrete) & (concrete > 0)) else ""
-            raise ValueError(
-                f"{fname}: temperature must be positive and finite{within}, got "
-                f"{concrete.ravel()[:8]}"
-            )
+            got = concrete.item() if concrete.ndim == 0 else concrete.ravel()[:8]
+            raise ValueError(f"{fname}: {name} must be positive and finite{within}, got {got}")
     t = t.astype(dtype)
     return jnp.where((t >= jnp.finfo(dtype).tiny) & jnp.isfinite(t), t, jnp.nan)
