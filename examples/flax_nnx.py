@@ -20,7 +20,7 @@ class Classifier(nnx.Module):
 def loss_fn(model, x, y, keep):
     # `keep` masks padded rows out of the mean; z-loss keeps the logits' scale in check.
     return jsoftmax.softmax_cross_entropy_with_integer_labels(
-        model(x), y, where=keep[:, None], z_loss=1e-4, reduction="mean"
+        model(x), y, where=keep, z_loss=1e-4, reduction="mean"
     )
 
 
@@ -34,7 +34,8 @@ def train_step(model, optimizer, x, y, keep):
 kx, kw = jax.random.split(jax.random.key(0))
 x = jax.random.normal(kx, (256, 8))
 y = jnp.argmax(x @ jax.random.normal(kw, (8, 4)), axis=-1)
-keep = jnp.arange(256) < 240  # the last 16 rows are padding
+keep = jnp.arange(256) < 240  # the last 16 rows are padding, which may hold anything
+x, y = jnp.where(keep[:, None], x, 1e30), jnp.where(keep, y, -1)
 model = Classifier(8, 4, nnx.Rngs(0))
 optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 losses = [float(train_step(model, optimizer, x, y, keep)) for _ in range(100)]

@@ -8,6 +8,7 @@ os.environ["XLA_FLAGS"] = (
 )
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -20,9 +21,12 @@ kh, kw, ky = jax.random.split(jax.random.key(0), 3)
 hidden = jax.random.normal(kh, (tokens, width))
 weight = jax.random.normal(kw, (width, vocab)) / width**0.5
 labels = jax.random.randint(ky, (tokens,), 0, vocab)
-unsharded = jsoftmax.softmax_cross_entropy_with_integer_labels(
-    hidden @ weight, labels, label_smoothing=0.1, reduction="mean"
-)
+unsharded, unsharded_grads = jax.value_and_grad(
+    lambda h, w: jsoftmax.softmax_cross_entropy_with_integer_labels(
+        h @ w, labels, label_smoothing=0.1, reduction="mean"
+    ),
+    argnums=(0, 1),
+)(hidden, weight)
 hidden, labels = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (hidden, labels))
 weight = jax.device_put(weight, NamedSharding(mesh, P(None, "model")))
 
@@ -40,16 +44,16 @@ loss_fn = jax.shard_map(
 )
 
 
-@jax.jit
-def train_step(hidden, weight, labels):
-    loss, grads = jax.value_and_grad(loss_fn, argnums=(0, 1))(hidden, weight, labels)
-    return loss, hidden - 0.5 * grads[0], weight - 0.5 * grads[1]
-
+value_and_grad = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
+loss, grads = value_and_grad(hidden, weight, labels)
+assert abs(loss - unsharded) < 1e-4 * abs(unsharded), (loss, unsharded)
+for got, want in zip(grads, unsharded_grads, strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5 * float(abs(want).max()))
 
 losses = []
 for _ in range(20):
-    loss, hidden, weight = train_step(hidden, weight, labels)
+    loss, grads = value_and_grad(hidden, weight, labels)
+    hidden, weight = hidden - 0.5 * grads[0], weight - 0.5 * grads[1]
     losses.append(float(loss))
-assert abs(losses[0] - float(unsharded)) < 1e-4 * abs(float(unsharded)), (losses[0], unsharded)
 assert losses[-1] < losses[0]
 print(f"shard_map ok on {jax.device_count()} devices: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
