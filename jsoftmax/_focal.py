@@ -55,6 +55,7 @@ from jsoftmax._losses import (
     _label_logit,
     _per_label,
     _smoothed,
+    _stopped_weights,
 )
 from jsoftmax._softmax import (
     _capped_slope,
@@ -371,8 +372,7 @@ def _focal_loss(x, labels, where, weights, alpha, gamma, smooth, flsd, ignore, s
     dtype = _checks.compute_dtype(x.dtype)
     alpha = lax.stop_gradient(alpha)
     gamma = lax.stop_gradient(gamma.astype(dtype))
-    if weights is not None:
-        weights = lax.stop_gradient(weights.astype(dtype))
+    weights = _stopped_weights(weights, x.dtype)
     options = _Options(smooth, flsd, softcap)
 
     def loss_of(safe_labels, weights):

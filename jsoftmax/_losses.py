@@ -94,7 +94,7 @@ def _rows(x, where, target, weights, options) -> _Rows:
     # target's mass, the kept classes and their weights).
     shifted, unshifted = [], []
     if options.dense:
-        target = target.astype(z.dtype)
+        target = _dense_target(target, weights, z.dtype)
         # 0 * -inf counts 0: probability on a masked class is caught by the -inf.
         shifted.append(jnp.where(target == 0, 0.0, target * d))
         unshifted.append(target)
@@ -119,6 +119,12 @@ def _rows(x, where, target, weights, options) -> _Rows:
         w_sum = unshifted.pop(0) if weights is not None else count
     has_class = _cpu.has_class(top, s)[..., 0]
     return _Rows(m[..., 0], jnp.log(s[..., 0]), has_class, t0, t_d, count, w_sum, w_d)
+
+
+def _dense_target(target, weights, dtype):
+    """Dense labels (or their tangent) times the class weights: ``w * t`` prices each class."""
+    target = target.astype(dtype)
+    return target if weights is None else target * weights
 
 
 def _lse(rows):
@@ -180,7 +186,7 @@ def _cross_entropy_tangent(options, x, where, target, weights, alpha, z_loss, ro
     if t_x is not None:
         g = (a * jnp.exp(-rows.log_s))[..., None] * jnp.exp(d)  # A p
         if options.dense:
-            g = g - b[..., None] * target.astype(z.dtype)
+            g = g - b[..., None] * _dense_target(target, weights, z.dtype)
         if options.smooth:
             g = g - c[..., None] * (1.0 if weights is None else weights)
         if slope is not None:  # d cap(x) / dx
@@ -195,7 +201,8 @@ def _cross_entropy_tangent(options, x, where, target, weights, alpha, z_loss, ro
         out = out + jnp.sum(g * t, -1)
     if options.dense and t_target is not None:
         log_p = rows.log_s[..., None] - d
-        out = out + b * jnp.sum(jnp.where(kept, log_p, 0.0) * t_target.astype(z.dtype), -1)
+        t_target = _dense_target(t_target, weights, z.dtype)
+        out = out + b * jnp.sum(jnp.where(kept, log_p, 0.0) * t_target, -1)
     return out
 
 
@@ -351,13 +358,14 @@ def softmax_cross_entropy(
     where: ArrayLike | None = None,
     *,
     label_smoothing: ArrayLike = 0.0,
+    class_weights: ArrayLike | None = None,
     z_loss: ArrayLike = 0.0,
     reduction: str = "none",
 ) -> jax.Array:
     r"""Cross-entropy between logits and probability labels (drop-in for optax's).
 
     .. math::
-        \ell_i = -\sum_k q_{ik} \log \mathrm{softmax}(x_i)_k + \lambda\,
+        \ell_i = -\sum_k w_k q_{ik} \log \mathrm{softmax}(x_i)_k + \lambda\,
         \mathrm{logsumexp}(x_i)^2, \qquad
         q_i = (1 - \alpha)\, \mathrm{labels}_i + \alpha / K_i
 
@@ -373,9 +381,11 @@ def softmax_cross_entropy(
       where: boolean mask broadcastable to ``logits``, or with fewer axes a row
         mask broadcastable to the loss's shape (optax's ``[batch]``).
       label_smoothing: ``alpha`` in [0, 1].
+      class_weights: ``[K]`` non-negative weights ``w`` (all 1 by default; not
+        differentiated), PyTorch's ``weight`` with probability targets.
       z_loss: ``lambda >= 0``, the weight of PaLM's auxiliary ``logsumexp**2``.
       reduction: "none" (per row), "sum", or "mean" over the rows that count
-        (not fully masked), as PyTorch's probability targets do.
+        (not fully masked; not weighted), as PyTorch's probability targets do.
 
     Returns:
       The loss per row for "none", else a scalar; float32 (float64 for
@@ -391,7 +401,8 @@ def softmax_cross_entropy(
 
     Note:
       Probability on a masked class, or one whose logit is ``-inf``, costs
-      ``+inf`` (``-log 0``); zero probability there costs nothing. A fully
+      ``+inf`` (``-log 0``) unless its class weighs 0; zero probability there
+      costs nothing. A fully
       masked row costs 0 with zero gradient and does not count in "mean"; if
       no row counts, "mean" is 0 (PyTorch gives NaN). The gradient with
       respect to ``labels`` is ``-log_softmax`` on kept classes and 0 on
@@ -413,15 +424,17 @@ def softmax_cross_entropy(
             "dense labels must match the logits"
         )
     z, where, _, flat = _class_last(fname, logits_arr, axis, where)
+    class_weights = _class_weights(fname, class_weights, z.shape[-1])
     options = _options(fname, reduction, label_smoothing, z_loss, _checks.compute_dtype(z.dtype))
-    return _dense_loss(z, flat(labels), where, *options, reduction)
+    return _dense_loss(z, flat(labels), where, class_weights, *options, reduction)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7))
-def _dense_loss(x, labels, where, alpha, z_loss, smooth, with_z_loss, reduction):
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def _dense_loss(x, labels, where, weights, alpha, z_loss, smooth, with_z_loss, reduction):
     alpha, z_loss = lax.stop_gradient(alpha), lax.stop_gradient(z_loss)
+    weights = _stopped_weights(weights, x.dtype)
     options = _Options(True, smooth, with_z_loss, None)
-    loss, counts = _cross_entropy(x, where, labels, None, alpha, z_loss, options)
+    loss, counts = _cross_entropy(x, where, labels, weights, alpha, z_loss, options)
     return _reduce(loss, counts, 1.0, reduction)
 
 
@@ -527,8 +540,7 @@ def _integer_loss(
     x, labels, where, weights, alpha, z_loss, smooth, with_z_loss, ignore, softcap, reduction
 ):
     alpha, z_loss = lax.stop_gradient(alpha), lax.stop_gradient(z_loss)
-    if weights is not None:
-        weights = lax.stop_gradient(weights.astype(_checks.compute_dtype(x.dtype)))
+    weights = _stopped_weights(weights, x.dtype)
     options = _Options(False, smooth, with_z_loss, softcap)
 
     def loss_of(safe_labels, weights):
@@ -554,17 +566,28 @@ def _integer_inputs(fname, logits, labels, axis, where, class_weights, ignore_in
         ignore_index,
         kept=rows,
     )
-    num_classes = z.shape[-1]
-    if class_weights is not None:
-        class_weights = _checks.floating(fname, "class_weights", class_weights)
-        if class_weights.shape != (num_classes,):
-            raise ValueError(
-                f"{fname}: class_weights has shape {class_weights.shape} but the logits "
-                f"have {num_classes} classes; it needs ({num_classes},)"
-            )
-        # (Traced, a bad weight makes the rows of its class NaN.)
-        class_weights = _in_range(fname, "class_weights", class_weights, 0.0)
-    return z, labels, where, class_weights, ignore_index
+    return z, labels, where, _class_weights(fname, class_weights, z.shape[-1]), ignore_index
+
+
+def _class_weights(fname, class_weights, num_classes):
+    """Validates ``[K]`` non-negative class weights (None: none); a traced bad weight is NaN,
+    and so are the rows that read it."""
+    if class_weights is None:
+        return None
+    class_weights = _checks.floating(fname, "class_weights", class_weights)
+    if class_weights.shape != (num_classes,):
+        raise ValueError(
+            f"{fname}: class_weights has shape {class_weights.shape} but the logits "
+            f"have {num_classes} classes; it needs ({num_classes},)"
+        )
+    return _in_range(fname, "class_weights", class_weights, 0.0)
+
+
+def _stopped_weights(weights, dtype):
+    """Class weights in the compute dtype of logits of ``dtype``, not differentiated."""
+    if weights is None:
+        return None
+    return lax.stop_gradient(weights.astype(_checks.compute_dtype(dtype)))
 
 
 def _per_label(loss_of, labels, where, num_classes, weights, smooth, ignore, reduction):

@@ -82,12 +82,13 @@ def integer_cross_entropy(
     return losses.sum() / denominator if denominator else 0.0
 
 
-def dense_cross_entropy(logits, labels, where=None, alpha=0.0, z_loss=0.0, reduction="none"):
-    """-sum(q * log_softmax) with q smoothed over the kept classes, in float64."""
-    x = np.asarray(logits, np.float64)
+def dense_cross_entropy(
+    logits, labels, where=None, alpha=0.0, z_loss=0.0, reduction="none", weights=None
+):
+    """-sum(w * q * log_softmax) with q smoothed over the kept classes, in float64 (PyTorch's
+    probability targets with ``weight``: "mean" divides by the rows)."""
+    x, kept, w = _capped_rows(logits, where, None, weights)
     q = np.asarray(labels, np.float64)
-    kept = x != -np.inf if where is None else np.asarray(where) & (x != -np.inf)
-    kept = np.broadcast_to(kept, x.shape)
     losses, rows = np.zeros(x.shape[0]), 0
     for i in range(x.shape[0]):
         if not kept[i].any():
@@ -96,7 +97,7 @@ def dense_cross_entropy(logits, labels, where=None, alpha=0.0, z_loss=0.0, reduc
         lse = special.logsumexp(row)
         qi = (1 - alpha) * q[i] + np.where(kept[i], alpha / kept[i].sum(), 0.0)
         with np.errstate(invalid="ignore"):
-            terms = np.where(qi == 0, 0.0, -qi * (row - lse))
+            terms = np.where(qi == 0, 0.0, -w * qi * (row - lse))
         losses[i] = terms.sum() + z_loss * lse**2
         rows += 1
     if reduction == "none":

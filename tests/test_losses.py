@@ -93,17 +93,46 @@ def test_integer_matches_pytorch_rules_in_float64(opts):
 @pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])
 @pytest.mark.parametrize("masked", [False, True])
-def test_dense_matches_float64_reference(alpha, z_loss, masked):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_dense_matches_float64_reference(alpha, z_loss, masked, weighted):
     logits, _ = data()
     labels = np.random.default_rng(3).dirichlet(np.ones(K), N).astype(np.float32)
     where = mask() if masked else None
     if masked:
         labels = np.where(where, labels, 0.0)
+    weights = np.random.default_rng(4).uniform(0.0, 3.0, K) if weighted else None
     for reduction in ("none", "sum", "mean"):
         kwargs = dict(label_smoothing=alpha, z_loss=z_loss, reduction=reduction)
-        ours = ce_dense(logits, labels, where=where, **kwargs)
-        ref = reference.dense_cross_entropy(logits, labels, where, alpha, z_loss, reduction)
+        ours = ce_dense(logits, labels, where=where, class_weights=weights, **kwargs)
+        ref = reference.dense_cross_entropy(
+            logits, labels, where, alpha, z_loss, reduction, weights
+        )
         close(ours, ref)
+
+
+def test_dense_class_weights_as_pytorchs_weight_with_probability_targets():
+    """One-hot rows weigh as the integer loss's ('none'); 'mean' divides by the rows, as
+    PyTorch's probability targets do, not by the labels' weights; a class weighing 0
+    prices its mass at 0 also on a masked class; the weights get no gradient."""
+    logits, labels = data()
+    weights = np.random.default_rng(4).uniform(0.5, 3.0, K).astype(np.float32)
+    one_hot = jax.nn.one_hot(labels, K)
+    for alpha in (0.0, 0.3):
+        kwargs = dict(label_smoothing=alpha, class_weights=weights)
+        close(ce_dense(logits, one_hot, **kwargs), ce_int(logits, labels, **kwargs))
+        close(
+            ce_dense(logits, one_hot, **kwargs, reduction="mean"),
+            ce_int(logits, labels, **kwargs, reduction="sum") / N,
+        )
+    where = np.ones((N, K), bool)
+    where[:, 0] = False
+    zero = weights.copy()
+    zero[0] = 0.0
+    on_masked = jax.nn.one_hot(jnp.zeros(N, int), K)
+    assert np.isinf(ce_dense(logits, on_masked, where=where, class_weights=weights)).all()
+    np.testing.assert_array_equal(ce_dense(logits, on_masked, where=where, class_weights=zero), 0)
+    grad = jax.grad(lambda w: ce_dense(logits, one_hot, class_weights=w, reduction="sum"))
+    np.testing.assert_array_equal(grad(jnp.asarray(weights)), 0)
 
 
 @pytest.mark.parametrize("k", [1000, 32000, 50257, 128256])
@@ -310,6 +339,9 @@ LOSS_CASES = {
     "dense": lambda x, y, q, w, m: ce_dense(x, q),
     "dense+smoothing": lambda x, y, q, w, m: ce_dense(x, q, label_smoothing=0.1, z_loss=1e-4),
     "dense+where": lambda x, y, q, w, m: ce_dense(x, q, where=m),
+    "dense+smoothing+class_weights": lambda x, y, q, w, m: ce_dense(
+        x, q, label_smoothing=0.1, class_weights=w
+    ),
 }
 
 
@@ -893,7 +925,8 @@ def test_integer_check_grads(opts, reduction, x64):
 def test_dense_check_grads_logits_and_labels(alpha, x64):
     logits, _ = data(n=4)
     labels = jnp.asarray(np.random.default_rng(5).dirichlet(np.ones(K), 4))
-    kwargs = dict(label_smoothing=alpha, z_loss=1e-2, reduction="mean")
+    weights = np.random.default_rng(4).uniform(0.5, 3.0, K)
+    kwargs = dict(label_smoothing=alpha, z_loss=1e-2, class_weights=weights, reduction="mean")
     f = jax.jit(lambda x, q: ce_dense(x, q, **kwargs))
     check_grads_order_two(f, (jnp.asarray(logits, jnp.float64), labels))
     # with a mask, labels must be 0 on masked classes (else the loss is +inf)

@@ -90,6 +90,13 @@ cases = {
         fit_head,
         True,
     ),
+    "softmax_cross_entropy, class_weights": (
+        lambda z, q: jsoftmax.softmax_cross_entropy(
+            z, q, class_weights=jnp.arange(1.0, k + 1), label_smoothing=0.1
+        ),
+        (logits, probs),
+        True,
+    ),
     "softmax_focal_loss, class_weights, axis 0": (
         lambda z, y: jsoftmax.softmax_focal_loss(z.T, y, axis=0, class_weights=jnp.ones(k)),
         fit_head,
