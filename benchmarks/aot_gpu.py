@@ -188,8 +188,8 @@ def head_temp(compile, head, args, fused, accum=None):
 
     def fn(h, w, labels, advantage, t_weight):
         options = {"chunk_size": 2048, "accum_dtype": accum}
-        pair = bench_linear.losses(head, labels, advantage, h, t_weight, options)
-        return pair[0 if fused else 1](h, w)
+        pair = bench_linear.losses(head, options)
+        return pair[0 if fused else 1](h, w, labels, advantage, h, t_weight)
 
     return compile(fn, *args).memory_analysis().temp_size_in_bytes / 2**20
 

@@ -55,34 +55,39 @@ def problem(n, d, v, dtype):
     return hidden, weight, labels, advantage, teacher
 
 
-def losses(head, labels, advantage, t_hidden, t_weight, options):
-    """The fused and unfused scalar losses of (hidden, weight) for ``head``."""
+def losses(head, options):
+    """The fused and unfused scalar losses for ``head``, and their gradients in (hidden, weight).
+
+    Each takes ``(h, w, labels, advantage, t_hidden, t_weight)``: arrays closed over would be
+    constants of the program (the teacher's weight: 62 MiB at 512 x 32000, outside the temp
+    memory; XLA folded the teacher's logits into one at small sizes).
+    """
     if head == "cross_entropy":
 
-        def fused(h, w):
+        def fused(h, w, labels, *_):
             return jsoftmax.linear_softmax_cross_entropy(h, w, labels, reduction="mean", **options)
 
-        def unfused(h, w):
+        def unfused(h, w, labels, *_):
             return jsoftmax.softmax_cross_entropy_with_integer_labels(
                 h @ w, labels, reduction="mean"
             )
 
     elif head == "log_probs":  # per-token outputs, then the loss: cotangents per token
 
-        def fused(h, w):
+        def fused(h, w, labels, advantage, *_):
             logp, entropy = jsoftmax.linear_log_probs(h, w, labels, return_entropy=True, **options)
             return jnp.mean(policy_loss(logp, entropy, advantage))
 
     elif head == "log_probs_loss":  # the same loss fused with the head
 
-        def fused(h, w):
+        def fused(h, w, labels, advantage, *_):
             return jsoftmax.linear_log_probs_loss(
                 h, w, labels, policy_loss, (advantage,), with_entropy=True, **options
             )
 
     if head in ("log_probs", "log_probs_loss"):
 
-        def unfused(h, w):
+        def unfused(h, w, labels, advantage, *_):
             log_p = jax.nn.log_softmax((h @ w).astype(jnp.float32))
             logp = jnp.take_along_axis(log_p, labels[:, None], 1)[:, 0]
             entropy = -jnp.sum(jnp.exp(log_p) * log_p, -1)
@@ -91,7 +96,7 @@ def losses(head, labels, advantage, t_hidden, t_weight, options):
     elif head != "cross_entropy":
         divergence = head
 
-        def fused(h, w):
+        def fused(h, w, _labels, _advantage, t_hidden, t_weight):
             return jsoftmax.linear_distillation_loss(
                 h,
                 w,
@@ -103,7 +108,7 @@ def losses(head, labels, advantage, t_hidden, t_weight, options):
                 **options,
             )
 
-        def unfused(h, w):
+        def unfused(h, w, _labels, _advantage, t_hidden, t_weight):
             log_q = jax.nn.log_softmax((h @ w).astype(jnp.float32) / 2)
             log_p = jax.nn.log_softmax((t_hidden @ t_weight).astype(jnp.float32) / 2)
             p, q = jnp.exp(log_p), jnp.exp(log_q)
@@ -145,15 +150,17 @@ def main():
                     "chunk_size": None if chunk == "default" else int(chunk),
                     "accum_dtype": None if accum == "default" else accum,
                 }
-                fused, unfused = losses(head, labels, advantage, hidden, t_weight, options)
+                fused, unfused = losses(head, options)
+                # The teacher of the distillation rows: the student's hidden states, its own head.
+                arrays = (hidden, weight, labels, advantage, hidden, t_weight)
                 sums = "" if accum == "default" else f", {accum} sums"
                 label = f"| {head} | {n} x {d} x {v}, {jnp.dtype(dtype).name} | {chunk}{sums} "
                 if need > args.max_unfused_gib:
-                    _, mem = compiled(fused, hidden, weight)
+                    _, mem = compiled(fused, *arrays)
                     print(f"{label}| | | unfused skipped | {mem / 2**20:.0f} | | |", flush=True)
                     continue
                 try:
-                    r = compare(fused, unfused, (hidden, weight), args.repeats)
+                    r = compare(fused, unfused, arrays, args.repeats)
                 except jax.errors.JaxRuntimeError as e:  # out of memory: say so, go on
                     print(f"{label}| failed: {str(e).splitlines()[0][:120]} |", flush=True)
                     continue
