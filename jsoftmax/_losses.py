@@ -11,9 +11,9 @@ finite, ``+inf`` entries at ``d = 0``), ``s = sum(exp(d))`` (so
     \qquad c = (1 - \alpha)\, t + \tfrac{\alpha}{K} w \odot v,
 
 where ``t`` is the primary target (``w_y`` on the label's class for integer
-labels, the given probabilities for dense ones), ``v`` marks the ``K`` kept
-classes and ``w`` are the class weights (1 without them). ``c`` is never built
-for integer labels: its two terms are a gather and a row sum.
+labels, ``w`` times the given probabilities for dense ones), ``v`` marks the
+``K`` kept classes and ``w`` are the class weights (1 without them). ``c`` is
+never built for integer labels: its two terms are a gather and a row sum.
 
 A ``jax.custom_jvp`` owns the derivative, ``A p - B t - C w v`` per row,
 written so that reverse mode keeps only the logits as the caller gave them,

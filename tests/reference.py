@@ -97,7 +97,7 @@ def dense_cross_entropy(
         lse = special.logsumexp(row)
         qi = (1 - alpha) * q[i] + np.where(kept[i], alpha / kept[i].sum(), 0.0)
         with np.errstate(invalid="ignore"):
-            terms = np.where(qi == 0, 0.0, -w * qi * (row - lse))
+            terms = np.where((qi == 0) | (w == 0), 0.0, -w * qi * (row - lse))
         losses[i] = terms.sum() + z_loss * lse**2
         rows += 1
     if reduction == "none":
