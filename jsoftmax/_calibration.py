@@ -773,7 +773,8 @@ def reliability_diagram(
     Returns:
       A :class:`ReliabilityDiagram`; the mean of an empty bin is NaN (there is
       none), its count 0; a NaN probability in a kept row, or a traced bad
-      label, makes every mean NaN. ``sum(count * |accuracy - confidence|) / sum(count)``
+      label, makes every mean NaN (a row whose confidence is NaN is in no
+      bin's count). ``sum(count * |accuracy - confidence|) / sum(count)``
       over non-empty bins is the ECE. Plot it with
       :func:`jsoftmax.plot.reliability_diagram`.
 
@@ -794,8 +795,9 @@ def reliability_diagram(
 def _diagram(probs, labels, where, num_bins):
     (index, confidence, hit), flag = _binned_rows(probs, labels, where, num_bins, "sum")
     flag = _poisoned(flag, confidence)
+    binned = where & ~jnp.isnan(confidence)  # (a NaN is in no bin; its index reads 0)
     count, total, hits = _bin_sums(
-        index, where.astype(jnp.int32), jnp.ones_like(hit), confidence, hit, num_segments=num_bins
+        index, binned.astype(jnp.int32), jnp.ones_like(hit), confidence, hit, num_segments=num_bins
     )
     mean = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan) * flag
     accuracy = jnp.where(count > 0, hits / jnp.maximum(count, 1), jnp.nan) * flag

@@ -146,7 +146,9 @@ def linear_softmax_cross_entropy(
       chunk_size: tokens per chunk (static). Memory is the float32 ``[D, V]``
         weight-gradient accumulator (the gradient itself for a float32
         weight, or with ``accum_dtype`` the weight's dtype) plus a few
-        ``[chunk_size, V]`` float32 arrays; smaller chunks cost time. By
+        ``[chunk_size, V]`` float32 arrays (on CPU, where the matmul cannot
+        add into the accumulator, also its ``[D, V]`` product when no dead
+        chunk array holds it); smaller chunks cost time. By
         default, by backend and never by ``N``: on CPU 1024, on GPU and TPU
         2048, or the largest power of two keeping a chunk's logits within
         2**25 (CPU) or 2**29 elements when that is less.

@@ -9,6 +9,10 @@ from jax.typing import ArrayLike
 
 from jsoftmax import _calibration, _checks, _metrics
 
+# Above the diagonal at low confidence, where a diagram is mostly empty (lower right,
+# the bars of high confidence rise under it).
+_LEGEND = "center left"
+
 
 def reliability_diagram(
     probs: ArrayLike,
@@ -37,14 +41,12 @@ def reliability_diagram(
     Returns:
       The (top, bottom) axes.
     """
-    import matplotlib.pyplot as plt
-
     fname = "plot.reliability_diagram"
     p, y, w = _calibration._rows(fname, probs, labels, where, "probs")
     stats = _calibration._diagram(p, y, w, _calibration._num_bins(fname, num_bins))
     confidence, accuracy, count, edges = (np.asarray(a, dtype=np.float64) for a in stats)
     if axes is None:
-        _, (top, bottom) = plt.subplots(
+        _, (top, bottom) = _pyplot().subplots(
             2, 1, figsize=(4, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
         )
     else:
@@ -76,7 +78,8 @@ def reliability_diagram(
     ece = np.sum(count[full] * np.abs(accuracy - confidence)[full]) / max(count.sum(), 1)
     top.text(0.04, 0.9, f"ECE {100 * ece:.2f}%", transform=top.transAxes)
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=title)
-    top.legend(loc="lower right")
+    if full.any():  # (a legend of no bars draws their default style)
+        top.legend(loc=_LEGEND)
     bottom.bar(left, count, width, align="edge", color="gray", edgecolor="black")
     bottom.set(xlabel="confidence", ylabel="count")
     return top, bottom
@@ -118,34 +121,34 @@ def smooth_reliability_diagram(
     Returns:
       The four axes.
     """
-    import matplotlib.pyplot as plt
-
     fname = "plot.smooth_reliability_diagram"
-    # Every argument is checked before a figure opens.
+    # Every argument is checked before the bootstrap runs and a figure opens.
     _calibration._num_bins(fname, num_bins)
     num_points = _metrics._num_points(fname, num_points)
     num_resamples, level = _metrics._resamples(fname, num_resamples, level)
     p, y, w = _calibration._rows(fname, probs, labels, where, "probs")
     key = _checks.random_key(fname, key)
+    given = None if axes is None else _axes(fname, axes, 4)
     diagram, low, high = _metrics._smooth_band(num_resamples, level, num_points, p, y, w, key)
     grid, accuracy, density, low, high = (
         np.asarray(a, dtype=np.float64)
         for a in (diagram.grid, diagram.accuracy, diagram.density, low, high)
     )
-    if axes is None:
-        _, ((top, right_top), (bottom, right_bottom)) = plt.subplots(
+    if given is None:
+        _, ((top, right_top), (bottom, right_bottom)) = _pyplot().subplots(
             2, 2, figsize=(8, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
         )
     else:
-        top, bottom, right_top, right_bottom = _axes(fname, axes, 4)
-    top.fill_between(grid, low, high, color="tab:red", alpha=0.25, label=f"{level:.0%} band")
+        top, bottom, right_top, right_bottom = given
+    band = f"{100 * level:g}% band"
+    top.fill_between(grid, low, high, color="tab:red", alpha=0.25, label=band)
     top.plot(grid, accuracy, color="tab:red", label="smoothed accuracy")
     top.plot([0, 1], [0, 1], "--", color="gray")
     top.text(
         0.04, 0.9, f"smECE {100 * float(diagram.calibration_error):.2f}%", transform=top.transAxes
     )
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title="smoothed")
-    top.legend(loc="lower right")
+    top.legend(loc=_LEGEND)
     bottom.fill_between(grid, density, color="gray")
     bottom.set(xlabel="confidence", ylabel="density")
     reliability_diagram(
@@ -157,6 +160,17 @@ def smooth_reliability_diagram(
         axes=(right_top, right_bottom),
     )
     return top, bottom, right_top, right_bottom
+
+
+def _pyplot():
+    """``matplotlib.pyplot``, or an ImportError that says where it comes from."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError(
+            "jsoftmax.plot needs matplotlib: pip install 'jsoftmax[notebook]' (or matplotlib)"
+        ) from error
+    return plt
 
 
 def _axes(fname, axes, count):

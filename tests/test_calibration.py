@@ -249,6 +249,8 @@ def test_diagrams_of_a_nan_probability_are_nan(nan_at):
     labels = np.array([0, 1, 1, 0])
     diagram = jsoftmax.reliability_diagram(probs, labels, num_bins=5)
     assert np.isnan(diagram.confidence).all() and np.isnan(diagram.accuracy).all()
+    # A NaN confidence is in no bin (it was counted in bin 0, as if it were 0).
+    assert diagram.count.sum() == 3 and not diagram.count[0]
     smooth = jsoftmax.smooth_reliability_diagram(probs, labels)
     for field in (smooth.accuracy, smooth.density, smooth.bandwidth, smooth.calibration_error):
         assert np.isnan(field).all()
@@ -662,7 +664,26 @@ def test_plot_draws_accuracy_gaps_and_counts():
         probs, labels, key=jax.random.key(0), num_resamples=8, axes=grid
     )
     assert drawn == (grid[0, 0], grid[1, 0], grid[0, 1], grid[1, 1])
+    # The band's level as given (0.975 read "98% band").
+    drawn = jsoftmax.plot.smooth_reliability_diagram(
+        probs, labels, key=jax.random.key(0), num_resamples=8, level=0.975
+    )
+    assert "97.5% band" in [t.get_text() for t in drawn[0].get_legend().get_texts()]
     matplotlib.pyplot.close("all")
+
+
+def test_plot_checks_its_arguments_first_and_names_the_extra(monkeypatch):
+    """Without matplotlib the error says how to get it; bad arguments are named before
+    matplotlib is imported or the bootstrap runs."""
+    probs, labels = probabilities(40, 3, seed=2)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(ImportError, match=r"jsoftmax\[notebook\]"):
+        jsoftmax.plot.reliability_diagram(probs, labels)
+    with pytest.raises(ValueError, match="num_bins"):
+        jsoftmax.plot.reliability_diagram(probs, labels, num_bins=0)
+    monkeypatch.setattr(jsoftmax._metrics, "_smooth_band", None)  # (not called)
+    with pytest.raises(TypeError, match="axes must be 4"):
+        jsoftmax.plot.smooth_reliability_diagram(probs, labels, key=jax.random.key(0), axes=(1, 2))
 
 
 def test_importing_jsoftmax_does_not_import_matplotlib():
