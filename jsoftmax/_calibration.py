@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _cpu, _select, _sharding
+from jsoftmax import _checks, _cpu, _select, _sharding, _softmax
 
 _MAX_NEWTON_STEPS = 100
 
@@ -71,8 +71,11 @@ def _scale(x: jax.Array, temperature: jax.Array) -> jax.Array:
     the logit and the temperature.
     """
     finite = jnp.isfinite(x)
-    scaled = jnp.where(finite, jnp.where(finite, x, 0.0) / temperature, lax.stop_gradient(x))
-    return jnp.where(jnp.isnan(temperature), jnp.nan, scaled)  # a traced bad one: NaN rows
+    # (_divided: a quotient past the float range is constant in the temperature)
+    quotient = _softmax._divided(jnp.where(finite, x, 0.0), temperature)
+    scaled = jnp.where(finite, quotient, lax.stop_gradient(x))
+    # A traced bad one (NaN): NaN rows, padding too, and NaN gradients (not a select's 0).
+    return scaled + jnp.where(jnp.isnan(temperature), jnp.nan, 0.0)
 
 
 @_sharding.auto_axes()

@@ -285,7 +285,7 @@ def temperature(
     It must broadcast to ``shape`` with size 1 along the reduced axes (one
     temperature per row). Concrete values must be positive and finite, also in
     ``dtype`` (1e-50 is 0 in float32, and so is a subnormal); traced ones that
-    are not become NaN, so the affected rows come out NaN.
+    are not become NaN, so the affected rows and their gradients come out NaN.
     """
     t = real(fname, name, value)
     if t.ndim > len(shape):
@@ -297,7 +297,7 @@ def temperature(
             f"{fname}: {name} has shape {t.shape}; it must broadcast to x's shape "
             f"{shape} with size 1 along the reduced axes {reduced}"
         )
-    if not is_traced(value):
+    if not is_traced(t):  # (a list of tracers is traced too)
         concrete = np.asarray(value, dtype=np.float64)
         with np.errstate(over="ignore"):
             cast = concrete.astype(dtype)
@@ -307,4 +307,6 @@ def temperature(
             got = concrete.item() if concrete.ndim == 0 else concrete.ravel()[:8]
             raise ValueError(f"{fname}: {name} must be positive and finite{within}, got {got}")
     t = t.astype(dtype)
-    return jnp.where((t >= jnp.finfo(dtype).tiny) & jnp.isfinite(t), t, jnp.nan)
+    # NaN added, not selected: a select would give a bad one's gradient 0 (a stalled
+    # optimiser of T), where the NaN rows give NaN as forward mode does.
+    return t + jnp.where((t >= jnp.finfo(dtype).tiny) & jnp.isfinite(t), 0.0, jnp.nan)

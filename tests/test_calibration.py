@@ -610,6 +610,17 @@ def test_temperature_scale(tx):
     d_logits, d_temperature = pullback(np.ones_like(row))
     np.testing.assert_array_equal(d_logits, [[2.0, 0.0, 0.0, 0.0]])
     np.testing.assert_array_equal(d_temperature, -12.0)
+    # x / T past the float range is constant in T, as softmax(..., temperature=) takes it
+    # (the derivative was -inf, and -1e37 through the softmax where its value is 1).
+    big = np.array([3e38, 2.9e38, 0.0], np.float32)
+    np.testing.assert_array_equal(
+        jax.grad(lambda t: jsoftmax.temperature_scale(big, t)[0])(0.5), 0.0
+    )
+    scaled = jax.grad(lambda t: jsoftmax.softmax(jsoftmax.temperature_scale(big, t))[0])(0.5)
+    np.testing.assert_array_equal(scaled, 0.0)
+    np.testing.assert_array_equal(
+        scaled, jax.grad(lambda t: jsoftmax.softmax(big, temperature=t)[0])(0.5)
+    )
 
 
 def test_temperature_scale_errors():
@@ -623,6 +634,8 @@ def test_temperature_scale_errors():
     rows = np.array([[1.0, 2.0], [-np.inf, -np.inf], [np.inf, 1.0]], np.float32)
     for t in (-1.0, 0.0, np.inf, np.nan):
         assert np.isnan(jax.jit(jsoftmax.temperature_scale)(rows, t)).all()
+        # ... and its gradient (it was 0: a stalled optimiser of T)
+        assert np.isnan(jax.grad(lambda t: jsoftmax.temperature_scale(rows, t)[0, 0])(t))
     # A NumPy integer array past int32 is a number (it wrapped to T = 2).
     np.testing.assert_array_equal(
         jsoftmax.temperature_scale(rows, np.array(2**32 + 2)), rows / np.float32(2**32 + 2)

@@ -349,6 +349,28 @@ def test_traced_bad_temperature_gives_nan_rows(name):
     assert np.isfinite(out[0]).all() and np.isnan(out[1:]).all()  # 1e-40: a subnormal
 
 
+@NORMALISERS
+def test_traced_bad_temperature_gives_nan_gradients(name):
+    """Under eager grad the temperature is traced (no ValueError): its rows are NaN and so
+    is its gradient in both modes (reverse mode gave 0, which stalls an optimiser of T)."""
+    x = jnp.arange(6.0).reshape(2, 3)
+
+    def f(t):
+        return jnp.sum(FUNCS[name][0](x, temperature=t) * x)
+
+    for bad in (-1.0, 0.0, np.inf, np.nan):
+        t = jnp.array([[0.5], [bad]])
+        reverse, forward = jax.grad(f)(t), jax.jacfwd(f)(t)
+        assert np.isfinite(reverse[0]).all() and np.isnan(reverse[1]).all()
+        assert np.isnan(forward[1]).all()  # (row 0's too: JAX's forward mode sums NaN * 0)
+
+
+def test_temperature_as_a_list_of_traced_rows():
+    x = jnp.arange(6.0).reshape(2, 3)
+    got = jax.jit(lambda a, b: jsoftmax.softmax(x, temperature=[[a], [b]]))(0.5, 2.0)
+    close(got, reference.softmax(np.asarray(x, np.float64) / [[0.5], [2.0]]))
+
+
 @ALL
 @pytest.mark.parametrize("axis", [2, -3, (0, 2)])
 def test_axis_out_of_range(name, axis):
