@@ -251,6 +251,14 @@ def static_scalar(fname: str, name: str, value, what: str, *kinds):
     return value
 
 
+def choice(fname: str, name: str, value, choices: tuple[str, ...], shown: str | None = None):
+    """``value`` if it is one of the strings ``choices``, ``ValueError`` naming them otherwise
+    (a NumPy string too: as a static argument JAX cannot hash it)."""
+    if not (isinstance(value, str) and value in choices):
+        raise ValueError(f"{fname}: {name} must be {shown or f'one of {choices}'}, got {value!r}")
+    return value
+
+
 def static_int(fname: str, name: str, value, low: int, high: int | None = None) -> int:
     """A static integer option as a Python ``int`` (:func:`static_scalar`), raising
     ``ValueError`` outside ``[low, high]``."""

@@ -483,8 +483,7 @@ def linear_distillation_loss(
             f"student (hidden {hidden.shape}, weight {weight.shape}) need the same tokens "
             "[...] and the same vocabulary V"
         )
-    if divergence not in _DIVERGENCES:
-        raise ValueError(f"{fname}: divergence must be one of {_DIVERGENCES}, got {divergence!r}")
+    _checks.choice(fname, "divergence", divergence, _DIVERGENCES)
     _check_reduction(fname, reduction)
     tokens = hidden.shape[:-1]
     where = _checks.mask(fname, where, tokens)

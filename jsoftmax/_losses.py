@@ -241,8 +241,7 @@ def _reduce(loss, counts, weight, reduction):
 
 
 def _check_reduction(fname, reduction):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{fname}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _checks.choice(fname, "reduction", reduction, REDUCTIONS)
 
 
 def _check_softcap(fname, logit_softcap, dtype):

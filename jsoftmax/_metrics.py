@@ -108,9 +108,9 @@ def negative_log_likelihood(
 
 
 def _log_input(fname, log_input):
-    if not isinstance(log_input, bool | np.bool_):
-        raise TypeError(f"{fname}: log_input must be True or False, got {log_input!r}")
-    return bool(log_input)
+    if isinstance(log_input, bool | np.bool_):  # (which static_scalar takes for no number)
+        return bool(log_input)
+    return bool(_checks.static_scalar(fname, "log_input", log_input, "True or False", jnp.bool_))
 
 
 def _nll_plan(log_input=False):
@@ -124,9 +124,7 @@ _MODES = ("top-label", "marginal")
 
 
 def _mode(fname, mode):
-    if mode not in _MODES:
-        raise ValueError(f"{fname}: mode must be 'top-label' or 'marginal', got {mode!r}")
-    return mode
+    return _checks.choice(fname, "mode", mode, _MODES, "'top-label' or 'marginal'")
 
 
 def _debiased_rows(probs, labels, where, num_bins, mode):

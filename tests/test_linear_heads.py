@@ -785,8 +785,9 @@ def test_distillation_errors():
         f(s_h, s_w, t_h[:5], t_w)
     with pytest.raises(ValueError, match="the same vocabulary"):
         f(s_h, s_w, t_h, t_w[:, :9])
-    with pytest.raises(ValueError, match="divergence must be one of"):
-        f(s_h, s_w, t_h, t_w, divergence="kl")
+    for bad in ("kl", np.array("jsd")):
+        with pytest.raises(ValueError, match="divergence must be one of"):
+            f(s_h, s_w, t_h, t_w, divergence=bad)
     for beta in (0.0, 1.0, 0.999999999):  # the last is 1 in float32, the compute dtype
         with pytest.raises(ValueError, match=r"beta must be in \(0, 1\) for the jsd"):
             f(s_h, s_w, t_h, t_w, divergence="jsd", beta=beta)

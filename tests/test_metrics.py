@@ -296,13 +296,23 @@ def test_option_errors():
     probs, labels = probabilities(6, 3, seed=0)
     with pytest.raises(ValueError, match="mode must be 'top-label' or 'marginal', got 'top'"):
         jsoftmax.debiased_calibration_error(probs, labels, mode="top")
+    for bad in (np.array("marginal"), np.array(["marginal"])):  # (unhashable: JAX's error)
+        with pytest.raises(ValueError, match="mode must be 'top-label' or 'marginal', got arr"):
+            jsoftmax.debiased_calibration_error(probs, labels, mode=bad)
+    # A concrete boolean scalar of any kind, as the other static options take.
+    np.testing.assert_array_equal(
+        jsoftmax.negative_log_likelihood(np.log(probs), labels, log_input=jnp.array(True)),
+        jsoftmax.negative_log_likelihood(np.log(probs), labels, log_input=True),
+    )
     with pytest.raises(ValueError, match=r"num_bins must be in \[1, 46340\], got 0"):
         jsoftmax.debiased_calibration_error(probs, labels, num_bins=0)
     with pytest.raises(ValueError, match="num_points must be >= 2, got 1"):
         jsoftmax.smooth_reliability_diagram(probs, labels, num_points=1)
-    with pytest.raises(TypeError, match="log_input must be True or False, got 'yes'"):
+    with pytest.raises(
+        TypeError, match=r"log_input must be True or False \(it is static\), got 'yes'"
+    ):
         jsoftmax.negative_log_likelihood(probs, labels, log_input="yes")
-    with pytest.raises(TypeError, match="log_input must be True or False, got 1"):
+    with pytest.raises(TypeError, match=r"log_input must be True or False \(it is static\), got 1"):
         jsoftmax.bootstrap(
             functools.partial(jsoftmax.negative_log_likelihood, log_input=1),
             probs,
