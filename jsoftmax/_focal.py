@@ -16,9 +16,11 @@ label smoothing, a row sum over the kept classes (one more pass over the row,
 as ``f`` needs ``log s``). ``1 - e^q`` is ``-expm1(q)``, exact given ``q``, and
 ``f'`` is written without the ``(1 - e^q)^(gamma - 1)`` that is
 ``0^(gamma - 1)`` at ``p = 1``. ``q`` itself is the cross-entropy's (and
-PyTorch's): for a class within a few ulps of ``p = 1``, ``log s`` is rounded
-(``s = 1 + eps``), so ``1 - p`` and with it the loss, below 1e-12 there in
-float32, carry a relative error up to 1, as the cross-entropy's ``-q`` does.
+PyTorch's), from the rounded ``log s``: off by about ``eps``, so that near
+``p = 1`` the loss, ``~ (1 - p)^(gamma + 1)``, carries a relative error of
+about ``(1 + gamma) eps / (1 - p)`` (float32: 4e-3 at ``gamma = 2`` and
+``1 - p = 1e-4``, up to 1 within a few ulps of ``p = 1``), as the
+cross-entropy's ``-q`` carries ``eps / (1 - p)``.
 
 A ``jax.custom_jvp`` owns the derivative,
 
@@ -309,7 +311,8 @@ def softmax_focal_loss(
     Note:
       The edges are the cross-entropy's: a label whose class is masked or has
       logit ``-inf`` costs ``+inf``; a fully masked row or an ignored label
-      costs 0 with zero gradient, and if no row counts, "mean" is 0. Masked
+      costs 0 with zero gradient (a NaN logit in an ignored row still makes
+      its gradient NaN), and if no row counts, "mean" is 0. Masked
       classes get zero gradient, also where ``p_y = 1`` (the factor
       ``(1 - p)^(gamma - 1)`` of the textbook derivative is never formed).
       Labels out of range (other than ``ignore_index``) raise ``ValueError``
