@@ -456,9 +456,31 @@ def test_bootstrap_of_per_class_metrics_batches_by_rows_times_classes(metric):
     shapes = [((10_000, 100), jnp.float32), ((10_000,), jnp.int32), ((10_000,), jnp.bool_)]
     args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
     compiled = _metrics._bootstrap.lower(
-        spec, options, 1000, 0.95, *args, jax.random.key(0)
+        spec, options, 1000, 0.95, "percentile", *args, jax.random.key(0)
     ).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < 600e6  # 0.07 and 0.41 GB now
+
+
+def test_bootstrap_basic_interval_reflects_the_percentiles_about_the_estimate():
+    """uncertainty-calibration's intervals, ``[2 m - Q_hi, 2 m - Q_lo]``. A resample adds
+    sampling noise, which a calibration error reads as miscalibration: the percentile
+    intervals of a calibrated model's ECE lie above 0, the basic ones hold it."""
+    ece = functools.partial(jsoftmax.expected_calibration_error, num_bins=10)
+    holds_zero = {"percentile": 0, "basic": 0}
+    for seed in range(10):
+        logits, labels = calibrated(500, 4, seed)  # its ECE over 10 bins is 0
+        probs = np.asarray(jax.nn.softmax(logits))
+        ends = {}
+        for interval in holds_zero:
+            estimate, low, high = jsoftmax.bootstrap(
+                ece, probs, labels, key=jax.random.key(seed), num_resamples=200, interval=interval
+            )
+            ends[interval] = (low, high)
+            holds_zero[interval] += int(low <= 0)
+        np.testing.assert_allclose(
+            ends["basic"], 2 * estimate - np.array(ends["percentile"])[::-1], atol=1e-7
+        )
+    assert holds_zero["percentile"] == 0 and holds_zero["basic"] >= 7  # (8 on CPU)
 
 
 def test_bootstrap_errors():
@@ -475,6 +497,8 @@ def test_bootstrap_errors():
         jsoftmax.bootstrap(
             functools.partial(jsoftmax.brier_score, num_bins=3), probs, labels, key=key
         )
+    with pytest.raises(ValueError, match="interval must be 'percentile' or 'basic', got 'bca'"):
+        jsoftmax.bootstrap(jsoftmax.brier_score, probs, labels, key=key, interval="bca")
     with pytest.raises(ValueError, match="mode must be"):
         jsoftmax.bootstrap(
             functools.partial(jsoftmax.debiased_calibration_error, mode="x"), probs, labels, key=key
@@ -570,6 +594,8 @@ def test_plot_smooth_diagram_draws_the_curve_inside_its_band():
 def test_plot_smooth_diagram_checks_every_argument_before_drawing():
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
+    import matplotlib.pyplot  # (the checks come first: the plot would not import it)
+
     probs, labels = probabilities(40, 3, seed=13)
     bad = [dict(num_bins=0), dict(num_points=1), dict(level=2.0), dict(key=0)]
     for kwargs in bad:
