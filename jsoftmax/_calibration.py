@@ -74,8 +74,7 @@ def _scale(x: jax.Array, temperature: jax.Array) -> jax.Array:
     # (_divided: a quotient past the float range is constant in the temperature)
     quotient = _softmax._divided(jnp.where(finite, x, 0.0), temperature)
     scaled = jnp.where(finite, quotient, lax.stop_gradient(x))
-    # A traced bad one (NaN): NaN rows, padding too, and NaN gradients (not a select's 0).
-    return scaled + jnp.where(jnp.isnan(temperature), jnp.nan, 0.0)
+    return _checks.nan_unless(~jnp.isnan(temperature), scaled)  # (padding rows too)
 
 
 @_sharding.auto_axes()

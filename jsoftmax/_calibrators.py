@@ -301,7 +301,7 @@ def _calibrated(calibrator, x, possible):
         t = calibrator.temperature
         members = (
             # (A temperature <= 0, never fitted, gives NaN as everywhere else.)
-            _log_softmax(_scale(x, jnp.where(t > 0, t, jnp.nan)), possible),
+            _log_softmax(_scale(x, _checks.nan_unless(t > 0, t)), possible),
             _log_softmax(x, possible),
             -jnp.log(_possible_count(possible, x.dtype)),
         )

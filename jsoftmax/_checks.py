@@ -251,11 +251,11 @@ def static_scalar(fname: str, name: str, value, what: str, *kinds):
     return value
 
 
-def choice(fname: str, name: str, value, choices: tuple[str, ...], shown: str | None = None):
+def choice(fname: str, name: str, value, choices: tuple[str, ...]):
     """``value`` if it is one of the strings ``choices``, ``ValueError`` naming them otherwise
     (a NumPy string too: as a static argument JAX cannot hash it)."""
     if not (isinstance(value, str) and value in choices):
-        raise ValueError(f"{fname}: {name} must be {shown or f'one of {choices}'}, got {value!r}")
+        raise ValueError(f"{fname}: {name} must be one of {choices}, got {value!r}")
     return value
 
 
@@ -305,7 +305,9 @@ def temperature(
             f"{fname}: {name} has shape {t.shape}; it must broadcast to x's shape "
             f"{shape} with size 1 along the reduced axes {reduced}"
         )
-    if not is_traced(t):  # (a list of tracers is traced too)
+    # (The value as given: jnp.asarray of a constant is a tracer under jit; a list of
+    # tracers is traced.)
+    if not any(is_traced(leaf) for leaf in jax.tree.leaves(value)):
         concrete = np.asarray(value, dtype=np.float64)
         with np.errstate(over="ignore"):
             cast = concrete.astype(dtype)
@@ -315,6 +317,11 @@ def temperature(
             got = concrete.item() if concrete.ndim == 0 else concrete.ravel()[:8]
             raise ValueError(f"{fname}: {name} must be positive and finite{within}, got {got}")
     t = t.astype(dtype)
-    # NaN added, not selected: a select would give a bad one's gradient 0 (a stalled
-    # optimiser of T), where the NaN rows give NaN as forward mode does.
-    return t + jnp.where((t >= jnp.finfo(dtype).tiny) & jnp.isfinite(t), 0.0, jnp.nan)
+    return nan_unless((t >= jnp.finfo(dtype).tiny) & jnp.isfinite(t), t)
+
+
+def nan_unless(valid: jax.Array, x: jax.Array) -> jax.Array:
+    """``x`` where ``valid``, NaN elsewhere, with a NaN gradient there: NaN added, not
+    selected, as a select would give the gradient 0 (a stalled optimiser of a learnt
+    temperature, where forward mode gives NaN)."""
+    return x + jnp.where(valid, 0.0, jnp.nan).astype(x.dtype)

@@ -108,7 +108,7 @@ def negative_log_likelihood(
 
 
 def _log_input(fname, log_input):
-    if isinstance(log_input, bool | np.bool_):  # (which static_scalar takes for no number)
+    if isinstance(log_input, bool | np.bool_):  # (static_scalar refuses Python's and NumPy's)
         return bool(log_input)
     return bool(_checks.static_scalar(fname, "log_input", log_input, "True or False", jnp.bool_))
 
@@ -124,7 +124,7 @@ _MODES = ("top-label", "marginal")
 
 
 def _mode(fname, mode):
-    return _checks.choice(fname, "mode", mode, _MODES, "'top-label' or 'marginal'")
+    return _checks.choice(fname, "mode", mode, _MODES)
 
 
 def _debiased_rows(probs, labels, where, num_bins, mode):
@@ -771,11 +771,11 @@ def bootstrap(
     error reads as miscalibration, so the resamples' errors lie above the
     rows' (of calibrated models at 200-2000 rows x 4 classes, the percentile
     interval's midpoint was 1.3-1.4x the ECE and smooth ECE, 2.2-3.3x the
-    debiased error, and in marginal mode it held the estimate in 5 of 40
-    datasets). The basic interval reflects that shift about the estimate, as
-    the ``uncertainty-calibration`` package of Kumar et al. reports its
-    intervals; its low end may be negative. The percentile interval suits
-    metrics without that bias (the Brier score, the NLL).
+    debiased error). The basic interval reflects that shift about the
+    estimate, as the ``uncertainty-calibration`` package of Kumar et al.
+    reports its intervals; its low end may be negative, and it holds the
+    estimate exactly when the percentile interval does. The percentile
+    interval suits metrics without that bias (the Brier score, the NLL).
 
     Args:
       metric: one of :func:`jsoftmax.expected_calibration_error`,
@@ -829,11 +829,10 @@ def bootstrap(
     fname = "bootstrap"
     spec, options = _plan(metric)
     num_resamples, level = _resamples(fname, num_resamples, level)
-    interval = _checks.choice(fname, "interval", interval, _INTERVALS, "'percentile' or 'basic'")
+    interval = _checks.choice(fname, "interval", interval, _INTERVALS)
     probs, labels, where = _cal._rows(fname, probs, labels, where, "probs")
     key = _checks.random_key(fname, key)
-    args = (spec, options, num_resamples, level, interval, probs, labels, where, key)
-    return _bootstrap(*args)
+    return _bootstrap(spec, options, num_resamples, level, interval, probs, labels, where, key)
 
 
 @_sharding.auto_axes()  # (plot.smooth_reliability_diagram)

@@ -177,6 +177,7 @@ def _axes(fname, axes, count):
     """``axes`` (a sequence or NumPy array) as a tuple of ``count`` matplotlib axes, or
     ``TypeError`` naming them (an int raised AttributeError at its first bar). A grid is
     read by columns: ``plt.subplots(2, 2)``'s is laid out as the default figure."""
+    _pyplot()  # (matplotlib missing: the hint)
     from matplotlib.axes import Axes
 
     grid = isinstance(axes, np.ndarray | list | tuple)

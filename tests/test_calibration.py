@@ -634,8 +634,9 @@ def test_temperature_scale_errors():
     rows = np.array([[1.0, 2.0], [-np.inf, -np.inf], [np.inf, 1.0]], np.float32)
     for t in (-1.0, 0.0, np.inf, np.nan):
         assert np.isnan(jax.jit(jsoftmax.temperature_scale)(rows, t)).all()
-        # ... and its gradient (it was 0: a stalled optimiser of T)
+        # ... and its gradient (it was 0: a stalled optimiser of T), also through calibrate
         assert np.isnan(jax.grad(lambda t: jsoftmax.temperature_scale(rows, t)[0, 0])(t))
+        assert np.isnan(jax.grad(lambda t: jsoftmax.calibrate(t, rows[:1])[0, 0])(t))
     # A NumPy integer array past int32 is a number (it wrapped to T = 2).
     np.testing.assert_array_equal(
         jsoftmax.temperature_scale(rows, np.array(2**32 + 2)), rows / np.float32(2**32 + 2)
@@ -688,15 +689,21 @@ def test_plot_draws_accuracy_gaps_and_counts():
 def test_plot_checks_its_arguments_first_and_names_the_extra(monkeypatch):
     """Without matplotlib the error says how to get it; bad arguments are named before
     matplotlib is imported or the bootstrap runs."""
+    pytest.importorskip("matplotlib")
     probs, labels = probabilities(40, 3, seed=2)
-    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
-    with pytest.raises(ImportError, match=r"jsoftmax\[notebook\]"):
-        jsoftmax.plot.reliability_diagram(probs, labels)
-    with pytest.raises(ValueError, match="num_bins"):
-        jsoftmax.plot.reliability_diagram(probs, labels, num_bins=0)
+    key = jax.random.key(0)
     monkeypatch.setattr(jsoftmax._metrics, "_smooth_band", None)  # (not called)
     with pytest.raises(TypeError, match="axes must be 4"):
-        jsoftmax.plot.smooth_reliability_diagram(probs, labels, key=jax.random.key(0), axes=(1, 2))
+        jsoftmax.plot.smooth_reliability_diagram(probs, labels, key=key, axes=(1, 2))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    for draw in (
+        lambda: jsoftmax.plot.reliability_diagram(probs, labels),
+        lambda: jsoftmax.plot.smooth_reliability_diagram(probs, labels, key=key, axes=(1, 2)),
+    ):
+        with pytest.raises(ImportError, match=r"jsoftmax\[notebook\]"):
+            draw()
+    with pytest.raises(ValueError, match="num_bins"):
+        jsoftmax.plot.reliability_diagram(probs, labels, num_bins=0)
 
 
 def test_importing_jsoftmax_does_not_import_matplotlib():

@@ -294,10 +294,14 @@ def test_errors(name):
 
 def test_option_errors():
     probs, labels = probabilities(6, 3, seed=0)
-    with pytest.raises(ValueError, match="mode must be 'top-label' or 'marginal', got 'top'"):
+    with pytest.raises(
+        ValueError, match=r"mode must be one of \('top-label', 'marginal'\), got 'top'"
+    ):
         jsoftmax.debiased_calibration_error(probs, labels, mode="top")
     for bad in (np.array("marginal"), np.array(["marginal"])):  # (unhashable: JAX's error)
-        with pytest.raises(ValueError, match="mode must be 'top-label' or 'marginal', got arr"):
+        with pytest.raises(
+            ValueError, match=r"mode must be one of \('top-label', 'marginal'\), got arr"
+        ):
             jsoftmax.debiased_calibration_error(probs, labels, mode=bad)
     # A concrete boolean scalar of any kind, as the other static options take.
     np.testing.assert_array_equal(
@@ -464,23 +468,23 @@ def test_bootstrap_of_per_class_metrics_batches_by_rows_times_classes(metric):
 def test_bootstrap_basic_interval_reflects_the_percentiles_about_the_estimate():
     """uncertainty-calibration's intervals, ``[2 m - Q_hi, 2 m - Q_lo]``. A resample adds
     sampling noise, which a calibration error reads as miscalibration: the percentile
-    intervals of a calibrated model's ECE lie above 0, the basic ones hold it."""
+    interval of a calibrated model's ECE lies above the population's 0 (its resamples
+    are positive), the basic one mostly holds it."""
     ece = functools.partial(jsoftmax.expected_calibration_error, num_bins=10)
-    holds_zero = {"percentile": 0, "basic": 0}
+    holds_zero = 0
     for seed in range(10):
-        logits, labels = calibrated(500, 4, seed)  # its ECE over 10 bins is 0
+        logits, labels = calibrated(500, 4, seed)  # a calibrated model: population ECE 0
         probs = np.asarray(jax.nn.softmax(logits))
         ends = {}
-        for interval in holds_zero:
-            estimate, low, high = jsoftmax.bootstrap(
+        for interval in ("percentile", "basic"):
+            estimate, *ends[interval] = jsoftmax.bootstrap(
                 ece, probs, labels, key=jax.random.key(seed), num_resamples=200, interval=interval
             )
-            ends[interval] = (low, high)
-            holds_zero[interval] += int(low <= 0)
         np.testing.assert_allclose(
             ends["basic"], 2 * estimate - np.array(ends["percentile"])[::-1], atol=1e-7
         )
-    assert holds_zero["percentile"] == 0 and holds_zero["basic"] >= 7  # (8 on CPU)
+        holds_zero += int(ends["basic"][0] <= 0)
+    assert holds_zero >= 6  # (8 of 10 on CPU)
 
 
 def test_bootstrap_errors():
@@ -497,7 +501,9 @@ def test_bootstrap_errors():
         jsoftmax.bootstrap(
             functools.partial(jsoftmax.brier_score, num_bins=3), probs, labels, key=key
         )
-    with pytest.raises(ValueError, match="interval must be 'percentile' or 'basic', got 'bca'"):
+    with pytest.raises(
+        ValueError, match=r"interval must be one of \('percentile', 'basic'\), got 'bca'"
+    ):
         jsoftmax.bootstrap(jsoftmax.brier_score, probs, labels, key=key, interval="bca")
     with pytest.raises(ValueError, match="mode must be"):
         jsoftmax.bootstrap(

@@ -365,6 +365,14 @@ def test_traced_bad_temperature_gives_nan_gradients(name):
         assert np.isnan(forward[1]).all()  # (row 0's too: JAX's forward mode sums NaN * 0)
 
 
+@NORMALISERS
+def test_concrete_bad_temperature_raises_under_jit(name):
+    """A constant inside a jitted function is concrete (jnp.asarray of it is a tracer)."""
+    for bad in (-1.0, np.float32(0), 1e-50, [[1.0], [-1.0]]):
+        with pytest.raises(ValueError, match="temperature must be positive and finite"):
+            jax.jit(lambda x, t=bad: FUNCS[name][0](x, temperature=t))(jnp.ones((2, 3)))
+
+
 def test_temperature_as_a_list_of_traced_rows():
     x = jnp.arange(6.0).reshape(2, 3)
     got = jax.jit(lambda a, b: jsoftmax.softmax(x, temperature=[[a], [b]]))(0.5, 2.0)
