@@ -251,6 +251,14 @@ def static_scalar(fname: str, name: str, value, what: str, *kinds):
     return value
 
 
+def flag(fname: str, name: str, value) -> bool:
+    """A static boolean option as a Python ``bool``: True or False, NumPy's or a concrete
+    0-d JAX boolean; ``TypeError`` naming it otherwise (a truthy string, a tracer)."""
+    if isinstance(value, bool | np.bool_):  # (static_scalar refuses them as numbers)
+        return bool(value)
+    return bool(static_scalar(fname, name, value, "True or False", jnp.bool_))
+
+
 def choice(fname: str, name: str, value, choices: tuple[str, ...]):
     """``value`` if it is one of the strings ``choices``, ``ValueError`` naming them otherwise
     (a NumPy string too: as a static argument JAX cannot hash it)."""

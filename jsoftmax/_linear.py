@@ -45,7 +45,7 @@ from jsoftmax._losses import (
     _options,
     _smoothed,
 )
-from jsoftmax._softmax import _cap, _capped_slope
+from jsoftmax._softmax import _cap, _capped_slope, _divided
 
 # Default chunks, by backend: at most _CHUNK[backend][0] tokens, fewer while a
 # chunk's [chunk_size, V] logits exceed _CHUNK[backend][1] elements. Each chunk
@@ -284,15 +284,16 @@ def linear_log_probs(
 
     Note:
       Labels out of range raise ``ValueError`` when concrete; traced ones make
-      that token's outputs NaN. Under ``jax.jit`` a non-positive temperature
-      cannot raise: every output comes out NaN.
+      that token's outputs NaN. A traced non-positive temperature (under
+      ``jax.jit`` or ``jax.grad``) cannot raise: every output and gradient
+      comes out NaN.
     """
     config, hidden, params, labels, where, hyper = _log_probs_setup(
         "linear_log_probs", hidden, weight, labels, bias, temperature, where,
         return_entropy, chunk_size, accum_dtype, axis_name,
     )  # fmt: skip
     out = _call(config, hidden, params, None, labels, where, None, hyper, "none")
-    return out if return_entropy else out[0]
+    return out if config.entropy else out[0]
 
 
 @_sharding.auto_axes(_sharding.sharded_like("hidden", drop=-1))
@@ -549,7 +550,7 @@ def _log_probs_setup(
         "log_probs",
         _chunk_size(fname, chunk_size, weight.shape[1], labels.size),
         axis_name,
-        entropy=bool(entropy),
+        entropy=_checks.flag(fname, "with_entropy" if token_loss else "return_entropy", entropy),
         accum_dtype=_accum_dtype(fname, accum_dtype),
         token_loss=None if token_loss is None else _ByIdentity(token_loss),
     )
@@ -660,7 +661,9 @@ def _shifted(z, m, temperature):
     z = _cpu.clamped(z, m)
     if temperature is None:
         return z - m
-    return 2 * ((0.5 * z - 0.5 * m) / temperature)
+    # (_divided: an infinite quotient, a -inf logit's, is constant in T; its derivative
+    # -d / T, infinite, met exp(d) = 0 in the second derivatives: NaN)
+    return 2 * _divided(0.5 * z - 0.5 * m, temperature)
 
 
 def _weighted(w, a):
@@ -668,8 +671,10 @@ def _weighted(w, a):
 
     A ``-inf`` logit (a masked class, say a padded vocabulary's ``-inf`` bias)
     has probability 0, and its log-probability times it contributes nothing.
+    ``a`` is also selected before the product, whose derivative in ``w`` is ``a``:
+    NaN in the second derivatives at a class neither model can take (``-inf + inf``).
     """
-    return jnp.where(w > 0, w * a, 0.0)
+    return jnp.where(w > 0, w * jnp.where(w > 0, a, 0.0), 0.0)
 
 
 def _vocabulary(config, local):
@@ -805,7 +810,12 @@ def _distillation_head(config, z, t, labels, counts, hyper, cts):
     elif config.divergence == "reverse_kl":
         kl = total(_weighted(q, log_q - log_p))
     else:
-        log_m = jnp.logaddexp(jnp.log(beta) + log_p, jnp.log1p(-beta) + log_q)
+        # At a class neither model can take, log M = -inf, from no logaddexp(-inf, -inf):
+        # its derivative there is NaN, which a zero cotangent keeps (second derivatives).
+        neither = (log_p == -jnp.inf) & (log_q == -jnp.inf)
+        terms = (jnp.log(beta) + log_p, jnp.log1p(-beta) + log_q)
+        log_m = jnp.logaddexp(*(jnp.where(neither, 0.0, term) for term in terms))
+        log_m = jnp.where(neither, -jnp.inf, log_m)
         kl_qm = total(_weighted(q, log_q - log_m))
         kl = beta * total(_weighted(p, log_p - log_m)) + (1 - beta) * kl_qm
     # (T * (T * kl): T**2 overflows past sqrt(finfo.max), where the divergence is about 0)

@@ -108,9 +108,7 @@ def negative_log_likelihood(
 
 
 def _log_input(fname, log_input):
-    if isinstance(log_input, bool | np.bool_):  # (static_scalar refuses Python's and NumPy's)
-        return bool(log_input)
-    return bool(_checks.static_scalar(fname, "log_input", log_input, "True or False", jnp.bool_))
+    return _checks.flag(fname, "log_input", log_input)
 
 
 def _nll_plan(log_input=False):

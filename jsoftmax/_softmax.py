@@ -371,9 +371,10 @@ def softmax(
       Masked and ``-inf`` entries give 0, and a row with nothing left gives all
       0, never NaN, with zero gradients. ``+inf`` entries share the row's mass
       equally (the limit). NaN in a kept entry makes its row NaN and no other.
-      float16 and bfloat16 are computed in float32 and rounded once. Under
-      ``jax.jit`` a non-positive or non-finite temperature cannot raise: the
-      rows it scales come out NaN.
+      float16 and bfloat16 are computed in float32 and rounded once. A traced
+      non-positive or non-finite temperature (under ``jax.jit`` or
+      ``jax.grad``) cannot raise: the rows it scales come out NaN, and so does
+      its gradient.
     """
     return _call("softmax", "softmax", x, axis, where, temperature)
 

@@ -305,6 +305,13 @@ def test_log_probs_errors():
         f(hidden, weight, np.array([0, 10, 0, 0, 0, 0]))
     with pytest.raises(ValueError, match="temperature must be positive and finite"):
         f(hidden, weight, labels, temperature=0.0)
+    # A flag is True or False (a truthy "no" returned the entropies too).
+    for bad in ("no", np.array([True, False])):
+        with pytest.raises(TypeError, match="return_entropy must be True or False"):
+            f(hidden, weight, labels, return_entropy=bad)
+    with pytest.raises(TypeError, match="return_entropy must be concrete"):
+        jax.jit(lambda flag: f(hidden, weight, labels, return_entropy=flag))(True)
+    assert len(f(hidden, weight, labels, return_entropy=jnp.array(True))) == 2
     with pytest.raises(TypeError, match="temperature must be a real number or array, got 'a'"):
         f(hidden, weight, labels, temperature="a")
     with pytest.raises(ValueError, match=r"temperature must be a scalar, got shape \(2,\)"):
@@ -507,6 +514,8 @@ def test_log_probs_loss_errors():
     loss = jsoftmax.linear_log_probs_loss
     with pytest.raises(TypeError, match="token_loss must be callable"):
         loss(hidden, weight, labels, None, args)
+    with pytest.raises(TypeError, match="with_entropy must be True or False"):
+        loss(hidden, weight, labels, grpo_without_entropy, args, with_entropy="yes")
     with pytest.raises(ValueError, match=r"token_args\[1\] has shape \(5,\), which does not"):
         loss(hidden, weight, labels, grpo_without_entropy, (args[0], args[1][:5]))
     with pytest.raises(TypeError, match="token_args must be a tuple of arrays"):
@@ -1187,3 +1196,35 @@ def test_a_float64_temperature_with_float32_inputs_computes_in_float32(x64):
             hidden, weight, 2 * hidden, weight, temperature=t, divergence=divergence
         )
         assert kl.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("head", ["log_probs", "entropy", *DIVERGENCES])
+def test_second_derivatives_over_a_padded_vocabulary_are_the_unpadded_ones(head, x64):
+    """A -inf bias (a padded vocabulary) is constant in everything: the second derivatives
+    in the temperature and the hidden states were NaN (the infinite T-derivative of
+    -inf / T times exp(-inf) = 0; reverse KL's and the JSD's terms at a class that
+    neither model can take)."""
+    rng = np.random.default_rng(0)
+    n, d, v, pad = 6, 4, 7, 2
+    h, w, b = rng.normal(size=(n, d)), rng.normal(size=(d, v + pad)), rng.normal(size=v + pad)
+    b[v:] = -np.inf
+    labels, cotangent = rng.integers(0, v, n), rng.normal(size=n)
+    t_h, t_w = rng.normal(size=(n, 3)), rng.normal(size=(3, v + pad))
+
+    def loss(hidden, temperature, classes):
+        options = dict(temperature=temperature, chunk_size=4)
+        w_, b_, t_w_ = w[:, :classes], b[:classes], t_w[:, :classes]
+        if head in DIVERGENCES:
+            out = jsoftmax.linear_distillation_loss(
+                hidden, w_, t_h, t_w_, student_bias=b_, teacher_bias=b_, divergence=head, **options
+            )
+        else:
+            out = jsoftmax.linear_log_probs(
+                hidden, w_, labels, bias=b_, return_entropy=head == "entropy", **options
+            )
+        return jnp.sum(sum(out) * cotangent if head == "entropy" else out * cotangent)
+
+    for argnums in (0, 1):
+        second = jax.jacrev(jax.grad(loss, argnums), argnums)
+        padded, unpadded = (second(h, 0.8, classes) for classes in (v + pad, v))
+        np.testing.assert_allclose(padded, unpadded, rtol=1e-9, atol=1e-12)
