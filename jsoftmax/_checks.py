@@ -329,7 +329,7 @@ def temperature(
 
 
 def nan_unless(valid: jax.Array, x: jax.Array) -> jax.Array:
-    """``x`` where ``valid``, NaN elsewhere, with a NaN gradient there: NaN added, not
-    selected, as a select would give the gradient 0 (a stalled optimiser of a learnt
-    temperature, where forward mode gives NaN)."""
-    return x + jnp.where(valid, 0.0, jnp.nan).astype(x.dtype)
+    """``x`` where ``valid`` (-0.0 too), NaN elsewhere, and its derivative NaN there: a
+    factor, not a select, whose derivative 0 would stall an optimiser of a learnt
+    temperature (forward mode gives NaN)."""
+    return x * jnp.where(valid, 1.0, jnp.nan).astype(x.dtype)

@@ -550,7 +550,9 @@ def _log_probs_setup(
         "log_probs",
         _chunk_size(fname, chunk_size, weight.shape[1], labels.size),
         axis_name,
-        entropy=_checks.flag(fname, "with_entropy" if token_loss else "return_entropy", entropy),
+        entropy=_checks.flag(
+            fname, "return_entropy" if token_loss is None else "with_entropy", entropy
+        ),
         accum_dtype=_accum_dtype(fname, accum_dtype),
         token_loss=None if token_loss is None else _ByIdentity(token_loss),
     )
@@ -810,12 +812,11 @@ def _distillation_head(config, z, t, labels, counts, hyper, cts):
     elif config.divergence == "reverse_kl":
         kl = total(_weighted(q, log_q - log_p))
     else:
-        # At a class neither model can take, log M = -inf, from no logaddexp(-inf, -inf):
-        # its derivative there is NaN, which a zero cotangent keeps (second derivatives).
+        # At a class neither model can take (weighted by p = q = 0 below) no
+        # logaddexp(-inf, -inf): its derivative is NaN, which a zero cotangent keeps.
         neither = (log_p == -jnp.inf) & (log_q == -jnp.inf)
         terms = (jnp.log(beta) + log_p, jnp.log1p(-beta) + log_q)
         log_m = jnp.logaddexp(*(jnp.where(neither, 0.0, term) for term in terms))
-        log_m = jnp.where(neither, -jnp.inf, log_m)
         kl_qm = total(_weighted(q, log_q - log_m))
         kl = beta * total(_weighted(p, log_p - log_m)) + (1 - beta) * kl_qm
     # (T * (T * kl): T**2 overflows past sqrt(finfo.max), where the divergence is about 0)

@@ -104,15 +104,13 @@ def negative_log_likelihood(
     """
     fname = "negative_log_likelihood"
     probs, labels, where = _cal._rows(fname, probs, labels, where, "probs")
-    return _cal._evaluate(_NLL, (_log_input(fname, log_input),), probs, labels, where)
-
-
-def _log_input(fname, log_input):
-    return _checks.flag(fname, "log_input", log_input)
+    return _cal._evaluate(
+        _NLL, (_checks.flag(fname, "log_input", log_input),), probs, labels, where
+    )
 
 
 def _nll_plan(log_input=False):
-    return _NLL, (_log_input("negative_log_likelihood", log_input),)
+    return _NLL, (_checks.flag("negative_log_likelihood", "log_input", log_input),)
 
 
 # ---------------------------------------------------------------- debiased

@@ -1198,7 +1198,7 @@ def test_a_float64_temperature_with_float32_inputs_computes_in_float32(x64):
         assert kl.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("head", ["log_probs", "entropy", *DIVERGENCES])
+@pytest.mark.parametrize("head", ["log_probs", "entropy", "log_probs_loss", *DIVERGENCES])
 def test_second_derivatives_over_a_padded_vocabulary_are_the_unpadded_ones(head, x64):
     """A -inf bias (a padded vocabulary) is constant in everything: the second derivatives
     in the temperature and the hidden states were NaN (the infinite T-derivative of
@@ -1217,6 +1217,10 @@ def test_second_derivatives_over_a_padded_vocabulary_are_the_unpadded_ones(head,
         if head in DIVERGENCES:
             out = jsoftmax.linear_distillation_loss(
                 hidden, w_, t_h, t_w_, student_bias=b_, teacher_bias=b_, divergence=head, **options
+            )
+        elif head == "log_probs_loss":
+            out = jsoftmax.linear_log_probs_loss(
+                hidden, w_, labels, grpo_without_entropy, policy_args(labels), bias=b_, **options
             )
         else:
             out = jsoftmax.linear_log_probs(
