@@ -133,7 +133,9 @@ def fit_temperature(
       elsewhere. A row whose
       label is impossible (logit ``-inf``, or not ``+inf`` in a certain row)
       has infinite NLL at every ``T``: no optimum, NaN. NaN logits and traced
-      out-of-range labels give NaN.
+      out-of-range labels give NaN (a concrete one raises, also in a padding
+      row of ``-inf``). The fit is a ``lax.while_loop``: ``jax.jvp`` of it
+      works (along the logits ``T`` scales with them), ``jax.grad`` raises.
 
     References:
       Guo et al., `On Calibration of Modern Neural Networks
@@ -153,15 +155,19 @@ def _bounds(fname, bounds, dtype):
     if _checks.is_traced(low) or _checks.is_traced(high):
         raise TypeError(f"{fname}: bounds must be concrete numbers, got a tracer")
     try:
+        if any(isinstance(b, bool | np.bool_) for b in (low, high)):
+            raise TypeError
         low, high = float(low), float(high)
     except (TypeError, ValueError):
         raise ValueError(f"{fname}: bounds must be numbers, got {bounds!r}") from None
     # Within the compute dtype's normal numbers: temperatures outside are 0 or inf there.
-    tiny, big = (float(v) for v in (np.finfo(dtype).tiny, np.finfo(dtype).max))
-    if not tiny <= low < high <= big:
-        raise ValueError(
-            f"{fname}: bounds must satisfy {tiny:.4g} <= low < high <= {big:.4g}, got {bounds!r}"
-        )
+    # (Compared in that dtype: 3.4028235e38, float32's max as written, is past it in float64.)
+    info = np.finfo(dtype)
+    with np.errstate(over="ignore"):
+        rounded = np.array([low, high]).astype(dtype)
+    if not info.tiny <= rounded[0] < rounded[1] <= info.max:
+        limits = f"{info.tiny!s} <= low < high <= {info.max!s}"
+        raise ValueError(f"{fname}: bounds must satisfy {limits}, got {bounds!r}")
     return low, high
 
 

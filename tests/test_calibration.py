@@ -566,8 +566,12 @@ def test_fit_temperature_errors():
     logits, labels = calibrated(10, 3, seed=0)
     # Outside float32's normal numbers a temperature is 0 or inf there (1e39 gave T = inf).
     for bounds in [(0, 1), (2, 1), (1, np.inf), (-1, 1), (np.nan, 1), (0.01, 1e39), (1e-40, 1)]:
-        with pytest.raises(ValueError, match=r"bounds must satisfy 1.175e-38 <= low < high"):
+        with pytest.raises(ValueError, match=r"bounds must satisfy 1.1754944e-38 <= low < high"):
             jsoftmax.fit_temperature(logits, labels, bounds=bounds)
+    # float32's own limits as usually written (they read as past themselves), and no bool
+    assert jsoftmax.fit_temperature(logits, labels, bounds=(1.17549435e-38, 3.4028235e38)) > 0
+    with pytest.raises(ValueError, match="bounds must be numbers"):
+        jsoftmax.fit_temperature(logits, labels, bounds=(True, 2.0))
     with pytest.raises(ValueError, match="bounds must be a pair"):
         jsoftmax.fit_temperature(logits, labels, bounds=1.0)
     with pytest.raises(TypeError, match="logits must be floating"):
