@@ -676,7 +676,8 @@ def _weighted(w, a):
     ``a`` is also selected before the product, whose derivative in ``w`` is ``a``:
     NaN in the second derivatives at a class neither model can take (``-inf + inf``).
     """
-    return jnp.where(w > 0, w * jnp.where(w > 0, a, 0.0), 0.0)
+    positive = w > 0
+    return jnp.where(positive, w * jnp.where(positive, a, 0.0), 0.0)
 
 
 def _vocabulary(config, local):
