@@ -59,7 +59,17 @@ def temperature_scale(logits: ArrayLike, temperature: ArrayLike) -> jax.Array:
         raise ValueError(f"{fname}: logits must have a class axis, got shape ()")
     dtype = _checks.compute_dtype(logits.dtype)
     t = _checks.temperature(fname, temperature, logits.shape, (logits.ndim - 1,), dtype)
-    return _scale(logits.astype(dtype), t).astype(logits.dtype)
+    return _scale_as_given(logits, t)
+
+
+@functools.partial(jax.checkpoint, prevent_cse=False)
+def _scale_as_given(x: jax.Array, temperature: jax.Array) -> jax.Array:
+    """:func:`_scale` in ``x``'s dtype (computed in ``temperature``'s).
+
+    Under ``jax.checkpoint``, reverse mode keeps only ``x`` as given and the
+    temperature, and recomputes the quotient in its elementwise pass.
+    """
+    return _scale(x.astype(temperature.dtype), temperature).astype(x.dtype)
 
 
 def _scale(x: jax.Array, temperature: jax.Array) -> jax.Array:

@@ -9,7 +9,7 @@ import pytest
 
 import jsoftmax
 from tests import reference
-from tests.conftest import TRANSFORMS
+from tests.conftest import TRANSFORMS, lowered_for, saved_residuals
 
 BINNED = {
     "expected_calibration_error": reference.expected_calibration_error,
@@ -625,6 +625,27 @@ def test_temperature_scale(tx):
     np.testing.assert_array_equal(
         scaled, jax.grad(lambda t: jsoftmax.softmax(big, temperature=t)[0])(0.5)
     )
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_temperature_scale_backward_keeps_the_logits_as_given(dtype, per_row):
+    """Reverse mode keeps the logits themselves and the temperature, nothing computed:
+    it kept three float32 copies and a mask, 14 bytes an entry for bfloat16 logits."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 384)), dtype)
+    t = jnp.full((16, 1) if per_row else (), 1.5)
+    weights = jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape)  # (kept: a constant)
+
+    def loss(x, t):
+        return jnp.sum(jsoftmax.temperature_scale(x, t).astype(jnp.float32) * weights)
+
+    residuals = saved_residuals(loss, x, t)
+    large = [r for r in residuals if np.prod(r[1]) >= x.size]
+    ours = [r for r in large if "from a constant" not in r[2]]
+    assert [r[:2] for r in ours] == [({jnp.bfloat16: "bf16", jnp.float32: "f32"}[dtype], x.shape)]
+    assert all(np.prod(r[1]) <= 16 for r in residuals if r not in large), residuals
+    # the backward's recomputation is not fenced off (no optimization barrier on a GPU)
+    assert "optimization_barrier" not in lowered_for(jax.grad(loss, (0, 1)), "cuda", x, t)
 
 
 def test_temperature_scale_errors():
