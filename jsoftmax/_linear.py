@@ -63,7 +63,7 @@ class _Config(NamedTuple):
 
     head: str
     chunk_size: int
-    axis_name: str | None
+    axis_name: str | tuple[str, ...] | None
     smooth: bool = False
     with_z_loss: bool = False
     softcap: float | None = None
@@ -117,7 +117,7 @@ def linear_softmax_cross_entropy(
     reduction: str = "none",
     chunk_size: int | None = None,
     accum_dtype: DTypeLike | None = None,
-    axis_name: str | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Cross-entropy of ``hidden @ weight + bias`` without materialising the logits.
 
@@ -159,8 +159,9 @@ def linear_softmax_cross_entropy(
         buffer. The weight's dtype (``jnp.bfloat16``) adds each chunk's
         product into the gradient itself, as Liger Kernel and Cut
         Cross-Entropy do by default: no buffer, but one rounding per chunk.
-      axis_name: the mesh axis along which ``weight`` and ``bias`` are sharded
-        by vocabulary, inside ``jax.shard_map``; None when not sharded.
+      axis_name: the mesh axis (or a tuple of them) along which ``weight`` and
+        ``bias`` are sharded by vocabulary, inside ``jax.shard_map``; None when
+        not sharded.
 
     Returns:
       The loss per token for "none", else a scalar; float32 (float64 for
@@ -189,6 +190,7 @@ def linear_softmax_cross_entropy(
     """
     fname = "linear_softmax_cross_entropy"
     hidden, weight, bias = _head_inputs(fname, "", hidden, weight, bias)
+    axis_name = _axis(fname, axis_name)
     shards = 1 if axis_name is None else lax.axis_size(axis_name)
     where = _checks.mask(fname, where, hidden.shape[:-1])
     ignore_index = _checks.ignore_index(fname, ignore_index)
@@ -231,7 +233,7 @@ def linear_log_probs(
     return_entropy: bool = False,
     chunk_size: int | None = None,
     accum_dtype: DTypeLike | None = None,
-    axis_name: str | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Each token's log-probability of its label (and entropy) without materialising the logits.
 
@@ -261,8 +263,9 @@ def linear_log_probs(
         in :func:`linear_softmax_cross_entropy`.
       accum_dtype: the dtype of the parameter gradients' sums over chunks, as
         in :func:`linear_softmax_cross_entropy`.
-      axis_name: the mesh axis along which ``weight`` and ``bias`` are sharded
-        by vocabulary, inside ``jax.shard_map``; None when not sharded.
+      axis_name: the mesh axis (or a tuple of them) along which ``weight`` and
+        ``bias`` are sharded by vocabulary, inside ``jax.shard_map``; None when
+        not sharded.
 
     Returns:
       The log-probabilities, ``labels``' shape, float32 (float64 for float64
@@ -311,7 +314,7 @@ def linear_log_probs_loss(
     reduction: str = "mean",
     chunk_size: int | None = None,
     accum_dtype: DTypeLike | None = None,
-    axis_name: str | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""A loss of each token's log-probability (and entropy), fused with the head.
 
@@ -411,7 +414,7 @@ def linear_distillation_loss(
     reduction: str = "none",
     chunk_size: int | None = None,
     accum_dtype: DTypeLike | None = None,
-    axis_name: str | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Knowledge distillation from two models' hidden states, without either logit matrix.
 
@@ -451,8 +454,8 @@ def linear_distillation_loss(
         in :func:`linear_softmax_cross_entropy`.
       accum_dtype: the dtype of the parameter gradients' sums over chunks, as
         in :func:`linear_softmax_cross_entropy`.
-      axis_name: the mesh axis along which both heads are sharded by
-        vocabulary, inside ``jax.shard_map``; None when not sharded.
+      axis_name: the mesh axis (or a tuple of them) along which both heads are
+        sharded by vocabulary, inside ``jax.shard_map``; None when not sharded.
 
     Returns:
       The loss per token for "none", else a scalar; float32 (float64 for
@@ -497,7 +500,8 @@ def linear_distillation_loss(
     hyper = lax.stop_gradient(_Hyper(_temperature(fname, temperature, dtype), beta=beta_))
     size = _chunk_size(fname, chunk_size, weight.shape[1], int(np.prod(tokens)))
     accum = _accum_dtype(fname, accum_dtype)
-    config = _Config("distillation", size, axis_name, divergence=divergence, accum_dtype=accum)
+    axis = _axis(fname, axis_name)
+    config = _Config("distillation", size, axis, divergence=divergence, accum_dtype=accum)
     teacher = (t_hidden, t_weight, t_bias)
     out = _call(config, hidden, (weight, bias), teacher, None, where, None, hyper, reduction)
     return out[0] if reduction == "none" else out
@@ -527,6 +531,18 @@ def _head_inputs(fname, prefix, hidden, weight, bias):
     return hidden, weight, bias
 
 
+def _axis(fname, axis_name):
+    """``axis_name`` checked: None, a mesh axis's name, or a tuple (or list) of them."""
+    if axis_name is None or isinstance(axis_name, str):
+        return axis_name
+    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else ()
+    if not names or not all(isinstance(name, str) for name in names):
+        raise TypeError(
+            f"{fname}: axis_name must be a mesh axis's name or a tuple of them, got {axis_name!r}"
+        )
+    return names
+
+
 def _log_probs_setup(
     fname, hidden, weight, labels, bias, temperature, where, entropy, chunk_size, accum_dtype,
     axis_name, token_loss=None,
@@ -534,6 +550,7 @@ def _log_probs_setup(
     """The log-probability head's config, checked inputs and hyperparameters (a masked
     token's label becomes 0: it is not read)."""
     hidden, weight, bias = _head_inputs(fname, "", hidden, weight, bias)
+    axis_name = _axis(fname, axis_name)
     shards = 1 if axis_name is None else lax.axis_size(axis_name)
     where = _checks.mask(fname, where, hidden.shape[:-1])
     labels = _checks.integer_labels(

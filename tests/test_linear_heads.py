@@ -1232,3 +1232,28 @@ def test_second_derivatives_over_a_padded_vocabulary_are_the_unpadded_ones(head,
         second = jax.jacrev(jax.grad(loss, argnums), argnums)
         padded, unpadded = (second(h, 0.8, classes) for classes in (v + pad, v))
         np.testing.assert_allclose(padded, unpadded, rtol=1e-9, atol=1e-12)
+
+
+def test_axis_name_is_a_mesh_axis_or_a_tuple_of_them():
+    hidden, weight, _, labels, _ = problem(6, 4, 10)
+    t_h, t_w, _ = teacher(6, 5, 10, seed=0)
+    heads = {
+        "linear_softmax_cross_entropy": lambda **k: jsoftmax.linear_softmax_cross_entropy(
+            hidden, weight, labels, **k
+        ),
+        "linear_log_probs": lambda **k: jsoftmax.linear_log_probs(hidden, weight, labels, **k),
+        "linear_log_probs_loss": lambda **k: jsoftmax.linear_log_probs_loss(
+            hidden, weight, labels, lambda lp: -lp, **k
+        ),
+        "linear_distillation_loss": lambda **k: jsoftmax.linear_distillation_loss(
+            hidden, weight, t_h, t_w, **k
+        ),
+    }
+    for name, head in heads.items():
+        for bad in (0, ("model", 1), (), ["model", None]):
+            with pytest.raises(TypeError, match=f"{name}: axis_name must be a mesh axis's name"):
+                head(axis_name=bad)
+        # a list is a tuple, as in jax.lax.psum (it was refused as unhashable); outside
+        # shard_map the axis is unbound
+        with pytest.raises(NameError, match="unbound axis name"):
+            head(axis_name=["data", "model"])

@@ -169,6 +169,36 @@ with jax.set_mesh(mesh):
     got = jax.jit(brier)(rows(probs), rows(labels))
 np.testing.assert_allclose(got, jsoftmax.brier_score(probs, labels), rtol=2e-5)
 
+# A head's weight sharded over the vocabulary as well, without shard_map: gradients come back
+# sharded as their arguments.
+smoothed = with_grads(
+    lambda h, w, y: jsoftmax.linear_softmax_cross_entropy(h, w, y, label_smoothing=0.1)
+)
+vocab = jax.device_put(weight, NamedSharding(mesh, P(None, "model")))
+with jax.set_mesh(mesh):
+    got = jax.jit(smoothed)(rows(hidden), vocab, rows(labels))
+for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(smoothed(*head)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+assert jax.typeof(got[1][1]).sharding.spec == P(None, "model")
+
+# A shard_map manual over "model" alone differentiates the heads where "data" is Auto (as
+# docs/large_vocabularies.md says; jax 0.10's auto_axes raises where it is Explicit).
+auto_mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+with jax.set_mesh(auto_mesh):
+    by_vocab = jax.shard_map(
+        with_grads(
+            lambda h, w, y: jsoftmax.linear_softmax_cross_entropy(h, w, y, axis_name="model")
+        ),
+        in_specs=(P(), P(None, "model"), P()),
+        out_specs=(P(), (P(), P(None, "model"))),
+        axis_names={"model"},
+    )
+    put = lambda x, spec: jax.device_put(x, NamedSharding(auto_mesh, spec))
+    got = jax.jit(by_vocab)(put(hidden, P("data")), put(weight, P(None, "model")), labels)
+want = with_grads(jsoftmax.linear_softmax_cross_entropy)(*head)
+for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
 # Bad input raises the error it raises without a mesh.
 bad = {
     "axis 5 is out of range": lambda: jsoftmax.softmax_cross_entropy_with_integer_labels(
