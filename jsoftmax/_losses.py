@@ -377,8 +377,9 @@ def softmax_cross_entropy(
         boolean (one-hot) labels are cast to ``logits``' dtype.
       axis: the class axis or axes (a tuple flattened in the order given, as optax does;
         None: every axis).
-      where: boolean mask broadcastable to ``logits``, or with fewer axes a row
-        mask broadcastable to the loss's shape (optax's ``[batch]``).
+      where: boolean mask of ``logits``' rank, broadcastable to it; with fewer
+        axes a row mask broadcastable to the loss's shape (optax's ``[batch]``),
+        also where it would broadcast over the classes (``[K]``: use ``[1, K]``).
       label_smoothing: ``alpha`` in [0, 1].
       class_weights: ``[K]`` non-negative weights ``w`` (all 1 by default; not
         differentiated), PyTorch's ``weight`` with probability targets.
@@ -472,8 +473,9 @@ def softmax_cross_entropy_with_integer_labels(
       labels: integers, ``logits``' shape without ``axis``.
       axis: the class axis or axes (a tuple flattened in the order given, as optax does;
         None: every axis).
-      where: boolean mask broadcastable to ``logits``, or with fewer axes a row
-        mask broadcastable to the loss's shape (optax's ``[batch]``).
+      where: boolean mask of ``logits``' rank, broadcastable to it; with fewer
+        axes a row mask broadcastable to the loss's shape (optax's ``[batch]``),
+        also where it would broadcast over the classes (``[K]``: use ``[1, K]``).
       label_smoothing: ``alpha`` in [0, 1].
       class_weights: ``[K]`` non-negative weights ``w`` (not differentiated).
       ignore_index: a label value whose rows cost 0 and do not count.
