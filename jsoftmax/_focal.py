@@ -315,6 +315,9 @@ def softmax_focal_loss(
       its gradient NaN), and if no row counts, "mean" is 0. Masked
       classes get zero gradient, also where ``p_y = 1`` (the factor
       ``(1 - p)^(gamma - 1)`` of the textbook derivative is never formed).
+      Near ``p_y = 1`` the loss carries a relative error of about
+      ``(1 + gamma) eps / (1 - p_y)`` (``log p_y`` from the rounded
+      normaliser, as in the cross-entropy): within ``eps`` of 1 it is 0.
       Labels out of range (other than ``ignore_index``) raise ``ValueError``
       when concrete; traced ones make that row's loss and gradient NaN, and so
       does a traced negative ``gamma`` or ``label_smoothing`` outside [0, 1]
