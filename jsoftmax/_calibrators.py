@@ -107,7 +107,9 @@ class EnsembleTemperature(NamedTuple):
     Attributes:
       temperature: scalar ``T``.
       weights: ``[3]`` on the simplex: of ``softmax(logits / T)``, of
-        ``softmax(logits)`` and of the uniform distribution.
+        ``softmax(logits)`` and of the uniform distribution (:func:`calibrate`
+        mixes non-negative weights off it as their normalised ones, and gives
+        NaN for a negative one).
     """
 
     temperature: jax.Array
@@ -305,7 +307,12 @@ def _calibrated(calibrator, x, possible):
             _log_softmax(x, possible),
             -jnp.log(_possible_count(possible, x.dtype)),
         )
-        return _log_mixture(calibrator.weights, members, possible)
+        # Weights off the simplex (a gradient step) mix as their normalised ones, divided
+        # in logs (w / sum(w) would carry a weight of 0's derivative, which overflows
+        # past float32, into the others'); a negative weight makes no mixture: NaN.
+        w = calibrator.weights
+        total = _checks.nan_unless(jnp.all(w >= 0), jnp.sum(w))
+        return _log_mixture(w, members, possible) - jnp.log(total)
     p = jnp.exp(_log_softmax(x, possible))
     if isinstance(calibrator, HistogramBinning):
         index = _bin_index(p, calibrator.values.shape[-1])
@@ -1083,7 +1090,23 @@ def fit_isotonic(
             f"fit_isotonic: logits {logits.shape} hold more rows times classes than {index} "
             "positions count; enable jax_enable_x64 or fit fewer rows or classes"
         )
+    logits = _not_differentiable("fit_isotonic", logits)
     return IsotonicCalibration(*_fit_isotonic(logits, labels, where))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _not_differentiable(fname: str, x: jax.Array) -> jax.Array:
+    """``x``, whose derivative raises: the isotonic thresholds are rows' probabilities
+    reached through an integer sort key, along which JAX's derivative would be 0."""
+    return x
+
+
+@_not_differentiable.defjvp
+def _not_differentiable_jvp(fname, primals, tangents):
+    raise TypeError(
+        f"{fname} is not differentiable (its derivative along the sort would read 0); "
+        "differentiate calibrate in the logits it maps, with the fit held fixed"
+    )
 
 
 @jax.jit

@@ -631,7 +631,7 @@ def test_temperature_scale(tx):
 @pytest.mark.parametrize("per_row", [False, True])
 def test_temperature_scale_backward_keeps_the_logits_as_given(dtype, per_row):
     """Reverse mode keeps the logits themselves and the temperature, nothing computed:
-    it kept three float32 copies and a mask, 14 bytes an entry for bfloat16 logits."""
+    it kept three float32 copies and a mask, 13 bytes an entry for bfloat16 logits."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 384)), dtype)
     t = jnp.full((16, 1) if per_row else (), 1.5)
     weights = jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape)  # (kept: a constant)

@@ -583,6 +583,51 @@ def test_isotonic_and_histogram_edge_cases():
     np.testing.assert_allclose(np.exp(jsoftmax.calibrate(zeros, logits)), np.full((3, 2), 0.5))
 
 
+def test_isotonic_fit_refuses_differentiation_and_histogram_binning_is_constant():
+    """The isotonic thresholds are the rows' probabilities, found through an integer sort
+    key: differentiating the fit raises rather than give 0 (it did). Histogram binning's
+    bin frequencies are constant in the logits almost everywhere: its derivative is 0."""
+    logits, labels = miscalibrated(64, 3, seed=2)
+    logits = logits.astype(np.float32)
+
+    def calibrated(fit):
+        return lambda s: jnp.sum(jsoftmax.calibrate(fit(s * logits, labels), logits))
+
+    for transform in (jax.grad, jax.jacfwd):
+        with pytest.raises(TypeError, match="fit_isotonic is not differentiable"):
+            transform(calibrated(jsoftmax.fit_isotonic))(1.0)
+    assert jax.grad(calibrated(jsoftmax.fit_histogram_binning))(1.0) == 0.0
+    # calibrate itself is differentiable in the logits it maps
+    fitted = jsoftmax.fit_isotonic(logits, labels)
+    grad = jax.grad(lambda x: jnp.sum(jsoftmax.calibrate(fitted, x)[:, 0]))(logits)
+    assert np.isfinite(grad).all() and np.any(grad != 0)
+
+
+def test_ensemble_weights_off_the_simplex_are_renormalised_and_negative_ones_nan():
+    """calibrate of an EnsembleTemperature whose weights a gradient step moved off the
+    simplex: the mixture of their normalised weights (the rows summed to 2.48, and the NLL
+    fell without limit as the weights grew); a negative weight makes no mixture: NaN."""
+    logits, labels = miscalibrated(50, 4, seed=3)
+    logits = logits.astype(np.float32)
+    t = np.float32(2.0)
+    on = jsoftmax.EnsembleTemperature(t, np.array([0.25, 0.25, 0.5], np.float32))
+    off = jsoftmax.EnsembleTemperature(t, np.array([1.0, 1.0, 2.0], np.float32))
+    np.testing.assert_allclose(
+        jsoftmax.calibrate(off, logits), jsoftmax.calibrate(on, logits), rtol=1e-6
+    )
+
+    def nll(weights):
+        log_q = jsoftmax.calibrate(jsoftmax.EnsembleTemperature(t, weights), logits)
+        return -jnp.mean(jnp.take_along_axis(log_q, labels[:, None], 1))
+
+    # scaling the weights changes nothing: the gradient is orthogonal to them
+    grad = jax.grad(nll)(off.weights)
+    assert abs(np.dot(grad, off.weights)) < 1e-5 * np.abs(grad).sum()
+    bad = jsoftmax.EnsembleTemperature(t, np.array([0.5, -0.5, 1.0], np.float32))
+    assert np.isnan(jsoftmax.calibrate(bad, logits)).all()
+    assert np.isnan(jax.grad(nll)(bad.weights)).all()
+
+
 ALL_FITS = [
     jsoftmax.fit_vector_scaling,
     jsoftmax.fit_matrix_scaling,

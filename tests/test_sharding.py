@@ -181,20 +181,20 @@ for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(smoothed(*head)), strict=T
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 assert jax.typeof(got[1][1]).sharding.spec == P(None, "model")
 
-# A shard_map manual over "model" alone differentiates the heads where "data" is Auto (as
-# docs/large_vocabularies.md says; jax 0.10's auto_axes raises where it is Explicit).
+# A shard_map manual over "model" alone, differentiated from outside, where "data" is Auto
+# (jax 0.10's auto_axes raises where it is Explicit: docs/large_vocabularies.md); the axis
+# named by a tuple.
 auto_mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
 with jax.set_mesh(auto_mesh):
     by_vocab = jax.shard_map(
-        with_grads(
-            lambda h, w, y: jsoftmax.linear_softmax_cross_entropy(h, w, y, axis_name="model")
-        ),
+        lambda h, w, y: jsoftmax.linear_softmax_cross_entropy(h, w, y, axis_name=("model",)),
         in_specs=(P(), P(None, "model"), P()),
-        out_specs=(P(), (P(), P(None, "model"))),
+        out_specs=P(),
         axis_names={"model"},
     )
     put = lambda x, spec: jax.device_put(x, NamedSharding(auto_mesh, spec))
-    got = jax.jit(by_vocab)(put(hidden, P("data")), put(weight, P(None, "model")), labels)
+    args = put(hidden, P("data")), put(weight, P(None, "model")), labels
+    got = jax.jit(with_grads(by_vocab))(*args)
 want = with_grads(jsoftmax.linear_softmax_cross_entropy)(*head)
 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
