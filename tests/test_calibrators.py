@@ -628,6 +628,21 @@ def test_ensemble_weights_off_the_simplex_are_renormalised_and_negative_ones_nan
     assert np.isnan(jax.grad(nll)(bad.weights)).all()
 
 
+@pytest.mark.parametrize("fit", [jsoftmax.fit_vector_scaling, jsoftmax.fit_matrix_scaling])
+def test_affine_fits_ignore_a_large_offset_of_one_class(fit):
+    """A per-class offset is absorbed by the bias: the same calibrated probabilities. The
+    fit started with every class's intercept near the largest offset, which a shift of all
+    classes leaves where it is: the fitted logits held 1e4 in float32 (7e-4 off)."""
+    logits, labels = miscalibrated(400, 3, seed=9, scale=50.0)
+    offset = np.array([1e4, 0.0, 0.0], np.float32)
+    shifted = logits.astype(np.float32) + offset
+    logits = shifted - offset  # (exact: the logits as rounded near 1e4)
+    want = np.exp(jsoftmax.calibrate(fit(logits, labels), logits))
+    got = np.exp(jsoftmax.calibrate(fit(shifted, labels), shifted))
+    # (matrix scaling's products of the 1e4 carry 1e4 * eps each: 7e-5 in the probabilities)
+    np.testing.assert_allclose(got, want, atol=1e-4 if fit is jsoftmax.fit_matrix_scaling else 2e-5)
+
+
 ALL_FITS = [
     jsoftmax.fit_vector_scaling,
     jsoftmax.fit_matrix_scaling,
