@@ -355,7 +355,8 @@ def softmax(
 
     Returns:
       An array of ``x``'s shape and dtype, summing to 1 over ``axis`` (0 in a
-      fully masked row).
+      fully masked row, and in a row whose every ``x / temperature`` overflows
+      to ``-inf``).
 
     Examples:
       >>> import jax.numpy as jnp
