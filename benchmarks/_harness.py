@@ -37,9 +37,9 @@ def _pair(run_a, run_b, a_first: bool) -> tuple[float, float]:
 def interleaved(run_a, run_b, repeats: int) -> dict:
     """Times two zero-argument callables as A B B A A B ... after warm-up; medians and ratio.
 
-    Each side follows each side equally often: on CPU a call right after one
-    that freed a large buffer runs up to 20% slower, which A B A B would
-    charge to one side only.
+    Each side follows each side about equally often (exactly for an even
+    ``repeats``): on CPU a call right after one that freed a large buffer runs
+    up to 20% slower, which A B A B would charge to one side only.
     """
     for _ in range(2):  # warm-up
         _seconds(run_a), _seconds(run_b)
@@ -51,10 +51,30 @@ def interleaved(run_a, run_b, repeats: int) -> dict:
     }
 
 
-def compare(ours, theirs, args, repeats: int) -> dict:
-    """Compiles two functions of the same args, times them interleaved; adds temp memory."""
+def agree(out_a, out_b, rtol: float) -> None:
+    """Raises unless two outputs agree leaf by leaf: the same non-finite entries, and the
+    finite ones within ``rtol`` of the leaf's largest (5e-2 if either side is in 16 bits).
+    Timing two different computations measures nothing."""
+    for a, b in zip(jax.tree.leaves(out_a), jax.tree.leaves(out_b), strict=True):
+        tol = max(rtol, 5e-2) if min(a.dtype.itemsize, b.dtype.itemsize) < 4 else rtol
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        finite = np.isfinite(b)
+        scale = np.max(np.abs(b[finite]), initial=0.0)
+        if (
+            a.shape != b.shape
+            or not np.array_equal(np.isfinite(a), finite)
+            or not np.allclose(a[finite], b[finite], rtol=0, atol=tol * scale)
+        ):
+            raise AssertionError(f"the two sides differ: {a.ravel()[:4]} ... {b.ravel()[:4]} ...")
+
+
+def compare(ours, theirs, args, repeats: int, rtol: float | None = 1e-3) -> dict:
+    """Compiles two functions of the same args, checks that they agree to ``rtol`` (None: a
+    floor, another computation), times them interleaved; adds temp memory."""
     exe_a, mem_a = compiled(ours, *args)
     exe_b, mem_b = compiled(theirs, *args)
+    if rtol is not None:
+        agree(exe_a(*args), exe_b(*args), rtol)
     return {
         **interleaved(lambda: exe_a(*args), lambda: exe_b(*args), repeats),
         "ours_temp": mem_a,

@@ -2,7 +2,7 @@
 
 Run (a separate venv: the CUDA wheels are large and make CUDA jax's default):
     python -m venv /tmp/cuda && . /tmp/cuda/bin/activate
-    pip install "jax[cuda13]==$JAX_VERSION" optax && pip install -e .
+    pip install "jax[cuda13]==0.10.2" optax && pip install -e .  # (this machine's jax)
     JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/aot_gpu.py [losses|softmax|linear] \
         [--gpu h100]
 
@@ -80,8 +80,10 @@ def compiler(gpu):
     sharding = NamedSharding(mesh, PartitionSpec())
 
     def compile(fn, *args):
-        specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
-        return jax.jit(fn).lower(*specs).compile()
+        def spec(a):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+
+        return jax.jit(fn).lower(*jax.tree.map(spec, args)).compile()
 
     return compile
 
@@ -173,14 +175,14 @@ def softmax(compile):
     header("jax.nn")
     for shape, dtype, causal in cases:
         x = jax.ShapeDtypeStruct(shape, dtype)
-        where = jnp.tril(jnp.ones(shape[-2:], bool)) if causal else None
+        where = jax.ShapeDtypeStruct(shape[-2:], bool) if causal else None
         label = f"{jnp.dtype(dtype).name} {list(shape)}" + (" causal where" if causal else "")
         for name, ours, theirs in bench_softmax.PAIRS:
-            ours, theirs = (functools.partial(f, where=where) for f in (ours, theirs))
-            g = jax.ShapeDtypeStruct(jax.eval_shape(ours, x).shape, dtype)
-            row(compile, f"{name} fwd {label}", ours, theirs, (x,))
+            ours, theirs = bench_softmax.masked(ours), bench_softmax.masked(theirs)
+            g = jax.ShapeDtypeStruct(jax.eval_shape(ours, x, where).shape, dtype)
+            row(compile, f"{name} fwd {label}", ours, theirs, (x, where))
             fb = bench_softmax.forward_backward
-            row(compile, f"{name} fwd+bwd {label}", fb(ours), fb(theirs), (x, g))
+            row(compile, f"{name} fwd+bwd {label}", fb(ours), fb(theirs), (x, where, g))
 
 
 def head_temp(compile, head, args, fused, accum=None):

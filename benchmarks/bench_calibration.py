@@ -484,7 +484,7 @@ def main():
         if not args.fits_only and selected(METRICS, only):
             metrics(n, k, args.repeats, only)
     if not args.fits_only and (not only or "bootstrap" in only):
-        seconds = bootstrap_seconds()
+        seconds = bootstrap_seconds(repeats=args.repeats)
         print(f"bootstrap, 1,000 resamples of the ECE over 100,000 x 10: {seconds:.2f} s")
 
 

@@ -160,7 +160,9 @@ def main():
                     print(f"{label}| | | unfused skipped | {mem / 2**20:.0f} | | |", flush=True)
                     continue
                 try:
-                    r = compare(fused, unfused, arrays, args.repeats)
+                    # (bfloat16 sums of the weight's gradient: bfloat16's precision)
+                    rtol = 1e-3 if accum == "default" else 5e-2
+                    r = compare(fused, unfused, arrays, args.repeats, rtol)
                 except jax.errors.JaxRuntimeError as e:  # out of memory: say so, go on
                     print(f"{label}| failed: {str(e).splitlines()[0][:120]} |", flush=True)
                     continue

@@ -88,7 +88,7 @@ def sizes():
 def inputs(n, k, dtype):
     keys = jax.random.split(jax.random.key(0), 4)
     logits = (jax.random.normal(keys[0], (n, k), jnp.float32) * 3).astype(dtype)
-    labels = jax.random.randint(keys[1], (n,), 0, k)
+    labels = jax.random.randint(keys[1], (n,), 0, k - 128)  # none in the padding below
     dense = jax.nn.softmax(jax.random.normal(keys[2], (n, k))).astype(dtype)
     weights = jax.random.uniform(keys[3], (k,), jnp.float32, 0.5, 2.0)
     padding = (jnp.arange(k) < k - 128)[None, :]  # the last 128 classes are padding
@@ -133,7 +133,7 @@ def floors(repeats):
         "exp of every logit into a fresh buffer and one row sum",
         lambda x, *rest: (jnp.exp(x), jnp.sum(jnp.exp(x), -1)),
     )
-    r = compare(bare[1], reference, data, repeats)
+    r = compare(bare[1], reference, data, repeats, rtol=None)
     print(f"\nfloor: {bare[0]}: {r['time_ratio']:.2f}x of optax's integer loss's time")
 
 
