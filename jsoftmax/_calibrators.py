@@ -109,7 +109,7 @@ class EnsembleTemperature(NamedTuple):
       weights: ``[3]`` on the simplex: of ``softmax(logits / T)``, of
         ``softmax(logits)`` and of the uniform distribution (:func:`calibrate`
         mixes non-negative weights off it as their normalised ones, and gives
-        NaN for a negative one).
+        NaN for a negative one or all zero).
     """
 
     temperature: jax.Array
@@ -550,9 +550,10 @@ def _fit_affine(logits, labels, where, kind, penalties):
     standard = jnp.where(constant, 0.0, standard * (unit / spread))
     by_row = spread if kind == "vector" else spread[:, None]
     # From the identity, with each feature's spread, and each class's offset below the
-    # largest, cut to _START_SPREAD (the largest itself dropped: the likelihood leaves a
-    # common intercept where it starts, and one of 1e4 kept the fitted logits that large
-    # in float32, 7e-4 off in probability): at the identity itself, logits of about 1000, or one
+    # largest, cut to _START_SPREAD (without penalties the largest itself dropped: the
+    # likelihood leaves a common intercept where it starts, and one of 1e4 kept the fitted
+    # logits that large in float32, 7e-4 off in probability; a penalty prices it, from 0
+    # at the identity): at the identity itself, logits of about 1000, or one
     # class's 1000 above the others, make every row's float32 NLL linear, and L-BFGS
     # found no curvature there (mean NLL 74 for 0.45). A feature whose mean is past
     # 1 / sqrt(eps) spreads (a class masked by -1e5 in float32, Dirichlet's -1e8 in
@@ -567,7 +568,10 @@ def _fit_affine(logits, labels, where, kind, penalties):
     start = start if kind == "vector" else eye * start[:, None]
     offset = linear(start, mean)
     centre = jnp.max(offset) if k else 0.0
-    offset = jnp.clip(offset - centre, -_START_SPREAD, _START_SPREAD)
+    penalised = sum(penalties, 0.0) > 0
+    offset = jnp.where(penalised, centre, 0.0) + jnp.clip(
+        offset - centre, -_START_SPREAD, _START_SPREAD
+    )
     v0 = start * by_row
     pinned = pinned if kind == "vector" else pinned[:, None]
     flat0, unflatten = ravel_pytree((v0, offset))
