@@ -500,8 +500,8 @@ def linear_distillation_loss(
     hyper = lax.stop_gradient(_Hyper(_temperature(fname, temperature, dtype), beta=beta_))
     size = _chunk_size(fname, chunk_size, weight.shape[1], int(np.prod(tokens)))
     accum = _accum_dtype(fname, accum_dtype)
-    axis = _axis(fname, axis_name)
-    config = _Config("distillation", size, axis, divergence=divergence, accum_dtype=accum)
+    axis_name = _axis(fname, axis_name)
+    config = _Config("distillation", size, axis_name, divergence=divergence, accum_dtype=accum)
     teacher = (t_hidden, t_weight, t_bias)
     out = _call(config, hidden, (weight, bias), teacher, None, where, None, hyper, reduction)
     return out[0] if reduction == "none" else out
